@@ -129,7 +129,10 @@ def qparams(lo: Tensor | float, hi: Tensor | float, spec: QuantSpec) -> tuple[Te
 def _finite_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
     scale = torch.where(scale > _TINY, scale, torch.full_like(scale, _DEGENERATE_SCALE))
     if spec.scale_type == "pow2":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        pow2 = torch.exp2(torch.ceil(torch.log2(scale)))
+        # float32 log2 rounds to the integer just above it for scales a few ulps over a power of
+        # two: the power of two found would then be below the scale; take the next one up.
+        scale = torch.where(pow2 < scale, pow2 * 2, pow2)
     return scale
 
 
@@ -220,7 +223,8 @@ def fake_quantize(
     if spec.scheme != "uniform":
         with torch.no_grad():
             y = dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec)
-        return x + (y.to(x.dtype) - x).detach()
+        # y + 0 (exactly y, unlike x + (y - x)) whose gradient w.r.t. x is 1.
+        return y.to(x.dtype) + (x - x.detach())
     xg, restore = _layout(x, spec.granularity)
     s = expand_param(scale, xg, spec.granularity).to(x.dtype)
     if scale.requires_grad:
@@ -250,8 +254,9 @@ class _RoundSTE(torch.autograd.Function):
 
 
 def _scale_gradient(t: Tensor, factor: float) -> Tensor:
-    """Same value as `t`; its gradient is multiplied by `factor`."""
-    return (t - t * factor).detach() + t * factor
+    """Same value as `t` (bit for bit); its gradient is multiplied by `factor`."""
+    scaled = t * factor
+    return t.detach() + (scaled - scaled.detach())
 
 
 def _log2_codes(x: Tensor, s: Tensor, spec: QuantSpec) -> Tensor:
@@ -290,7 +295,7 @@ def pack(q: Tensor, bits: int, *, signed: bool) -> Tensor:
         raise ValueError(f"values outside [{lo}, {hi}] cannot be packed as {kind} {bits}-bit")
     codes = q.to(torch.int32) & (2**bits - 1)
     codes = torch.nn.functional.pad(codes, (0, (-q.shape[-1]) % per_byte))
-    codes = codes.reshape(*q.shape[:-1], -1, per_byte)
+    codes = codes.reshape(*q.shape[:-1], codes.shape[-1] // per_byte, per_byte)
     shifts = torch.arange(per_byte, dtype=torch.int32) * bits
     return (codes << shifts).sum(-1).to(torch.uint8)
 

@@ -1,0 +1,126 @@
+"""The workflows a user calls: static PTQ, QAT preparation and their summary."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.batches import Forward, check_batch, first_batch, run_batch
+from lowbit.config import QuantConfig
+from lowbit.nn.modules import QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.progress import progress_bar
+from lowbit.transforms.fold_bn import fold_batchnorm
+from lowbit.transforms.swap import LayerRecord, swap_modules, static_quantizers
+
+
+@dataclass(frozen=True)
+class QuantSummary:
+    """What `quantize` did to each layer with weights; printed at the end, kept on the model."""
+
+    layers: tuple[LayerRecord, ...]
+    folded_batchnorms: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def quantized(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.quantized]
+
+    @property
+    def kept_float(self) -> list[LayerRecord]:
+        return [r for r in self.layers if not r.quantized]
+
+    def __str__(self) -> str:
+        lines = [
+            f"lowbit: quantized {len(self.quantized)} of {len(self.layers)} layers with weights; "
+            f"folded {len(self.folded_batchnorms)} BatchNorm(s)"
+        ]
+        width = max((len(r.name) for r in self.layers), default=0)
+        for r in self.layers:
+            mark = "Q" if r.quantized else "F"
+            lines.append(f"  {mark} {r.name:<{width}}  {r.kind:<24} {r.detail}")
+        return "\n".join(lines)
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib_data: Iterable[Any],
+    *,
+    forward: Forward | None = None,
+    progress: bool = True,
+    inplace: bool = False,
+) -> nn.Module:
+    """Static post-training quantization.
+
+    Folds BatchNorm, swaps quantizable layers for `QuantModule`s, runs `calib_data` through the
+    model to calibrate the activation quantizers, and returns a model that simulates the
+    quantized arithmetic exactly. `model.lowbit_summary` says what was quantized and how, and
+    what stayed in float and why.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig (see lowbit.presets), got "
+                        f"{type(config).__name__}")
+    example = first_batch(calib_data)
+    check_batch(example)
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    with torch.no_grad():
+        folded = fold_batchnorm(model, lambda m: run_batch(m, example, forward))
+        records = swap_modules(model, config, static_quantizers(config))
+        calibrate(model, calib_data, forward=forward, progress=progress)
+    summary = QuantSummary(tuple(records), tuple(folded))
+    _attach_summary(model, summary, progress)
+    return model
+
+
+def calibrate(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    *,
+    forward: Forward | None = None,
+    progress: bool = True,
+) -> None:
+    """Observe activations over `calib_data`, then fix every calibrated quantizer's parameters.
+
+    A quantizer that saw no data (its layer never ran) is switched off and listed in a warning.
+    """
+    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.calibrator]
+    for q in quantizers:
+        q.set_mode("calibrate")
+    n_batches = 0
+    with torch.no_grad():
+        for batch in progress_bar(calib_data, "calibrating", enabled=progress):
+            check_batch(batch)
+            run_batch(model, batch, forward)
+            n_batches += 1
+    if n_batches == 0:
+        raise ValueError("calib_data is empty: calibration needs at least one batch")
+    unused = []
+    for q in quantizers:
+        if q.calibrator is not None and q.calibrator.has_data:
+            q.compute_qparams()
+        else:
+            q.set_mode("off")
+            unused.append(q)
+    if unused:
+        names = [n for n, m in model.named_modules() if any(m is q for q in unused)]
+        warnings.warn(f"{len(unused)} quantizer(s) saw no calibration data and stay in float: "
+                      f"{names}", stacklevel=3)
+
+
+def quant_modules(model: nn.Module) -> dict[str, QuantModule]:
+    """The quantized layers of a model by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
+
+
+def _attach_summary(model: nn.Module, summary: QuantSummary, show: bool) -> None:
+    model.lowbit_summary = summary  # type: ignore[assignment]
+    if show:
+        print(summary)

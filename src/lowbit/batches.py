@@ -1,0 +1,64 @@
+"""Running a model on the batches users hand lowbit: tensors, tuples, dicts, DataLoaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+def run_batch(model: nn.Module, batch: Any, forward: Forward | None = None) -> Any:
+    """One forward pass. A tensor is the input; a tuple or list is (inputs, labels, ...) and its
+    first item is the input; a dict is passed as keyword arguments; `forward(model, batch)`
+    covers anything else."""
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, tuple | list) and batch:
+        return model(batch[0])
+    if isinstance(batch, dict):
+        return model(**batch)
+    raise TypeError(f"cannot feed a batch of type {type(batch).__name__} to the model: pass a "
+                    "tensor, a tuple (inputs, ...), a dict of keyword inputs, or forward=")
+
+
+def check_batch(batch: Any) -> None:
+    """Reject NaN or Inf anywhere in a batch before it reaches a calibrator."""
+    for i, t in enumerate(tensors_of(batch)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"calibration batch holds NaN or Inf (tensor {i} of the batch, "
+                             f"shape {tuple(t.shape)})")
+
+
+def tensors_of(obj: Any) -> Iterator[Tensor]:
+    """Every tensor inside nested tuples, lists, dicts and model-output objects."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, tuple | list):
+        for item in obj:
+            yield from tensors_of(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from tensors_of(item)
+    elif hasattr(obj, "to_tuple"):  # Hugging Face ModelOutput
+        yield from tensors_of(obj.to_tuple())
+
+
+def first_batch(data: Iterable[Any], what: str = "calib_data") -> Any:
+    """The first batch, or a clear error for an empty or non-iterable data set."""
+    if isinstance(data, Tensor | dict):
+        raise TypeError(f"{what} must be an iterable of batches (a list of tensors, a "
+                        "DataLoader), not a single tensor or dict: wrap it in a list")
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise TypeError(f"{what} must be an iterable of batches, got "
+                        f"{type(data).__name__}") from None
+    for batch in iterator:
+        return batch
+    raise ValueError(f"{what} is empty: calibration needs at least one batch")

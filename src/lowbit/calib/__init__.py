@@ -1,0 +1,57 @@
+"""Calibrators: observe tensors, produce a quantization range (lo, hi) for a `QuantSpec`.
+
+    cal = make_calibrator("entropy")
+    for batch in data:
+        cal.observe(activation(batch))
+    lo, hi = cal.compute_range(spec)
+
+State is plain tensors (`state_dict`) and calibrators `merge`, so calibration can be sharded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowbit.calib.base import Calibrator
+from lowbit.calib.histcalib import MSE, Entropy, HistogramCalibrator, Percentile
+from lowbit.calib.histogram import Histogram
+from lowbit.calib.minmax import MinMax, MovingAverageMinMax
+from lowbit.spec import Granularity
+
+CALIBRATORS: dict[str, type[Calibrator]] = {
+    "minmax": MinMax,
+    "moving_average": MovingAverageMinMax,
+    "percentile": Percentile,
+    "entropy": Entropy,
+    "mse": MSE,
+}
+
+
+def make_calibrator(
+    name: str, granularity: Granularity | None = None, **kwargs: Any
+) -> Calibrator:
+    """A calibrator by name ("minmax", "moving_average", "percentile", "entropy", "mse").
+
+    `granularity` defaults to PerTensor(); `kwargs` go to the calibrator (p=, momentum=, ...).
+    """
+    try:
+        cls = CALIBRATORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown calibrator {name!r}; expected one of {sorted(CALIBRATORS)}"
+        ) from None
+    return cls(granularity=granularity, **kwargs)
+
+
+__all__ = [
+    "CALIBRATORS",
+    "MSE",
+    "Calibrator",
+    "Entropy",
+    "Histogram",
+    "HistogramCalibrator",
+    "MinMax",
+    "MovingAverageMinMax",
+    "Percentile",
+    "make_calibrator",
+]

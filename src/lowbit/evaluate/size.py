@@ -1,0 +1,32 @@
+"""How many bytes a model's parameters take once stored at their quantized width."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lowbit.nn.modules import QuantModule
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Parameter bytes: quantized weights at their bit width (plus scales and zero points),
+    everything else at its own dtype. Buffers such as BatchNorm statistics count too."""
+    total = 0
+    quantized_weights = set()
+    for module in model.modules():
+        if isinstance(module, QuantModule) and module.weight_quantizer is not None:
+            q = module.weight_quantizer
+            weight = module.module.weight
+            quantized_weights.add(id(weight))
+            total += (weight.numel() * q.spec.bits + 7) // 8
+            n_params = q.scale.numel() if q.has_qparams else _dynamic_params(q, weight)
+            total += n_params * (4 + (0 if q.spec.symmetric else 1))
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in quantized_weights and tensor.numel():
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _dynamic_params(q: nn.Module, weight: nn.Parameter) -> int:
+    from lowbit.numerics import tensor_qparams
+
+    return tensor_qparams(weight, q.spec)[0].numel()  # type: ignore[arg-type]

@@ -1,0 +1,49 @@
+"""Ready-made `QuantConfig`s for the common targets. Each returns a fresh config to edit."""
+
+from __future__ import annotations
+
+from lowbit.config import QuantConfig
+from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
+
+# TensorRT's int8: symmetric, narrow range [-127, 127], weights per output channel.
+_INT8_WEIGHT = QuantSpec(bits=8, narrow_range=True, granularity=PerChannel(0))
+_INT8_ACT = QuantSpec(bits=8, narrow_range=True, granularity=PerTensor())
+
+
+def int8(calibrator: str = "minmax") -> QuantConfig:
+    """W8A8 as TensorRT: per-channel symmetric int8 weights, per-tensor symmetric int8 inputs."""
+    return QuantConfig(weight=_INT8_WEIGHT, input=_INT8_ACT, calibrator=calibrator)
+
+
+def int8_asymmetric(calibrator: str = "minmax") -> QuantConfig:
+    """W8A8 as ONNX Runtime and TFLite: int8 per-channel weights, uint8 affine inputs."""
+    act = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor())
+    return QuantConfig(weight=_INT8_WEIGHT, input=act, calibrator=calibrator)
+
+
+def weight_only(bits: int = 8, group_size: int | None = None) -> QuantConfig:
+    """Weights only, channel-wise abs-max (or per group of `group_size` inputs); float inputs."""
+    granularity = PerGroup(group_size) if group_size else PerChannel(0)
+    return QuantConfig(weight=QuantSpec(bits=bits, granularity=granularity))
+
+
+def w4a8(group_size: int | None = 128, calibrator: str = "minmax") -> QuantConfig:
+    """4-bit weights (per group of inputs, or per channel with None) and int8 inputs."""
+    granularity = PerGroup(group_size) if group_size else PerChannel(0)
+    weight = QuantSpec(bits=4, granularity=granularity)
+    return QuantConfig(weight=weight, input=_INT8_ACT, calibrator=calibrator)
+
+
+def binary(xnor: bool = False) -> QuantConfig:
+    """Binary weights (sign times the mean |w| per channel, XNOR-Net / BWN).
+
+    xnor=True binarizes the inputs of each layer too (XNOR-Net), with a per-tensor scale.
+    """
+    weight = QuantSpec(bits=1, scheme="binary", granularity=PerChannel(0))
+    act = QuantSpec(bits=1, scheme="binary", granularity=PerTensor()) if xnor else None
+    return QuantConfig(weight=weight, input=act)
+
+
+def ternary() -> QuantConfig:
+    """Ternary weights {-a, 0, +a} per channel (TWN); float inputs."""
+    return QuantConfig(weight=QuantSpec(bits=2, scheme="ternary", granularity=PerChannel(0)))

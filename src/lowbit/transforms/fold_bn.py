@@ -1,0 +1,392 @@
+"""Fold eval-mode BatchNorm into the convolution or linear layer that feeds it.
+
+Quantizing a conv and then its BN separately quantizes weights that the BN later rescales, so the
+rounding error is rescaled too; folding first gives the quantizer the weights actually used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["PRODUCER_TYPES", "flatten_outputs", "fold_batchnorm", "fold_bn_into"]
+
+_BN_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
+_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+PRODUCER_TYPES: tuple[type[nn.Module], ...] = (*_CONV_TYPES, *_CONVT_TYPES, nn.Linear)
+"""Module types a BatchNorm can be folded into."""
+
+# Tensor properties that read metadata only; touching them does not consume the values.
+_METADATA_ATTRS = frozenset(
+    {
+        "shape",
+        "dtype",
+        "device",
+        "ndim",
+        "layout",
+        "is_cuda",
+        "is_sparse",
+        "is_quantized",
+        "is_meta",
+        "requires_grad",
+        "grad_fn",
+        "names",
+    }
+)
+_METADATA_FUNCS = frozenset({"size", "dim", "numel", "__len__", "is_floating_point", "stride"})
+
+
+def _output_channel_count(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, _CONV_TYPES + _CONVT_TYPES):
+        return int(module.out_channels)  # type: ignore[arg-type]
+    raise TypeError(
+        f"module: expected one of {[t.__name__ for t in PRODUCER_TYPES]}, "
+        f"got {type(module).__name__}"
+    )
+
+
+def fold_bn_into(module: nn.Module, bn: nn.Module) -> None:
+    """Fold ``bn``'s eval-mode affine transform into ``module``'s weight and bias, in place.
+
+    Computed in float64 so the fold adds no rounding beyond the final cast. The weight Parameter
+    keeps its identity (optimizers holding it stay valid); a bias is created if there was none.
+    ``bn`` itself is left untouched: the caller removes it from the graph.
+    """
+    if not isinstance(bn, _BN_TYPES):
+        raise TypeError(f"bn: expected a BatchNorm module, got {type(bn).__name__}")
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    out_channels = _output_channel_count(module)
+    if bn.num_features != out_channels:
+        raise ValueError(
+            f"bn: has {bn.num_features} features but {type(module).__name__} produces "
+            f"{out_channels} channels"
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bn: has no running statistics (track_running_stats=False); cannot fold")
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"module: expected a weight tensor, got {type(weight).__name__}")
+
+    f64 = torch.float64
+    with torch.no_grad():
+        mean = bn.running_mean.to(f64)
+        var = bn.running_var.to(f64)
+        gamma = bn.weight.to(f64) if bn.weight is not None else torch.ones_like(mean)
+        beta = bn.bias.to(f64) if bn.bias is not None else torch.zeros_like(mean)
+        scale = gamma / torch.sqrt(var + bn.eps)
+
+        w = weight.to(f64)
+        if isinstance(module, _CONVT_TYPES):
+            # ConvTranspose weight is (in, out/groups, *k): output channel g*(out/groups)+j lives
+            # at weight[g*(in/groups) + i, j] for every i, so scale per group along dim 1.
+            groups = cast(int, module.groups)
+            per_group_in = w.shape[0] // groups
+            per_group_out = w.shape[1]
+            kernel = w.shape[2:]
+            w = w.reshape(groups, per_group_in, per_group_out, *kernel)
+            s = scale.reshape(groups, 1, per_group_out, *([1] * len(kernel)))
+            w = (w * s).reshape(weight.shape)
+        else:
+            # Conv and Linear weights are (out, ...): one scale per leading row, groups or not.
+            w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+
+        old_bias = module.bias
+        b = old_bias.to(f64) if isinstance(old_bias, Tensor) else torch.zeros_like(mean)
+        new_bias = beta + (b - mean) * scale
+
+        weight.copy_(w.to(weight.dtype))
+        if isinstance(old_bias, Tensor):
+            old_bias.copy_(new_bias.to(old_bias.dtype))
+        else:
+            module.bias = nn.Parameter(
+                new_bias.to(device=weight.device, dtype=weight.dtype),
+                requires_grad=weight.requires_grad,
+            )
+
+
+def flatten_outputs(output: object) -> list[Tensor]:
+    """Flatten a model output (tensor, sequence, mapping, or HF-style object) into tensors.
+
+    Used by the equivalence guard, which has to compare whatever ``run`` returns.
+    """
+    found: list[Tensor] = []
+
+    def visit(obj: object) -> None:
+        if isinstance(obj, Tensor):
+            found.append(obj)
+        elif isinstance(obj, Mapping):
+            for key in obj:
+                visit(obj[key])
+        elif isinstance(obj, list | tuple):
+            for item in obj:
+                visit(item)
+        else:
+            for attr in ("last_hidden_state", "logits"):
+                value = getattr(obj, attr, None)
+                if value is not None:
+                    visit(value)
+
+    visit(output)
+    return found
+
+
+@dataclass
+class _Trace:
+    """What one traced forward pass saw: producer outputs, their consumers, BN inputs."""
+
+    names: dict[int, str]
+    outputs: dict[int, tuple[str, Tensor]] = field(default_factory=dict)
+    module_users: dict[int, set[str]] = field(default_factory=dict)
+    function_users: dict[int, int] = field(default_factory=dict)
+    bn_inputs: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    bn_depth: int = 0
+
+
+def _tensors_in(obj: object) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from _tensors_in(item)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            yield from _tensors_in(item)
+
+
+def _is_metadata(func: Callable[..., Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        owner = getattr(func, "__self__", None)
+        return getattr(owner, "__name__", "") in _METADATA_ATTRS
+    return name in _METADATA_FUNCS
+
+
+class _UseRecorder(TorchFunctionMode):
+    """Counts functional uses of producer outputs outside BN forwards (residuals and the like)."""
+
+    def __init__(self, trace: _Trace) -> None:
+        super().__init__()
+        self.trace = trace
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        trace = self.trace
+        if trace.bn_depth == 0 and trace.outputs and not _is_metadata(func):
+            for t in _tensors_in((args, kwargs)):
+                if id(t) in trace.outputs:
+                    trace.function_users[id(t)] = trace.function_users.get(id(t), 0) + 1
+        return func(*args, **kwargs)
+
+
+def _trace(model: nn.Module, run: Callable[[nn.Module], object]) -> tuple[_Trace, object]:
+    """Run ``model`` once under hooks and a function mode; return the trace and the output."""
+    trace = _Trace(names={id(m): n for n, m in model.named_modules()})
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        name = trace.names[id(module)]
+        trace.calls[name] = trace.calls.get(name, 0) + 1
+        first = args[0] if args else None
+        if isinstance(module, _BN_TYPES) and isinstance(first, Tensor):
+            trace.bn_inputs.setdefault(name, id(first))
+        for t in _tensors_in(args):
+            if id(t) in trace.outputs:
+                trace.module_users.setdefault(id(t), set()).add(name)
+        if isinstance(module, _BN_TYPES):
+            trace.bn_depth += 1
+
+    def post_hook(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
+        if isinstance(module, _BN_TYPES):
+            trace.bn_depth -= 1
+        elif isinstance(module, PRODUCER_TYPES) and isinstance(output, Tensor):
+            # Keep a reference so the id cannot be reused by a later tensor.
+            trace.outputs[id(output)] = (trace.names[id(module)], output)
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        if isinstance(module, _BN_TYPES + PRODUCER_TYPES):
+            handles.append(module.register_forward_hook(post_hook))
+    try:
+        with torch.no_grad(), _UseRecorder(trace):
+            output = run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return trace, output
+
+
+def _is_ancestor(ancestor: str, name: str) -> bool:
+    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
+
+
+def _expected_output_dim(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return 2  # BN1d normalizes dim 1; only (N, features) puts the features there.
+    assert isinstance(module, _CONV_TYPES + _CONVT_TYPES)
+    return len(module.kernel_size) + 2  # type: ignore[arg-type]
+
+
+def _find_pairs(model: nn.Module, trace: _Trace) -> list[tuple[str, str]]:
+    """Pairs where the BN's input is exactly a producer's output and nothing else reads it."""
+    modules = dict(model.named_modules())
+    name_counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        name_counts[id(m)] = name_counts.get(id(m), 0) + 1
+    pairs: list[tuple[str, str]] = []
+    for bn_name, input_id in trace.bn_inputs.items():
+        if input_id not in trace.outputs or bn_name == "":
+            continue
+        producer_name, output = trace.outputs[input_id]
+        bn = modules[bn_name]
+        producer = modules[producer_name]
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        usable = (
+            not bn.training
+            and bn.track_running_stats
+            and bn.running_mean is not None
+            and bn.running_var is not None
+            and trace.calls.get(bn_name) == 1
+            and trace.calls.get(producer_name) == 1
+            and name_counts[id(bn)] == 1
+            and name_counts[id(producer)] == 1
+            and not parametrize.is_parametrized(producer)
+            and isinstance(getattr(producer, "weight", None), nn.Parameter)
+            and output.dim() == _expected_output_dim(producer)
+            and bn.num_features == _output_channel_count(producer)
+            and trace.function_users.get(input_id, 0) == 0
+            and all(_is_ancestor(u, bn_name) for u in trace.module_users.get(input_id, set()))
+        )
+        if usable:
+            pairs.append((producer_name, bn_name))
+    return pairs
+
+
+def _outputs_match(before: list[Tensor], after: list[Tensor], rtol: float) -> bool:
+    if len(before) != len(after):
+        return False
+    for a, b in zip(before, after, strict=True):
+        if a.shape != b.shape:
+            return False
+        if not (a.is_floating_point() or a.is_complex()):
+            if not torch.equal(a, b):
+                return False
+            continue
+        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        if not torch.equal(torch.isfinite(a64), torch.isfinite(b64)):
+            return False
+        finite = torch.isfinite(a64)
+        if not finite.any():
+            continue
+        scale = a64[finite].abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        if (a64[finite] - b64[finite]).abs().max() > rtol * scale:
+            return False
+    return True
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)
+
+
+def fold_batchnorm(
+    model: nn.Module, run: Callable[[nn.Module], object], rtol: float = 1e-4
+) -> list[tuple[str, str]]:
+    """Fold every foldable eval-mode BatchNorm into its producer, in place; return the pairs.
+
+    Pairs are found by running ``run(model)`` once with hooks, because real models wire conv and
+    BN in their own ``forward`` rather than in an ``nn.Sequential``. A BN is folded only when its
+    input is exactly a Conv/ConvTranspose/Linear output that nothing else reads (other modules
+    and torch functions such as a residual add are both watched). Each folded BN becomes
+    ``nn.Identity``.
+
+    ``run`` must be deterministic (same input each call): it is called again after folding and
+    the outputs are compared within ``rtol`` of the output's largest magnitude. On a mismatch
+    the model is restored and ``RuntimeError`` is raised, so the model's function never changes
+    silently.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not callable(run):
+        raise TypeError(f"run: expected a callable taking the model, got {type(run).__name__}")
+    if model.training:
+        raise ValueError(
+            "model: is in training mode; call model.eval() first so BatchNorm uses its "
+            "running statistics, which are what gets folded"
+        )
+
+    trace, reference = _trace(model, run)
+    before = [t.detach().clone() for t in flatten_outputs(reference)]
+    pairs = _find_pairs(model, trace)
+    del trace, reference
+    if not pairs:
+        return []
+
+    modules = dict(model.named_modules())
+    saved: list[tuple[nn.Module, Tensor, Tensor | None, str, nn.Module]] = []
+    for producer_name, bn_name in pairs:
+        producer = modules[producer_name]
+        weight = producer.weight
+        bias = producer.bias
+        assert isinstance(weight, Tensor)
+        saved.append(
+            (
+                producer,
+                weight.detach().clone(),
+                bias.detach().clone() if isinstance(bias, Tensor) else None,
+                bn_name,
+                modules[bn_name],
+            )
+        )
+
+    def restore() -> None:
+        with torch.no_grad():
+            for producer, weight, bias, bn_name, bn in saved:
+                producer.weight.copy_(weight)  # type: ignore[operator]
+                if bias is None:
+                    producer.register_parameter("bias", None)
+                else:
+                    producer.bias.copy_(bias)  # type: ignore[operator]
+                _set_submodule(model, bn_name, bn)
+
+    try:
+        for (producer_name, bn_name), entry in zip(pairs, saved, strict=True):
+            fold_bn_into(modules[producer_name], entry[4])
+            _set_submodule(model, bn_name, nn.Identity())
+        with torch.no_grad():
+            after = flatten_outputs(run(model))
+    except BaseException:
+        restore()
+        raise
+    if not _outputs_match(before, after, rtol):
+        restore()
+        raise RuntimeError(
+            "fold_batchnorm: outputs changed after folding, so the model was restored; a folded "
+            "pair's conv output is probably read elsewhere in a way hooks cannot see, or `run` "
+            f"is not deterministic. Pairs: {pairs}"
+        )
+    return pairs

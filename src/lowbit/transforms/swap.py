@@ -1,0 +1,133 @@
+"""Swap a model's layers for `QuantModule`s following a `QuantConfig`, and say what happened."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from lowbit.calib import make_calibrator
+from lowbit.config import LayerQuant, QuantConfig, weight_spec_for
+from lowbit.nn.modules import QUANTIZABLE, QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.spec import QuantSpec
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One line of the summary: a layer, whether it was quantized, how or why not."""
+
+    name: str
+    kind: str
+    quantized: bool
+    detail: str
+
+
+def describe(spec: QuantSpec | None) -> str:
+    """A short human name for a spec: 'int8 per-channel', 'uint8 affine', 'binary'."""
+    if spec is None:
+        return "float"
+    if spec.scheme in ("binary", "ternary"):
+        base = spec.scheme
+    else:
+        base = f"{'int' if spec.signed else 'uint'}{spec.bits}"
+        base += "" if spec.scheme == "uniform" else f" {spec.scheme}"
+        base += "" if spec.symmetric else " affine"
+    gran = type(spec.granularity).__name__
+    gran = {"PerTensor": "per-tensor", "PerChannel": "per-channel"}.get(gran, "")
+    if not gran:
+        gran = f"group {spec.granularity.size}"  # type: ignore[union-attr]
+    return f"{base} {gran}"
+
+
+QuantizerFactory = Callable[[QuantSpec, str], TensorQuantizer]
+
+
+def static_quantizers(config: QuantConfig) -> QuantizerFactory:
+    """Quantizers for static PTQ: activations calibrated, weights fixed from the weight."""
+
+    def make(spec: QuantSpec, role: str) -> TensorQuantizer:
+        if role == "weight" or spec.scheme in ("binary", "ternary"):
+            return TensorQuantizer(spec)
+        calibrator = make_calibrator(config.calibrator, spec.granularity, **config.calibrator_args)
+        return TensorQuantizer(spec, calibrator)
+
+    return make
+
+
+def swap_modules(
+    model: nn.Module, config: QuantConfig, make_quantizer: QuantizerFactory
+) -> list[LayerRecord]:
+    """Replace quantizable layers in place; return one record per layer with weights."""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = config.unmatched_patterns(names)
+    if unmatched:
+        raise ValueError(
+            f"override pattern(s) {unmatched} match no module of the model; "
+            f"module names look like {names[1:4]}"
+        )
+    records: list[LayerRecord] = []
+    _swap_children(model, "", config, make_quantizer, records)
+    return records
+
+
+def _swap_children(
+    parent: nn.Module,
+    prefix: str,
+    config: QuantConfig,
+    make_quantizer: QuantizerFactory,
+    records: list[LayerRecord],
+) -> None:
+    for child_name, child in parent.named_children():
+        name = f"{prefix}{child_name}"
+        kind = type(child).__name__
+        if isinstance(child, QUANTIZABLE):
+            layer, decided_by = config.for_layer(name, child)
+            wrapped = _wrap(child, layer, make_quantizer) if layer is not None else None
+            if wrapped is None:
+                why = f"kept in float by override {decided_by}" if decided_by else "no spec"
+                records.append(LayerRecord(name, kind, False, why))
+                continue
+            setattr(parent, child_name, wrapped)
+            records.append(LayerRecord(name, kind, True, _how(wrapped)))
+            continue
+        own_params = list(child.parameters(recurse=False))
+        if own_params and isinstance(child, _NORMS):
+            records.append(LayerRecord(name, kind, False, "normalization layers stay in float"))
+        elif own_params:
+            records.append(
+                LayerRecord(
+                    name,
+                    kind,
+                    False,
+                    "no quantized implementation for this layer type (its parameters are used by "
+                    "its own forward code)",
+                )
+            )
+        _swap_children(child, f"{name}.", config, make_quantizer, records)
+
+
+def _wrap(
+    module: nn.Module, layer: LayerQuant, make_quantizer: QuantizerFactory
+) -> QuantModule | None:
+    is_embedding = isinstance(module, nn.Embedding)
+    if layer.weight is None and (layer.input is None or is_embedding) and layer.output is None:
+        return None
+    weight_q = None
+    if layer.weight is not None:
+        weight_q = make_quantizer(weight_spec_for(module, layer.weight), "weight")
+        if not weight_q.dynamic:
+            weight_q.set_qparams_from(module.weight)
+    input_q = None
+    if layer.input is not None and not is_embedding:
+        input_q = make_quantizer(layer.input, "input")
+    output_q = make_quantizer(layer.output, "output") if layer.output is not None else None
+    return QuantModule(module, weight_q, input_q, output_q)
+
+
+def _how(wrapped: QuantModule) -> str:
+    parts = [f"{role[0].upper()} {describe(q.spec)}" for role, q in wrapped.quantizers().items()]
+    return ", ".join(parts)

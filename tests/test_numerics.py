@@ -1,4 +1,4 @@
-"""lowbit.numerics: bit-exact agreement with ONNX Runtime, properties, gradients, schemes, errors."""
+"""lowbit.numerics: bit-exact agreement with ONNX Runtime, properties, gradients, errors."""
 
 from __future__ import annotations
 
@@ -432,7 +432,7 @@ def test_log2_levels_are_powers_of_two_times_scale(bits, signed):
     assert np.all(mant == 0.5)  # |y| / s is an exact power of two ...
     k = 1 - exp
     assert np.all((k >= 0) & (k < spec.log2_levels))  # ... 2^-k, k in [0, levels)
-    assert np.all(np.abs(y[y != 0]) == s * 2.0 ** -k)
+    assert np.all(np.abs(y[y != 0]) == s * 2.0**-k)
     if not signed:
         assert np.all(y >= 0)
     assert y[0] == 0
@@ -616,3 +616,21 @@ def test_unpack_bad_inputs():
         unpack(torch.zeros(4, dtype=torch.int8), 4, 4, signed=True)
     with pytest.raises(ValueError, match="does not fit"):
         unpack(torch.zeros(2, dtype=torch.uint8), 4, 5, signed=True)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=1, scheme="binary", granularity=PerChannel(0)),
+        QuantSpec(bits=2, scheme="ternary", granularity=PerGroup(4)),
+        QuantSpec(bits=3, scheme="log2"),
+        QuantSpec(bits=3, signed=False, scheme="log2", granularity=PerChannel(1)),
+    ],
+    ids=repr,
+)
+def test_non_uniform_fake_quantize_is_exactly_dequantize_quantize(spec):
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(9)).requires_grad_()
+    scale, zp = tensor_qparams(x, spec)
+    y = fake_quantize(x, scale, zp, spec)
+    assert torch.equal(y.detach(), dequantize(quantize(x, scale, zp, spec), scale, zp, spec))
+    assert torch.equal(fake_quantize(y.detach(), scale, zp, spec), y.detach())

@@ -3,8 +3,21 @@
 Importing lowbit stays light: onnx, onnxruntime and plotting libraries load only where used.
 """
 
+from lowbit.convert import convert, quantize_dynamic, quantize_weights
+from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["PerChannel", "PerGroup", "PerTensor", "QuantSpec", "__version__"]
+__all__ = [
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "QuantSpec",
+    "__version__",
+    "convert",
+    "load",
+    "quantize_dynamic",
+    "quantize_weights",
+    "save",
+]

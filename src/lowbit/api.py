@@ -17,7 +17,12 @@ from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
 from lowbit.transforms.fold_bn import fold_batchnorm
-from lowbit.transforms.swap import LayerRecord, swap_modules, static_quantizers
+from lowbit.transforms.swap import (
+    LayerRecord,
+    qat_quantizers,
+    static_quantizers,
+    swap_modules,
+)
 
 
 @dataclass(frozen=True)
@@ -124,3 +129,46 @@ def _attach_summary(model: nn.Module, summary: QuantSummary, show: bool) -> None
     model.lowbit_summary = summary  # type: ignore[assignment]
     if show:
         print(summary)
+
+
+def prepare_qat(
+    model: nn.Module,
+    config: QuantConfig,
+    calib_data: Iterable[Any] | None = None,
+    *,
+    forward: Forward | None = None,
+    progress: bool = True,
+    inplace: bool = False,
+) -> nn.Module:
+    """A trainable model with fake quantization (straight-through gradients) for QAT.
+
+    Weights are quantized from their current values at every step (or, with
+    `config.learnable_scales`, with LSQ-trained scales); activation ranges follow a moving
+    average while training and freeze in eval. With `calib_data`, activation ranges start from a
+    PTQ calibration (required for learnable scales), and BatchNorm layers that follow a
+    quantized layer are recorded so that `convert` folds them at the end; BatchNorm itself keeps
+    training normally.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig (see lowbit.presets), got "
+                        f"{type(config).__name__}")
+    if config.learnable_scales and calib_data is None:
+        raise ValueError("learnable scales start from calibrated ranges: pass calib_data")
+    if not inplace:
+        model = copy.deepcopy(model)
+    pairs: list[tuple[str, str]] = []
+    if calib_data is not None:
+        example = first_batch(calib_data)
+        check_batch(example)
+        probe = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            pairs = fold_batchnorm(probe, lambda m: run_batch(m, example, forward))
+    records = swap_modules(model, config, qat_quantizers(config))
+    if calib_data is not None:
+        was_training = model.training
+        model.eval()
+        calibrate(model, calib_data, forward=forward, progress=progress)
+        model.train(was_training)
+    model.lowbit_bn_pairs = pairs  # type: ignore[assignment]
+    _attach_summary(model, QuantSummary(tuple(records)), progress)
+    return model

@@ -27,9 +27,7 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
 }
 
 
-def make_calibrator(
-    name: str, granularity: Granularity | None = None, **kwargs: Any
-) -> Calibrator:
+def make_calibrator(name: str, granularity: Granularity | None = None, **kwargs: Any) -> Calibrator:
     """A calibrator by name ("minmax", "moving_average", "percentile", "entropy", "mse").
 
     `granularity` defaults to PerTensor(); `kwargs` go to the calibrator (p=, momentum=, ...).

@@ -23,7 +23,9 @@ class TensorQuantizer(nn.Module):
       `compute_qparams()` fixes the scale and zero point (activations in static PTQ);
     - `dynamic=True`: recomputed from every tensor it sees (weights during QAT, activations in
       dynamic quantization, binary and ternary weights);
-    - `learnable=True`: the scale is an `nn.Parameter` trained with the LSQ gradient.
+    - `learnable=True`: the scale is an `nn.Parameter` trained with the LSQ gradient;
+    - `track=True` (QAT activations): while the module is training, every tensor updates the
+      calibrator (a moving average) and the parameters; in eval they stay fixed.
 
     Modes: "calibrate" observes and passes the float tensor through; "quantize" returns the
     fake-quantized tensor; "off" passes it through untouched.
@@ -39,6 +41,7 @@ class TensorQuantizer(nn.Module):
         *,
         dynamic: bool = False,
         learnable: bool = False,
+        track: bool = False,
     ) -> None:
         super().__init__()
         if spec.scheme in ("binary", "ternary"):
@@ -49,7 +52,10 @@ class TensorQuantizer(nn.Module):
         self.calibrator = calibrator
         self.dynamic = dynamic
         self.learnable = learnable
-        self.mode: Mode = "quantize" if dynamic else "calibrate"
+        if track and (calibrator is None or learnable or dynamic):
+            raise ValueError("track=True needs a calibrator and a static, non-learnable scale")
+        self.track = track
+        self.mode: Mode = "quantize" if dynamic or track else "calibrate"
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
 
@@ -70,6 +76,9 @@ class TensorQuantizer(nn.Module):
                 raise RuntimeError("this quantizer has no calibrator; it cannot calibrate")
             self.calibrator.observe(x.detach())
             return x
+        if self.track and self.training:
+            self.calibrator.observe(x.detach())  # type: ignore[union-attr]
+            self.compute_qparams()
         if self.dynamic:
             scale, zero_point = numerics.tensor_qparams(x, self.spec)
             return numerics.fake_quantize(x, scale, zero_point, self.spec)
@@ -107,6 +116,6 @@ class TensorQuantizer(nn.Module):
         sign = ("int" if s.signed else "uint") + ("" if s.symmetric else " affine")
         gran = "" if isinstance(s.granularity, PerTensor) else f", {s.granularity}"
         flags = "".join(
-            f", {name}" for name in ("dynamic", "learnable") if getattr(self, name)
+            f", {name}" for name in ("dynamic", "learnable", "track") if getattr(self, name)
         )
         return f"{kind} {sign}{gran}{flags}, mode={self.mode}"

@@ -58,6 +58,20 @@ def static_quantizers(config: QuantConfig) -> QuantizerFactory:
     return make
 
 
+def qat_quantizers(config: QuantConfig) -> QuantizerFactory:
+    """Quantizers for QAT: weights re-quantized every step (or LSQ scales), activation ranges
+    tracked with a moving average while training."""
+
+    def make(spec: QuantSpec, role: str) -> TensorQuantizer:
+        learnable = config.learnable_scales and spec.scheme == "uniform"
+        if role == "weight" or spec.scheme in ("binary", "ternary"):
+            return TensorQuantizer(spec, dynamic=not learnable, learnable=learnable)
+        calibrator = make_calibrator("moving_average", spec.granularity)
+        return TensorQuantizer(spec, calibrator, learnable=learnable, track=not learnable)
+
+    return make
+
+
 def swap_modules(
     model: nn.Module, config: QuantConfig, make_quantizer: QuantizerFactory
 ) -> list[LayerRecord]:

@@ -1,0 +1,570 @@
+"""Converted integer modules: integer weights in buffers, integer kernels where PyTorch has them.
+
+Every module here is built from one *record* (plain JSON data: the specs, the weight shape, how
+the inputs are quantized) and a dict of tensors, so `convert` and `lowbit.io.load` construct them
+the same way. The state dict holds the portable form (int8 / int16 codes, or codes of 4 bits and
+fewer packed into uint8 with `numerics.pack`, float32 scales, int32 zero points); kernel-specific
+layouts are caches rebuilt on first use and never saved.
+
+Kernels (`module.kernel` says which one a module uses):
+- "int_mm": `torch._int_mm`, int8 x int8 -> int32, for int8 inputs (static per-tensor or
+  dynamic per-token) times symmetric int8 weights (per-tensor or per output channel). The input
+  zero point is taken out with precomputed weight row sums, so the accumulator is exact.
+- "int8pack": `aten._weight_int8pack_mm`, float inputs times int8 per-channel weights.
+- "int4pack": `aten._weight_int4pack_mm_for_cpu`, float inputs times int4 group-wise weights.
+- "dequantize": dequantize the weight and run the layer's float forward (with the input
+  fake-quantized): convolutions, embeddings, and any spec no kernel handles.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lowbit import numerics
+from lowbit.nn.modules import QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
+
+__all__ = [
+    "IntConv",
+    "IntEmbedding",
+    "IntFallback",
+    "IntLinear",
+    "IntModule",
+    "PerTokenQuantizer",
+    "int_module_from_quant",
+    "int_module_from_record",
+    "spec_from_dict",
+    "spec_to_dict",
+]
+
+ActMode = Literal["static", "dynamic", "per_token"]
+Kernel = Literal["int_mm", "int8pack", "int4pack", "dequantize"]
+_INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs as JSON-able dicts
+
+
+def spec_to_dict(spec: QuantSpec) -> dict[str, Any]:
+    g = spec.granularity
+    gran: dict[str, Any] = {"type": type(g).__name__}
+    if isinstance(g, PerChannel):
+        gran["axis"] = g.axis
+    elif isinstance(g, PerGroup):
+        gran.update(size=g.size, axis=g.axis)
+    return {
+        "bits": spec.bits,
+        "signed": spec.signed,
+        "symmetric": spec.symmetric,
+        "narrow_range": spec.narrow_range,
+        "granularity": gran,
+        "scale_type": spec.scale_type,
+        "rounding": spec.rounding,
+        "scheme": spec.scheme,
+    }
+
+
+def spec_from_dict(d: dict[str, Any]) -> QuantSpec:
+    """Inverse of `spec_to_dict`; raises ValueError on anything malformed."""
+    try:
+        gran = d["granularity"]
+        kind = gran["type"]
+        granularity: Granularity
+        if kind == "PerTensor":
+            granularity = PerTensor()
+        elif kind == "PerChannel":
+            granularity = PerChannel(int(gran["axis"]))
+        elif kind == "PerGroup":
+            granularity = PerGroup(int(gran["size"]), int(gran["axis"]))
+        else:
+            raise ValueError(f"unknown granularity {kind!r}")
+        return QuantSpec(
+            bits=int(d["bits"]),
+            signed=bool(d["signed"]),
+            symmetric=bool(d["symmetric"]),
+            narrow_range=bool(d["narrow_range"]),
+            granularity=granularity,
+            scale_type=d["scale_type"],
+            rounding=d["rounding"],
+            scheme=d["scheme"],
+        )
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"malformed spec record {d!r}: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token dynamic activations (quantize_dynamic)
+
+
+class PerTokenQuantizer(TensorQuantizer):
+    """Dynamic quantizer with one scale per token: per row of the input flattened to 2-D.
+
+    Its spec has granularity `PerChannel(0)`, applied to `x.reshape(-1, x.shape[-1])`, so a
+    (batch, seq, features) input gets batch * seq scales, as in LLM.int8 / SmoothQuant kernels.
+    """
+
+    def __init__(self, spec: QuantSpec) -> None:
+        if spec.granularity != PerChannel(0):
+            raise ValueError("PerTokenQuantizer needs a spec with granularity PerChannel(0)")
+        super().__init__(spec, dynamic=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "off" or x.numel() == 0:
+            return x
+        flat = x.reshape(-1, x.shape[-1])
+        scale, zero_point = numerics.tensor_qparams(flat, self.spec)
+        return numerics.fake_quantize(flat, scale, zero_point, self.spec).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight storage
+
+
+def _pack_bits(spec: QuantSpec) -> int | None:
+    """Bits per code in packed storage, or None when codes are stored in their own dtype."""
+    if spec.scheme == "binary":
+        return 1
+    if spec.bits <= 2:
+        return 2
+    if spec.bits <= 4:
+        return 4
+    return None
+
+
+def store_codes(q: Tensor, spec: QuantSpec) -> Tensor:
+    """Codes as saved: packed uint8 (flattened) for 4 bits and fewer, else the storage dtype."""
+    bits = _pack_bits(spec)
+    if bits is None:
+        return q.to(spec.storage_dtype).contiguous()
+    flat = q.reshape(-1)
+    if spec.scheme == "binary":  # codes are -1 / +1: store the sign bit as 0 / 1
+        return numerics.pack((flat > 0).to(torch.uint8), 1, signed=False)
+    return numerics.pack(flat, bits, signed=spec.signed)
+
+
+def load_codes(stored: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of `store_codes`: integer codes in their original shape."""
+    bits = _pack_bits(spec)
+    if bits is None:
+        return stored.reshape(shape)
+    numel = 1
+    for n in shape:
+        numel *= n
+    if spec.scheme == "binary":
+        sign = numerics.unpack(stored, 1, numel, signed=False)
+        return (sign.to(torch.int8) * 2 - 1).reshape(shape)
+    return numerics.unpack(stored, bits, numel, signed=spec.signed).reshape(shape)
+
+
+def _act_record(q: TensorQuantizer | None) -> dict[str, Any] | None:
+    if q is None or q.mode == "off":
+        return None
+    if q.mode == "calibrate":
+        raise ValueError("a quantizer is still in calibrate mode: calibrate the model "
+                         "(lowbit.quantize / calibrate) before converting it")
+    mode: ActMode = "per_token" if isinstance(q, PerTokenQuantizer) else (
+        "dynamic" if q.dynamic else "static")
+    if mode == "static" and not q.has_qparams:
+        raise ValueError("a static quantizer has no scale yet (it saw no data): calibrate the "
+                         "model before converting it")
+    return {"spec": spec_to_dict(q.spec), "mode": mode}
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class IntModule(nn.Module):
+    """Base: integer weight codes, their scales and zero points, input and output quantization.
+
+    Buffers (all saved): `qweight`, `weight_scale`, `weight_zero_point` (affine specs only;
+    symmetric ones have an all-zero one that is not saved), `input_scale` / `input_zero_point`
+    and `output_scale` / `output_zero_point` for static activation quantization.
+    """
+
+    kind = "IntModule"
+    kernel: Kernel = "dequantize"
+    qweight: Tensor
+    weight_scale: Tensor
+    weight_zero_point: Tensor
+
+    def __init__(self, record: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.record = dict(record, kind=self.kind)
+        self.weight_spec = spec_from_dict(record["weight"]["spec"])
+        self.weight_shape = tuple(int(n) for n in record["weight"]["shape"])
+        self.register_buffer("qweight", _need(tensors, "qweight"))
+        self.register_buffer("weight_scale", _need(tensors, "weight_scale").float())
+        if self.weight_spec.symmetric:
+            zp = torch.zeros(self.weight_scale.shape, dtype=torch.int32)
+            self.register_buffer("weight_zero_point", zp, persistent=False)
+        else:
+            self.register_buffer("weight_zero_point", _need(tensors, "weight_zero_point"))
+        self.input_spec, self.input_mode = self._act("input", record, tensors)
+        self.output_spec, self.output_mode = self._act("output", record, tensors)
+
+    def _act(
+        self, role: str, record: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> tuple[QuantSpec | None, ActMode | None]:
+        rec = record.get(role)
+        if rec is None:
+            return None, None
+        spec = spec_from_dict(rec["spec"])
+        mode = rec["mode"]
+        if mode not in ("static", "dynamic", "per_token"):
+            raise ValueError(f"unknown {role} quantization mode {mode!r}")
+        if mode == "static":
+            self.register_buffer(f"{role}_scale", _need(tensors, f"{role}_scale").float())
+            zp = _need(tensors, f"{role}_zero_point").to(torch.int32)
+            self.register_buffer(f"{role}_zero_point", zp)
+        return spec, mode
+
+    # -- weights ------------------------------------------------------------------------------
+    def weight_codes(self) -> Tensor:
+        return load_codes(self.qweight, self.weight_spec, self.weight_shape)
+
+    def dequantized_weight(self) -> Tensor:
+        return numerics.dequantize(
+            self.weight_codes(), self.weight_scale, self.weight_zero_point, self.weight_spec
+        )
+
+    # -- activations --------------------------------------------------------------------------
+    def _qparams(self, role: str, x: Tensor) -> tuple[Tensor, Tensor]:
+        spec = self.input_spec if role == "input" else self.output_spec
+        mode = self.input_mode if role == "input" else self.output_mode
+        assert spec is not None
+        if mode == "static":
+            return getattr(self, f"{role}_scale"), getattr(self, f"{role}_zero_point")
+        if mode == "per_token":
+            return numerics.tensor_qparams(x.reshape(-1, x.shape[-1]), spec)
+        return numerics.tensor_qparams(x, spec)
+
+    def _fake_quant(self, role: str, x: Tensor) -> Tensor:
+        spec = self.input_spec if role == "input" else self.output_spec
+        if spec is None or x.numel() == 0:
+            return x
+        scale, zero_point = self._qparams(role, x)
+        if (self.input_mode if role == "input" else self.output_mode) == "per_token":
+            flat = x.reshape(-1, x.shape[-1])
+            return numerics.fake_quantize(flat, scale, zero_point, spec).reshape(x.shape)
+        return numerics.fake_quantize(x, scale, zero_point, spec)
+
+    def state_record(self) -> dict[str, Any]:
+        """The JSON record `lowbit.io` saves to rebuild this module."""
+        return dict(self.record)
+
+    def extra_repr(self) -> str:
+        from lowbit.transforms.swap import describe
+
+        parts = [f"W {describe(self.weight_spec)}"]
+        if self.input_spec is not None:
+            if self.input_mode == "per_token":
+                parts.append(f"I int{self.input_spec.bits} per-token dynamic")
+            else:
+                parts.append(f"I {describe(self.input_spec)} {self.input_mode}")
+        if self.output_spec is not None:
+            parts.append(f"O {describe(self.output_spec)} {self.output_mode}")
+        return f"{', '.join(parts)}, kernel={self.kernel}"
+
+
+def _need(tensors: dict[str, Tensor], key: str) -> Tensor:
+    if key not in tensors:
+        raise KeyError(key)
+    return tensors[key]
+
+
+class IntLinear(IntModule):
+    """A Linear layer with integer weights.
+
+    With int8 inputs (static per-tensor, dynamic per-tensor or per-token) and symmetric int8
+    weights it multiplies integers with `torch._int_mm`; with float inputs (weight-only) it uses
+    the int8 / int4 weight-packed kernels. Anything else dequantizes the weight.
+    """
+
+    kind = "IntLinear"
+    weight_row_sums: Tensor
+
+    def __init__(self, record: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        super().__init__(record, tensors)
+        self.out_features, self.in_features = self.weight_shape
+        bias = tensors.get("bias")
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self._cache: dict[str, Tensor] = {}
+        self.kernel = self._choose_kernel()
+
+    # -- kernel selection ---------------------------------------------------------------------
+    def _int8_weight_ok(self) -> bool:
+        s = self.weight_spec
+        return (
+            s.scheme in ("uniform", "binary", "ternary")
+            and s.qmin >= -128
+            and s.qmax <= 127
+            and isinstance(s.granularity, PerTensor | PerChannel)
+            and s.granularity in (PerTensor(), PerChannel(0), PerChannel(-2))
+            and not bool(self.weight_zero_point.any())
+        )
+
+    def _int8_input_ok(self) -> bool:
+        s = self.input_spec
+        if s is None or s.scheme == "log2" or s.qmin < -128 or s.qmax > 255:
+            return False
+        per_tensor = isinstance(s.granularity, PerTensor) and self.input_mode != "per_token"
+        per_token = self.input_mode == "per_token" and s.symmetric
+        return per_tensor or per_token
+
+    def _choose_kernel(self) -> Kernel:
+        if self.input_spec is not None:
+            if self._int8_weight_ok() and self._int8_input_ok() and _has_op("_int_mm"):
+                return "int_mm"
+            return "dequantize"
+        small = self.weight_spec.scheme == "uniform" and self.weight_spec.bits <= 4
+        if small and self._int4_layout() is not None:
+            return "int4pack"
+        if self._int8_weight_ok() and _has_op("_weight_int8pack_mm"):
+            return "int8pack"
+        return "dequantize"
+
+    def _int4_layout(self) -> tuple[int, Tensor] | None:
+        """(kernel group size, [K / group, N, 2] scales and zeros) if the int4 kernel applies."""
+        s = self.weight_spec
+        n, k = self.weight_shape
+        if s.scheme != "uniform" or s.qmin < (-8 if s.signed else 0) or s.qmax > (
+            7 if s.signed else 15
+        ):
+            return None
+        if not (_has_op("_weight_int4pack_mm_for_cpu") and _has_op(
+            "_convert_weight_to_int4pack_for_cpu")):
+            return None
+        if n % 16 or k % 2:
+            return None
+        g = s.granularity
+        if isinstance(g, PerGroup) and g.axis in (-1, 1):
+            span = g.size
+        elif g in (PerTensor(), PerChannel(0), PerChannel(-2)):
+            span = k
+        else:
+            return None
+        group = next((size for size in _INT4_GROUPS if span % size == 0), None)
+        if group is None:
+            return None
+        # scales / zero points per (row, span) -> per (row, kernel group)
+        scale = self.weight_scale.float().reshape(n, -1) if self.weight_scale.dim() else (
+            self.weight_scale.float().expand(n, 1))
+        zp = self.weight_zero_point.reshape(scale.shape) if self.weight_zero_point.dim() else (
+            self.weight_zero_point.expand(scale.shape))
+        repeat = span // group
+        scale = scale.repeat_interleave(repeat, 1)
+        zp = zp.repeat_interleave(repeat, 1).float()
+        # kernel: w = (u - 8) * scale + zero with u in [0, 15]; lowbit: w = (q - zp) * scale
+        offset = 8 if s.signed else 0  # u = q + offset
+        zero = (8 - offset - zp) * scale
+        return group, torch.stack([scale.t(), zero.t()], -1).contiguous()
+
+    # -- forward ------------------------------------------------------------------------------
+    def _cached(self, key: str, make: Any) -> Tensor:
+        t = self._cache.get(key)
+        if t is None or t.device != self.qweight.device:
+            t = make()
+            self._cache[key] = t
+        return t
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        if self.kernel == "int_mm":
+            y = self._forward_int_mm(flat)
+        elif self.kernel == "int8pack":
+            y = self._forward_int8pack(flat)
+        elif self.kernel == "int4pack":
+            y = self._forward_int4pack(flat)
+        else:
+            y = F.linear(self._fake_quant("input", flat), self.dequantized_weight().to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return self._fake_quant("output", y)
+
+    def _forward_int_mm(self, x: Tensor) -> Tensor:
+        spec = self.input_spec
+        assert spec is not None
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.out_features)
+        scale, zero_point = self._qparams("input", x)
+        q = numerics.quantize(x, scale, zero_point, spec).to(torch.int32)
+        zp = zero_point.to(torch.int32)
+        if spec.qmax > 127:  # uint8 codes: shift into int8, the difference q - zp is unchanged
+            q, zp = q - 128, zp - 128
+        w = self._cached("int8_weight", lambda: self.weight_codes().to(torch.int8))
+        acc = _int_matmul(q.to(torch.int8), w)
+        if bool(zp.any()):
+            row_sums = self._cached("row_sums", lambda: w.to(torch.int32).sum(1))
+            acc = acc - zp.reshape(-1, 1) * row_sums
+        in_scale = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
+        return (acc.float() * (in_scale * self.weight_scale.float())).to(x.dtype)
+
+    def _forward_int8pack(self, x: Tensor) -> Tensor:
+        w = self._cached("int8_weight", lambda: self.weight_codes().to(torch.int8))
+        scales = self.weight_scale.float().expand(self.out_features).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x.float().contiguous(), w, scales)
+        return y.to(x.dtype)
+
+    def _forward_int4pack(self, x: Tensor) -> Tensor:
+        layout = self._int4_layout()
+        assert layout is not None
+        group, scales_zeros = layout
+        packed = self._cached("int4_weight", self._int4_pack)
+        sz = self._cached("int4_scales", lambda: scales_zeros)
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.out_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.float().contiguous(), packed, group, sz)
+        return y.to(x.dtype)
+
+    def _int4_pack(self) -> Tensor:
+        offset = 8 if self.weight_spec.signed else 0
+        u = self.weight_codes().to(torch.int32) + offset
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+def _int_matmul(a: Tensor, w: Tensor) -> Tensor:
+    """a [M, K] int8 @ w [N, K]^T int8 -> int32, exact. `torch._int_mm` where it runs."""
+    m, k = a.shape
+    n = w.shape[0]
+    if m == 0 or k == 0:
+        return torch.zeros(m, n, dtype=torch.int32, device=a.device)
+    if a.is_cuda:  # cuBLAS wants M > 16 and K, N multiples of 8: pad with zeros
+        pm, pk, pn = max(17, -(-m // 8) * 8), -(-k // 8) * 8, -(-n // 8) * 8
+        a_p = F.pad(a, (0, pk - k, 0, pm - m))
+        w_p = F.pad(w, (0, pk - k, 0, pn - n))
+        try:
+            return torch._int_mm(a_p, w_p.t().contiguous())[:m, :n]
+        except RuntimeError:
+            pass
+    else:
+        try:
+            return torch._int_mm(a, w.t())
+        except RuntimeError:
+            pass
+    # Exact fallback: float64 holds every partial sum of int8 products for K < 2^38.
+    return (a.double() @ w.double().t()).to(torch.int32)
+
+
+class IntFallback(IntModule):
+    """Integer weights, computed by dequantizing them into the original layer's own forward.
+
+    The float layer stays a child (`module`) with its weight Parameter removed, so subclasses
+    that pad or reshape in their forward (EfficientNet's `Conv2dStaticSamePadding`) keep that.
+    """
+
+    kind = "IntFallback"
+
+    def __init__(
+        self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> None:
+        super().__init__(record, tensors)
+        if "weight" in module._parameters:
+            del module.weight
+        bias = tensors.get("module.bias")
+        if bias is not None and getattr(module, "bias", None) is None:
+            module._parameters.pop("bias", None)
+            module.__dict__.pop("bias", None)
+            module.bias = nn.Parameter(bias.detach().clone())  # a folded BatchNorm made one
+        self.module = module
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point():
+            x = self._fake_quant("input", x)
+        weight = {"weight": self.dequantized_weight()}
+        y = functional_call(self.module, weight, (x, *args), kwargs, strict=False)
+        return self._fake_quant("output", y) if isinstance(y, Tensor) else y
+
+
+class IntConv(IntFallback):
+    """Conv1d/2d/3d and ConvTranspose (and subclasses) with integer weights (dequantized)."""
+
+    kind = "IntConv"
+
+
+class IntEmbedding(IntFallback):
+    """Embedding with integer weights (dequantized)."""
+
+    kind = "IntEmbedding"
+
+
+_KINDS: dict[str, type[IntModule]] = {
+    c.kind: c for c in (IntLinear, IntConv, IntEmbedding, IntFallback)
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+
+
+def int_module_from_record(
+    module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
+) -> IntModule:
+    """Build the integer module of a float layer from a saved record and its local tensors."""
+    cls = _KINDS.get(record.get("kind", ""))
+    if cls is None:
+        raise ValueError(f"unknown integer module kind {record.get('kind')!r}")
+    if cls is IntLinear:
+        return IntLinear(record, tensors)
+    return cls(module, record, tensors)  # type: ignore[call-arg]
+
+
+def int_module_from_quant(qm: QuantModule) -> IntModule | None:
+    """The integer module of a simulated layer, or None if its weight is not quantized.
+
+    Dynamic weight quantizers (QAT) get their parameters fixed from the final weight; learnable
+    scales are taken as they are.
+    """
+    wq = qm.weight_quantizer
+    if wq is None or wq.mode == "off":
+        return None
+    module = qm.module
+    weight = module.weight.detach()
+    spec = wq.spec
+    if wq.dynamic or not wq.has_qparams:
+        scale, zero_point = numerics.tensor_qparams(weight, spec)
+    else:
+        scale, zero_point = wq.scale.detach().float(), wq.zero_point.detach()
+    codes = numerics.quantize(weight, scale, zero_point, spec)
+    record: dict[str, Any] = {
+        "weight": {"spec": spec_to_dict(spec), "shape": list(weight.shape)},
+        "input": _act_record(qm.input_quantizer),
+        "output": _act_record(qm.output_quantizer),
+        "module_type": type(module).__name__,
+    }
+    tensors: dict[str, Tensor] = {
+        "qweight": store_codes(codes, spec),
+        "weight_scale": scale.detach().float().clone(),
+        "weight_zero_point": zero_point.to(torch.int32).clone(),
+    }
+    for role in ("input", "output"):
+        q = getattr(qm, f"{role}_quantizer")
+        if record[role] is not None and record[role]["mode"] == "static":
+            tensors[f"{role}_scale"] = q.scale.detach().float().clone()
+            tensors[f"{role}_zero_point"] = q.zero_point.detach().clone()
+    plain_linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    if plain_linear:
+        record["kind"] = IntLinear.kind
+        if module.bias is not None:
+            tensors["bias"] = module.bias.detach().float().clone()
+        return IntLinear(record, tensors)
+    if isinstance(module, nn.Embedding):
+        record["kind"] = IntEmbedding.kind
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        record["kind"] = IntConv.kind
+    else:
+        record["kind"] = IntFallback.kind
+    return int_module_from_record(module, record, tensors)

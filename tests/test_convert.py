@@ -1,0 +1,299 @@
+"""lowbit.convert: integer modules agree with the simulation; quantize_dynamic, quantize_weights."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit import demo, presets
+from lowbit.api import quantize
+from lowbit.config import LayerQuant, QuantConfig
+from lowbit.convert import convert, int_modules, quantize_dynamic, quantize_weights
+from lowbit.nn.int_modules import IntConv, IntEmbedding, IntLinear, PerTokenQuantizer
+from lowbit.nn.modules import QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.spec import PerChannel, PerGroup, QuantSpec
+
+INPUT_SHAPES = [(5,), (1,), (0,), (2, 3)]  # leading dims: batch, batch of one, empty, 3-D
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    if b.numel() == 0:
+        assert a.shape == b.shape
+        return 0.0
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _calib(k: int, seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, k, generator=g) for _ in range(2)]
+
+
+def _convert_quiet(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(model)
+
+
+def _linear_model(k: int, n: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(k, n))
+
+
+STATIC_CONFIGS = {
+    "int8": (presets.int8, "int_mm"),
+    "int8_asymmetric": (presets.int8_asymmetric, "int_mm"),  # uint8 inputs, zero point
+    "w4a8_per_channel": (lambda: presets.w4a8(group_size=None), "int_mm"),
+    "w4a8_group": (lambda: presets.w4a8(group_size=16), "dequantize"),
+    "weight_only_int8": (presets.weight_only, "int8pack"),
+    "weight_only_int16": (lambda: presets.weight_only(16), "dequantize"),
+    "binary": (presets.binary, "int8pack"),
+    "ternary": (presets.ternary, "int8pack"),
+}
+
+
+@pytest.mark.parametrize("name", list(STATIC_CONFIGS))
+@pytest.mark.parametrize("k,n", [(37, 19), (64, 48)])
+def test_int_linear_matches_simulation(name, k, n):
+    make_config, kernel = STATIC_CONFIGS[name]
+    if name.endswith("group") and k % 16:
+        k = 48  # groups must divide the inputs; the outputs (19) stay odd
+    sim = quantize(_linear_model(k, n), make_config(), _calib(k), progress=False)
+    int_model = _convert_quiet(sim)
+    layer = int_model[0]
+    assert isinstance(layer, IntLinear)
+    assert layer.kernel == kernel
+    g = torch.Generator().manual_seed(1)
+    for lead in INPUT_SHAPES:
+        x = torch.randn(*lead, k, generator=g)
+        with torch.no_grad():
+            expected, got = sim(x), int_model(x)
+        assert got.shape == expected.shape
+        assert _rel(got, expected) < 1e-4, (name, lead)
+
+
+def test_int_mm_really_is_integer_exact():
+    """The int_mm path equals a float64 evaluation of the integer formula."""
+    sim = quantize(_linear_model(40, 24), presets.int8_asymmetric(), _calib(40), progress=False)
+    layer = convert(sim)[0]
+    x = torch.randn(7, 40)
+    xq = (torch.round(x / layer.input_scale) + layer.input_zero_point).clamp(0, 255).double()
+    w = layer.weight_codes().double()
+    acc = (xq - float(layer.input_zero_point)) @ w.t()
+    expected = acc * float(layer.input_scale) * layer.weight_scale.double() + layer.bias.double()
+    assert _rel(layer(x).double(), expected) < 1e-6
+
+
+def test_per_token_dynamic_linear_matches_simulation():
+    torch.manual_seed(0)
+    k, n = 45, 21
+    lin = nn.Linear(k, n)
+    wq = TensorQuantizer(presets.int8().weight)  # type: ignore[arg-type]
+    wq.set_qparams_from(lin.weight)
+    act = QuantSpec(bits=8, narrow_range=True, granularity=PerChannel(0))
+    sim = nn.Sequential(QuantModule(lin, wq, PerTokenQuantizer(act)))
+    int_model = convert(sim)
+    assert int_model[0].kernel == "int_mm"
+    for lead in INPUT_SHAPES:
+        x = torch.randn(*lead, k) * torch.rand(*lead, 1) * 10  # rows of very different ranges
+        with torch.no_grad():
+            assert _rel(int_model(x), sim(x)) < 1e-4, lead
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_kernel_matches_dequantize_then_matmul(group):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 48))
+    q = quantize_weights(model, bits=4, group_size=group)
+    layer = q[0]
+    assert layer.kernel == "int4pack"
+    x = torch.randn(2, 5, 256)
+    reference = F.linear(x, layer.dequantized_weight(), layer.bias)
+    assert _rel(layer(x), reference) < 1e-5
+    assert layer(torch.randn(0, 256)).shape == (0, 48)
+
+
+def test_int4_kernel_falls_back_when_its_constraints_fail():
+    torch.manual_seed(0)
+    for model, group in ((nn.Sequential(nn.Linear(64, 40)), 32),  # N not a multiple of 16
+                         (nn.Sequential(nn.Linear(64, 48)), 16)):  # group < 32
+        with pytest.warns(UserWarning, match="dequantize-then-float"):
+            q = quantize_weights(model, bits=4, group_size=group)
+        x = torch.randn(3, 64)
+        assert q[0].kernel == "dequantize"
+        assert _rel(q(x), F.linear(x, q[0].dequantized_weight(), q[0].bias)) < 1e-6
+
+
+def test_qat_dynamic_and_learnable_weight_quantizers_convert():
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 20)
+    spec = presets.int8().weight
+    assert spec is not None
+    act = TensorQuantizer(QuantSpec(bits=8))
+    act.set_qparams(torch.tensor(0.05), torch.tensor(0))
+    for wq in (TensorQuantizer(spec, dynamic=True), TensorQuantizer(spec, learnable=True)):
+        if wq.learnable:
+            wq.set_qparams_from(lin.weight)
+            with torch.no_grad():
+                wq.scale.mul_(1.1)  # "trained" away from the abs-max scale
+        sim = nn.Sequential(QuantModule(lin, wq, act))
+        int_model = convert(sim)
+        x = torch.randn(4, 30)
+        with torch.no_grad():
+            assert _rel(int_model(x), sim(x)) < 1e-4
+        if wq.learnable:
+            torch.testing.assert_close(int_model[0].weight_scale, wq.scale.detach())
+
+
+class SamePadConv(nn.Conv2d):
+    """Pads in its own forward, like EfficientNet's Conv2dStaticSamePadding."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (1, 2, 1, 2)))
+
+
+def test_conv_and_embedding_fallbacks_match_simulation():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = SamePadConv(3, 8, 3)
+            self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+            self.conv1d = nn.Conv1d(4, 4, 3, padding=1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.up(self.conv(x))
+            return self.conv1d(y.flatten(2)).reshape(y.shape)
+
+    net = Net()
+    calib = [torch.randn(2, 3, 9, 9)]
+    sim = quantize(net, presets.int8_asymmetric(), calib, progress=False)
+    with pytest.warns(UserWarning, match="dequantize-then-float") as record:
+        int_model = convert(sim)
+    assert len(record) == 1
+    assert all(name in str(record[0].message) for name in ("conv", "up", "conv1d"))
+    assert isinstance(int_model.conv, IntConv) and isinstance(int_model.up, IntConv)
+    assert isinstance(int_model.conv.module, SamePadConv)
+    assert "weight" not in dict(int_model.conv.named_parameters(recurse=True))
+    for x in (torch.randn(1, 3, 9, 9), torch.randn(0, 3, 9, 9), torch.randn(3, 3, 10, 11)):
+        with torch.no_grad():
+            assert _rel(int_model(x), sim(x)) < 1e-5
+
+    emb = nn.Sequential(nn.Embedding(50, 12))
+    sim_e = quantize(emb, presets.weight_only(4), [torch.arange(10)], progress=False)
+    int_e = _convert_quiet(sim_e)
+    assert isinstance(int_e[0], IntEmbedding) and int_e[0].qweight.dtype == torch.uint8
+    idx = torch.tensor([[0, 5, 49], [3, 3, 1]])
+    torch.testing.assert_close(int_e(idx), sim_e(idx), rtol=0, atol=0)
+
+
+def test_binary_and_ternary_weights_are_packed():
+    for make, bits in ((presets.binary, 1), (presets.ternary, 2)):
+        sim = quantize(_linear_model(37, 19), make(), _calib(37), progress=False)
+        layer = convert(sim)[0]
+        assert layer.qweight.dtype == torch.uint8
+        assert layer.qweight.numel() == -(-37 * 19 * bits // 8)
+
+
+def test_convert_digits_keeps_accuracy_and_warns_once(digits, digits_net):
+    batches = demo.calibration_batches(digits)
+    sim = quantize(digits_net, presets.int8(), batches, progress=False)
+    with pytest.warns(UserWarning, match="dequantize-then-float") as record:
+        int_model = convert(sim)
+    messages = [str(w.message) for w in record if "dequantize-then-float" in str(w.message)]
+    assert len(messages) == 1
+    assert all(f"features.{i}" in messages[0] for i in (0, 3, 6))
+    assert "classifier" not in messages[0]
+    assert int_model.classifier.kernel == "int_mm"
+    assert int_model.lowbit_summary is sim.lowbit_summary
+    acc_sim = demo.accuracy(sim, digits.x_test, digits.y_test)
+    acc_int = demo.accuracy(int_model, digits.x_test, digits.y_test)
+    assert abs(acc_int - acc_sim) <= 0.2
+    assert not any(isinstance(m, QuantModule) for m in int_model.modules())
+    assert any(isinstance(m, QuantModule) for m in sim.modules())  # not inplace
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128), nn.GELU(),
+                         nn.Linear(128, 10))
+
+
+def test_quantize_dynamic_mlp():
+    model = _mlp()
+    dyn = quantize_dynamic(model)
+    layers = int_modules(dyn)
+    assert len(layers) == 3
+    assert all(m.kernel == "int_mm" and m.qweight.dtype == torch.int8 for m in layers.values())
+    assert all(m.input_mode == "per_token" for m in layers.values())
+    x = torch.randn(2, 7, 128)
+    with torch.no_grad():
+        cos = F.cosine_similarity(dyn(x).flatten(), model(x).flatten(), dim=0)
+    assert cos > 0.999
+    assert dyn(torch.randn(0, 128)).shape == (0, 10)
+    assert isinstance(model[0], nn.Linear)  # the float model is untouched
+
+
+def test_quantize_dynamic_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="bits"):
+        quantize_dynamic(_mlp(), bits=4)
+    with pytest.raises(ValueError, match="layers"):
+        quantize_dynamic(_mlp(), layers=nn.Linear)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="layers"):
+        quantize_dynamic(_mlp(), layers=(nn.Conv2d,))
+    with pytest.raises(ValueError, match="layers"):
+        quantize_dynamic(_mlp(), layers=("Linear",))  # type: ignore[arg-type]
+
+
+def test_quantize_weights_error_decreases_with_bits():
+    model = _mlp()
+    x = torch.randn(64, 128)
+    with torch.no_grad():
+        ref = model(x)
+    errors = {}
+    for bits, group in ((16, None), (8, None), (4, 32), (4, 128)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = quantize_weights(model, bits=bits, group_size=group)
+        with torch.no_grad():
+            errors[(bits, group)] = float((q(x) - ref).pow(2).mean() / ref.pow(2).mean())
+        first = q[0]
+        if bits == 4:
+            assert first.qweight.dtype == torch.uint8
+            assert first.qweight.numel() == 256 * 128 // 2
+            assert first.weight_spec.granularity == PerGroup(group)
+        else:
+            assert first.qweight.dtype == {8: torch.int8, 16: torch.int16}[bits]
+    assert q[0].kernel == "int4pack"
+    assert q[4].kernel == "dequantize"  # 10 outputs: not a multiple of 16
+    assert errors[(16, None)] < errors[(8, None)] < errors[(4, 32)] < 0.05
+    assert errors[(4, 32)] < errors[(4, 128)] * 1.5
+
+
+def test_quantize_weights_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weights(_mlp(), bits=5)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_weights(_mlp(), bits=4, group_size=0)
+    with pytest.raises(ValueError, match="granularity"):
+        quantize_weights(_mlp(), granularity="channel")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="layers"):
+        quantize_weights(_mlp(), layers=[nn.Linear])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_weights(_mlp(), bits=4, group_size=48)  # 128 inputs
+
+
+def test_convert_rejects_uncalibrated_models():
+    config = QuantConfig(overrides={nn.Linear: LayerQuant(weight=presets.int8().weight,
+                                                          input=QuantSpec(bits=8))})
+    from lowbit.transforms.swap import static_quantizers, swap_modules
+
+    model = _mlp()
+    swap_modules(model, config, static_quantizers(config))
+    with pytest.raises(ValueError, match="calibrate"):
+        convert(model)

@@ -1,0 +1,208 @@
+"""Static PTQ and QAT on real (small) models: accuracy, layer coverage, summaries, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit import demo, presets
+from lowbit.api import prepare_qat, quant_modules, quantize
+from lowbit.config import LayerQuant, QuantConfig
+from lowbit.nn.modules import QuantModule
+from lowbit.spec import PerChannel, PerTensor, QuantSpec
+
+
+def _acc(model: nn.Module, digits: demo.Digits) -> float:
+    return demo.accuracy(model, digits.x_test, digits.y_test)
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
+def test_static_int8_keeps_accuracy(digits, digits_net, digits_fp32, calibrator):
+    qmodel = quantize(
+        digits_net, presets.int8(calibrator), demo.calibration_batches(digits), progress=False
+    )
+    assert _acc(qmodel, digits) >= digits_fp32 - 0.5
+    summary = qmodel.lowbit_summary
+    assert len(summary.quantized) == 4 and not summary.kept_float
+    assert len(summary.folded_batchnorms) == 3
+
+
+def test_quantize_does_not_touch_the_float_model(digits, digits_net):
+    before = copy.deepcopy(digits_net.state_dict())
+    quantize(digits_net, presets.int8(), demo.calibration_batches(digits), progress=False)
+    for key, value in digits_net.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_simulation_matches_the_numerics_formula(digits, digits_net):
+    """The quantized Linear computes exactly linear(fq(x), fq(w)) with its own qparams."""
+    qmodel = quantize(digits_net, presets.int8(), demo.calibration_batches(digits), progress=False)
+    layer = quant_modules(qmodel)["classifier"]
+    x = torch.randn(5, layer.module.in_features)
+    from lowbit.numerics import fake_quantize
+
+    iq, wq = layer.input_quantizer, layer.weight_quantizer
+    expected = nn.functional.linear(
+        fake_quantize(x, iq.scale, iq.zero_point, iq.spec),
+        fake_quantize(layer.module.weight, wq.scale, wq.zero_point, wq.spec),
+        layer.module.bias,
+    )
+    assert torch.equal(layer(x), expected)
+
+
+def test_qat_recovers_low_bit_accuracy(digits, digits_net, digits_fp32):
+    """QAT at W4A4 (TensorRT-style signed symmetric) stays within 2 pt of FP32 and beats PTQ;
+    at W2A4, where PTQ collapses, QAT recovers most of it."""
+    for bits_w, bits_a, tolerance in ((4, 4, 2.0), (2, 4, 5.0)):
+        config = QuantConfig(
+            weight=QuantSpec(bits=bits_w, narrow_range=True, granularity=PerChannel(0)),
+            input=QuantSpec(bits=bits_a, narrow_range=True),
+        )
+        batches = demo.calibration_batches(digits)
+        ptq = _acc(quantize(digits_net, config, batches, progress=False), digits)
+        qat_model = prepare_qat(digits_net, config, batches, progress=False)
+        demo.train(qat_model, digits, epochs=3, lr=1e-3)
+        qat = _acc(qat_model, digits)
+        assert qat >= digits_fp32 - tolerance, (bits_w, ptq, qat)
+        assert qat >= ptq - 0.3, (bits_w, ptq, qat)
+    assert ptq < digits_fp32 - 10  # W2A4 PTQ loses a lot; QAT got it back above
+
+
+def test_qat_learnable_scales_train(digits, digits_net, digits_fp32):
+    config = presets.w4a8(group_size=None)
+    config.learnable_scales = True
+    qat_model = prepare_qat(digits_net, config, demo.calibration_batches(digits), progress=False)
+    scales = [p for n, p in qat_model.named_parameters() if n.endswith("scale")]
+    assert len(scales) == 8  # a weight and an input scale per layer
+    before = [s.detach().clone() for s in scales]
+    demo.train(qat_model, digits, epochs=2, lr=1e-3)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, scales, strict=True))
+    assert _acc(qat_model, digits) >= digits_fp32 - 2.0
+
+
+@pytest.mark.parametrize("preset", [presets.binary, presets.ternary])
+def test_binary_and_ternary_qat_train(digits, digits_net, preset):
+    qat_model = prepare_qat(digits_net, preset(), demo.calibration_batches(digits), progress=False)
+    start = _acc(qat_model, digits)
+    demo.train(qat_model, digits, epochs=3, lr=1e-3)
+    assert _acc(qat_model, digits) > max(start, 85.0)
+    layer = quant_modules(qat_model)["features.6"]
+    levels = layer.quantized_weight().detach()[0].unique()
+    assert len(levels) <= (2 if preset is presets.binary else 3)
+
+
+class _Subclassed(nn.Conv2d):
+    """Like EfficientNet's Conv2dStaticSamePadding: pads in forward, then calls F.conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(x, (1, 2, 1, 2))
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride)
+
+
+def test_subclassed_layers_keep_their_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Subclassed(3, 8, 4), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    config = presets.int8()
+    config.weight = QuantSpec(bits=16, granularity=PerChannel(0))
+    config.input = QuantSpec(bits=16)
+    qmodel = quantize(model, config, [x], progress=False)
+    assert isinstance(qmodel[0], QuantModule)
+    torch.testing.assert_close(qmodel(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+def test_overrides_keep_layers_float_and_are_reported(digits, digits_net):
+    config = presets.int8()
+    config.overrides = {"classifier": None, nn.Conv2d: LayerQuant(weight=config.weight)}
+    qmodel = quantize(digits_net, config, demo.calibration_batches(digits), progress=False)
+    assert isinstance(qmodel.classifier, nn.Linear)
+    conv = quant_modules(qmodel)["features.0"]
+    assert conv.input_quantizer is None
+    kept = {r.name: r.detail for r in qmodel.lowbit_summary.kept_float}
+    assert "override 'classifier'" in kept["classifier"]
+
+
+class _WithLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 8, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.rnn(x)[0][:, -1]))
+
+
+def test_unsupported_layers_are_reported_not_skipped_silently():
+    qmodel = quantize(_WithLSTM(), presets.int8(), [torch.randn(2, 5, 4)], progress=False)
+    kept = {r.name: r.detail for r in qmodel.lowbit_summary.kept_float}
+    assert "no quantized implementation" in kept["rnn"]
+    assert "normalization" in kept["norm"]
+    assert "Q head" in str(qmodel.lowbit_summary)
+
+
+class _KeywordModel(nn.Module):
+    """A Hugging Face style model: keyword inputs, an embedding, attention mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.proj(self.embed(input_ids))) * attention_mask.unsqueeze(-1)
+        return self.out(h.sum(1))
+
+
+def test_keyword_inputs_through_dicts_and_forward():
+    torch.manual_seed(0)
+    model = _KeywordModel().eval()
+    batches = [
+        {"input_ids": torch.randint(0, 50, (4, 7)), "attention_mask": torch.ones(4, 7)}
+        for _ in range(3)
+    ]
+    qmodel = quantize(model, presets.int8(), batches, progress=False)
+    assert len(qmodel.lowbit_summary.quantized) == 3
+    via_forward = quantize(
+        model,
+        presets.int8(),
+        [(b["input_ids"], b["attention_mask"]) for b in batches],
+        forward=lambda m, b: m(input_ids=b[0], attention_mask=b[1]),
+        progress=False,
+    )
+    ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
+    torch.testing.assert_close(qmodel(ids, mask), via_forward(ids, mask))
+    cos = nn.functional.cosine_similarity(qmodel(ids, mask), model(ids, mask)).min()
+    assert cos > 0.99
+
+
+def test_bad_inputs_raise_clear_errors(digits_net):
+    config = presets.int8()
+    with pytest.raises(ValueError, match="calib_data is empty"):
+        quantize(digits_net, config, [], progress=False)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize(digits_net, config, [torch.full((2, 1, 8, 8), float("nan"))], progress=False)
+    config.overrides = {"no_such_layer.*": None}
+    with pytest.raises(ValueError, match="match no module"):
+        quantize(digits_net, config, [torch.rand(2, 1, 8, 8)], progress=False)
+    with pytest.raises(TypeError, match="QuantConfig"):
+        quantize(digits_net, "int8", [torch.rand(2, 1, 8, 8)], progress=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="iterable of batches"):
+        quantize(digits_net, presets.int8(), torch.rand(2, 1, 8, 8), progress=False)
+    with pytest.raises(ValueError, match="learnable scales"):
+        prepare_qat(digits_net, QuantConfig(weight=QuantSpec(), learnable_scales=True))
+
+
+def test_layer_that_never_runs_is_switched_off_with_a_warning():
+    model = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+    wrapper = nn.Sequential()
+    wrapper.add_module("body", model)
+    wrapper.forward = lambda x: model["used"](x)  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match="saw no calibration data"):
+        qmodel = quantize(wrapper, presets.int8(), [torch.randn(3, 4)], progress=False)
+    assert qmodel.body["unused"].input_quantizer.mode == "off"
+    assert PerTensor() == qmodel.body["used"].input_quantizer.spec.granularity

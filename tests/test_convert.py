@@ -119,8 +119,10 @@ def test_int4_kernel_matches_dequantize_then_matmul(group):
 
 def test_int4_kernel_falls_back_when_its_constraints_fail():
     torch.manual_seed(0)
-    for model, group in ((nn.Sequential(nn.Linear(64, 40)), 32),  # N not a multiple of 16
-                         (nn.Sequential(nn.Linear(64, 48)), 16)):  # group < 32
+    for model, group in (
+        (nn.Sequential(nn.Linear(64, 40)), 32),  # N not a multiple of 16
+        (nn.Sequential(nn.Linear(64, 48)), 16),
+    ):  # group < 32
         with pytest.warns(UserWarning, match="dequantize-then-float"):
             q = quantize_weights(model, bits=4, group_size=group)
         x = torch.randn(3, 64)
@@ -220,8 +222,9 @@ def test_convert_digits_keeps_accuracy_and_warns_once(digits, digits_net):
 
 def _mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128), nn.GELU(),
-                         nn.Linear(128, 10))
+    return nn.Sequential(
+        nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 10)
+    )
 
 
 def test_quantize_dynamic_mlp():
@@ -289,8 +292,9 @@ def test_quantize_weights_rejects_bad_arguments():
 
 
 def test_convert_rejects_uncalibrated_models():
-    config = QuantConfig(overrides={nn.Linear: LayerQuant(weight=presets.int8().weight,
-                                                          input=QuantSpec(bits=8))})
+    config = QuantConfig(
+        overrides={nn.Linear: LayerQuant(weight=presets.int8().weight, input=QuantSpec(bits=8))}
+    )
     from lowbit.transforms.swap import static_quantizers, swap_modules
 
     model = _mlp()

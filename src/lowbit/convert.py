@@ -61,7 +61,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child, int_module)
     if summary is not None:
-        model.lowbit_summary = summary  # type: ignore[assignment]
+        model.lowbit_summary = summary
     if fallbacks:
         warnings.warn(
             f"lowbit.convert: no integer kernel for {len(fallbacks)} layer(s); computed as "
@@ -123,8 +123,10 @@ def quantize_weights(
     ):
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
     if not isinstance(granularity, PerTensor | PerChannel | PerGroup):
-        raise ValueError(f"granularity must be PerTensor(), PerChannel(axis) or PerGroup(size), "
-                         f"got {granularity!r}")
+        raise ValueError(
+            f"granularity must be PerTensor(), PerChannel(axis) or PerGroup(size), "
+            f"got {granularity!r}"
+        )
     _check_layers(layers, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd), "quantize_weights")
     spec = presets.weight_only(bits, group_size).weight
     assert spec is not None
@@ -134,9 +136,7 @@ def quantize_weights(
     return _swap_and_convert(model, config, static_quantizers(config), inplace)
 
 
-def _check_layers(
-    layers: object, allowed: tuple[type[nn.Module], ...], workflow: str
-) -> None:
+def _check_layers(layers: object, allowed: tuple[type[nn.Module], ...], workflow: str) -> None:
     if not isinstance(layers, tuple) or not layers:
         raise ValueError(f"layers must be a non-empty tuple of module types, got {layers!r}")
     for t in layers:

@@ -46,8 +46,10 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if any(isinstance(m, QuantModule) for m in model.modules()):
-        raise ValueError("model still holds simulated QuantModules: call lowbit.convert(model) "
-                         "first, then save the converted model")
+        raise ValueError(
+            "model still holds simulated QuantModules: call lowbit.convert(model) "
+            "first, then save the converted model"
+        )
     records = [
         dict(m.state_record(), name=name)
         for name, m in model.named_modules()
@@ -89,8 +91,10 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     """
     if model is None:
         read_header(path)  # a bad file is reported as such first
-        raise ValueError("lowbit.load needs a model skeleton: pass a freshly built float model "
-                         "of the same architecture, load(path, model)")
+        raise ValueError(
+            "lowbit.load needs a model skeleton: pass a freshly built float model "
+            "of the same architecture, load(path, model)"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     header, tensors = _read(path, tensors=True)
@@ -100,17 +104,20 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         name = record["name"]
         float_module = _get_submodule(model, name, path)
         prefix = f"{name}."
-        local = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        local = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             int_module = int_module_from_record(float_module, record, local)
         except KeyError as error:
-            raise ValueError(f"not a lowbit file: {path}: tensor {prefix}{error.args[0]} is "
-                             "missing") from error
+            raise ValueError(
+                f"not a lowbit file: {path}: tensor {prefix}{error.args[0]} is missing"
+            ) from error
         _set_submodule(model, name, int_module, path)
     missing, unexpected = _compare_keys(model, tensors)
     if missing and not unexpected:
-        raise ValueError(f"not a lowbit file: {path}: tensors {missing[:5]} are missing (or the "
-                         "model is not the architecture that was saved)")
+        raise ValueError(
+            f"not a lowbit file: {path}: tensors {missing[:5]} are missing (or the "
+            "model is not the architecture that was saved)"
+        )
     if missing or unexpected:
         raise ValueError(
             f"model does not match the file {path}: missing from the file {missing[:5]}, "
@@ -135,7 +142,7 @@ def _read(
             if raw is None:
                 raise ValueError(f"not a lowbit file: {path}: safetensors without lowbit metadata")
             header = json.loads(raw)
-            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+            loaded = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict if tensors else {}
     except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"not a lowbit file: {path}: {error}") from error
     except ValueError as error:
@@ -145,12 +152,16 @@ def _read(
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"not a lowbit file: {path}: format is not {FORMAT!r}")
     if header.get("version") != VERSION:
-        raise ValueError(f"not a lowbit file: {path}: version {header.get('version')!r} is not "
-                         f"supported (this lowbit reads version {VERSION})")
+        raise ValueError(
+            f"not a lowbit file: {path}: version {header.get('version')!r} is not "
+            f"supported (this lowbit reads version {VERSION})"
+        )
     modules, identity = header.get("modules"), header.get("identity", [])
-    if not isinstance(modules, list) or not all(
-        isinstance(r, dict) and isinstance(r.get("name"), str) for r in modules
-    ) or not isinstance(identity, list):
+    if (
+        not isinstance(modules, list)
+        or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in modules)
+        or not isinstance(identity, list)
+    ):
         raise ValueError(f"not a lowbit file: {path}: malformed header")
     header["identity"] = identity
     return header, loaded
@@ -160,8 +171,10 @@ def _get_submodule(model: nn.Module, name: str, path: object) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError as error:
-        raise ValueError(f"model does not match the file {path}: it has no layer {name!r}; "
-                         "pass a float model of the same architecture") from error
+        raise ValueError(
+            f"model does not match the file {path}: it has no layer {name!r}; "
+            "pass a float model of the same architecture"
+        ) from error
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module, path: object) -> None:

@@ -107,7 +107,10 @@ class Entropy(HistogramCalibrator):
     def threshold(self, spec: QuantSpec) -> float:
         """T: the upper edge of the KL-optimal last bin of the |x| histogram."""
         levels = self.num_quant_bins * (1 if spec.signed or not spec.symmetric else 2)
-        kept = entropy_bins(self.histogram.folded(), levels)
+        counts = self.histogram.folded().clone()
+        # As TensorRT: the zero bin (huge after ReLU) would drown the KL search in one spike.
+        counts[0] = counts[1]
+        kept = entropy_bins(counts, levels)
         return kept * self.histogram.bin_width
 
     def _compute_range(self, spec: QuantSpec) -> tuple[Tensor, Tensor]:

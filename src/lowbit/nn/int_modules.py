@@ -167,13 +167,18 @@ def _act_record(q: TensorQuantizer | None) -> dict[str, Any] | None:
     if q is None or q.mode == "off":
         return None
     if q.mode == "calibrate":
-        raise ValueError("a quantizer is still in calibrate mode: calibrate the model "
-                         "(lowbit.quantize / calibrate) before converting it")
-    mode: ActMode = "per_token" if isinstance(q, PerTokenQuantizer) else (
-        "dynamic" if q.dynamic else "static")
+        raise ValueError(
+            "a quantizer is still in calibrate mode: calibrate the model "
+            "(lowbit.quantize / calibrate) before converting it"
+        )
+    mode: ActMode = (
+        "per_token" if isinstance(q, PerTokenQuantizer) else ("dynamic" if q.dynamic else "static")
+    )
     if mode == "static" and not q.has_qparams:
-        raise ValueError("a static quantizer has no scale yet (it saw no data): calibrate the "
-                         "model before converting it")
+        raise ValueError(
+            "a static quantizer has no scale yet (it saw no data): calibrate the "
+            "model before converting it"
+        )
     return {"spec": spec_to_dict(q.spec), "mode": mode}
 
 
@@ -289,13 +294,13 @@ class IntLinear(IntModule):
     """
 
     kind = "IntLinear"
-    weight_row_sums: Tensor
+    bias: Tensor | None
 
     def __init__(self, record: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         super().__init__(record, tensors)
         self.out_features, self.in_features = self.weight_shape
-        bias = tensors.get("bias")
-        self.register_buffer("bias", None if bias is None else bias.float())
+        bias = _need(tensors, "bias").float() if record.get("bias") else None
+        self.register_buffer("bias", bias)
         self._cache: dict[str, Tensor] = {}
         self.kernel = self._choose_kernel()
 
@@ -335,12 +340,16 @@ class IntLinear(IntModule):
         """(kernel group size, [K / group, N, 2] scales and zeros) if the int4 kernel applies."""
         s = self.weight_spec
         n, k = self.weight_shape
-        if s.scheme != "uniform" or s.qmin < (-8 if s.signed else 0) or s.qmax > (
-            7 if s.signed else 15
+        if (
+            s.scheme != "uniform"
+            or s.qmin < (-8 if s.signed else 0)
+            or s.qmax > (7 if s.signed else 15)
         ):
             return None
-        if not (_has_op("_weight_int4pack_mm_for_cpu") and _has_op(
-            "_convert_weight_to_int4pack_for_cpu")):
+        if not (
+            _has_op("_weight_int4pack_mm_for_cpu")
+            and _has_op("_convert_weight_to_int4pack_for_cpu")
+        ):
             return None
         if n % 16 or k % 2:
             return None
@@ -355,10 +364,16 @@ class IntLinear(IntModule):
         if group is None:
             return None
         # scales / zero points per (row, span) -> per (row, kernel group)
-        scale = self.weight_scale.float().reshape(n, -1) if self.weight_scale.dim() else (
-            self.weight_scale.float().expand(n, 1))
-        zp = self.weight_zero_point.reshape(scale.shape) if self.weight_zero_point.dim() else (
-            self.weight_zero_point.expand(scale.shape))
+        scale = (
+            self.weight_scale.float().reshape(n, -1)
+            if self.weight_scale.dim()
+            else (self.weight_scale.float().expand(n, 1))
+        )
+        zp = (
+            self.weight_zero_point.reshape(scale.shape)
+            if self.weight_zero_point.dim()
+            else (self.weight_zero_point.expand(scale.shape))
+        )
         repeat = span // group
         scale = scale.repeat_interleave(repeat, 1)
         zp = zp.repeat_interleave(repeat, 1).float()
@@ -475,6 +490,8 @@ class IntFallback(IntModule):
         if "weight" in module._parameters:
             del module.weight
         bias = tensors.get("module.bias")
+        if record.get("bias") and bias is None and getattr(module, "bias", None) is None:
+            raise KeyError("module.bias")
         if bias is not None and getattr(module, "bias", None) is None:
             module._parameters.pop("bias", None)
             module.__dict__.pop("bias", None)
@@ -517,9 +534,9 @@ def int_module_from_record(
     cls = _KINDS.get(record.get("kind", ""))
     if cls is None:
         raise ValueError(f"unknown integer module kind {record.get('kind')!r}")
-    if cls is IntLinear:
-        return IntLinear(record, tensors)
-    return cls(module, record, tensors)  # type: ignore[call-arg]
+    if issubclass(cls, IntFallback):
+        return cls(module, record, tensors)
+    return IntLinear(record, tensors)
 
 
 def int_module_from_quant(qm: QuantModule) -> IntModule | None:
@@ -544,6 +561,7 @@ def int_module_from_quant(qm: QuantModule) -> IntModule | None:
         "input": _act_record(qm.input_quantizer),
         "output": _act_record(qm.output_quantizer),
         "module_type": type(module).__name__,
+        "bias": getattr(module, "bias", None) is not None,
     }
     tensors: dict[str, Tensor] = {
         "qweight": store_codes(codes, spec),
@@ -558,8 +576,9 @@ def int_module_from_quant(qm: QuantModule) -> IntModule | None:
     plain_linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
     if plain_linear:
         record["kind"] = IntLinear.kind
-        if module.bias is not None:
-            tensors["bias"] = module.bias.detach().float().clone()
+        bias = module.bias
+        if isinstance(bias, Tensor):
+            tensors["bias"] = bias.detach().float().clone()
         return IntLinear(record, tensors)
     if isinstance(module, nn.Embedding):
         record["kind"] = IntEmbedding.kind

@@ -168,7 +168,7 @@ def measure(
     calib: Tensor,
     evals: tuple[Tensor, Tensor],
     with_convert: bool,
-) -> tuple[Row, Tensor | None]:
+) -> Row:
     row = Row(name, description)
     # Weight-only configs have no activation quantizer: one batch is enough for BN folding.
     calib_batches = batches(calib) if calibrates else batches(calib)[:1]
@@ -180,7 +180,7 @@ def measure(
             qmodel = quantize(fp32, make_config(), calib_batches, progress=False)
     except Exception as error:  # reported in the table, not fatal
         row.notes.append(f"quantize failed: {type(error).__name__}: {error}")
-        return row, None
+        return row
     row.quantize_s = time.perf_counter() - t0
     row.notes += [f"warning: {w.message}" for w in caught]
     summary = qmodel.lowbit_summary
@@ -206,7 +206,7 @@ def measure(
             row.file_mb = file_size(converted) if lowbit_save is not None else None
         except Exception as error:  # reported in the table, not fatal
             row.notes.append(f"convert/save failed: {type(error).__name__}: {error}")
-    return row, logits
+    return row
 
 
 def fmt(value: Any, spec: str = ".2f") -> str:
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     calib, evals = x[:N_CALIB], (x[N_CALIB:end], labels[N_CALIB:end])
     print(
         f"loaded {len(sample)} images in {time.perf_counter() - t0:.1f}s: calibrate on "
-        f"{N_CALIB}, evaluate on {len(sample) - N_CALIB}; {THREADS} threads, batch {BATCH}"
+        f"{N_CALIB}, evaluate on {len(evals[1])}; {THREADS} threads, batch {BATCH}"
     )
     if lowbit_convert is None or lowbit_save is None:
         print(
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(CONFIGS):
         description, make_config, calibrates = CONFIGS[name]
         t0 = time.perf_counter()
-        row, _ = measure(
+        row = measure(
             name, description, make_config, calibrates, fp32, calib, evals, not args.no_convert
         )
         if row.top1 is not None:

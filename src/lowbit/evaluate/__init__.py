@@ -1,5 +1,6 @@
 """Measuring what quantization cost: size, accuracy, per-layer error."""
 
 from lowbit.evaluate.size import model_bytes
+from lowbit.evaluate.sqnr import LayerError, analyze
 
-__all__ = ["model_bytes"]
+__all__ = ["LayerError", "analyze", "model_bytes"]

@@ -393,11 +393,13 @@ class IntLinear(IntModule):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        if self.kernel == "int_mm":
+        # The weight-packed kernels used here are CPU kernels; elsewhere dequantize.
+        kernel = self.kernel if self.kernel == "int_mm" or x.device.type == "cpu" else "dequantize"
+        if kernel == "int_mm":
             y = self._forward_int_mm(flat)
-        elif self.kernel == "int8pack":
+        elif kernel == "int8pack":
             y = self._forward_int8pack(flat)
-        elif self.kernel == "int4pack":
+        elif kernel == "int4pack":
             y = self._forward_int4pack(flat)
         else:
             y = F.linear(self._fake_quant("input", flat), self.dequantized_weight().to(x.dtype))

@@ -212,15 +212,15 @@ def test_analyze_ranks_layers_by_sqnr(digits, digits_net):
     import lowbit
 
     batches = demo.calibration_batches(digits, n_batches=2)
-    int8 = lowbit.analyze(digits_net, quantize(digits_net, presets.int8(), batches,
-                                               progress=False), batches)
+    int8 = lowbit.analyze(
+        digits_net, quantize(digits_net, presets.int8(), batches, progress=False), batches
+    )
     assert [e.sqnr_db for e in int8] == sorted(e.sqnr_db for e in int8)
     assert {e.name for e in int8} == {"features.0", "features.3", "features.6", "classifier"}
     assert min(e.sqnr_db for e in int8) > 25.0  # int8 costs little everywhere
     config = presets.int8()
     config.weight = QuantSpec(bits=4, granularity=PerTensor())
-    w4 = lowbit.analyze(digits_net, quantize(digits_net, config, batches, progress=False),
-                        batches)
+    w4 = lowbit.analyze(digits_net, quantize(digits_net, config, batches, progress=False), batches)
     assert max(e.sqnr_db for e in w4) < min(e.sqnr_db for e in int8)
     with pytest.raises(ValueError, match="no quantized layers"):
         lowbit.analyze(digits_net, digits_net, batches)

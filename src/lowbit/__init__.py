@@ -6,8 +6,8 @@ Importing lowbit stays light: onnx, onnxruntime and plotting libraries load only
 from lowbit import presets
 from lowbit.api import QuantSummary, calibrate, prepare_qat, quantize
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.evaluate import analyze
 from lowbit.convert import convert, quantize_dynamic, quantize_weights
+from lowbit.evaluate import analyze
 from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
@@ -15,20 +15,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LayerQuant",
-    "QuantConfig",
-    "QuantSummary",
-    "analyze",
-    "calibrate",
-    "prepare_qat",
-    "presets",
-    "quantize",
     "PerChannel",
     "PerGroup",
     "PerTensor",
+    "QuantConfig",
     "QuantSpec",
+    "QuantSummary",
     "__version__",
+    "analyze",
+    "calibrate",
     "convert",
     "load",
+    "prepare_qat",
+    "presets",
+    "quantize",
     "quantize_dynamic",
     "quantize_weights",
     "save",

@@ -69,8 +69,9 @@ def quantize(
     what stayed in float and why.
     """
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig (see lowbit.presets), got "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"config must be a QuantConfig (see lowbit.presets), got {type(config).__name__}"
+        )
     example = first_batch(calib_data)
     check_batch(example)
     if not inplace:
@@ -116,8 +117,10 @@ def calibrate(
             unused.append(q)
     if unused:
         names = [n for n, m in model.named_modules() if any(m is q for q in unused)]
-        warnings.warn(f"{len(unused)} quantizer(s) saw no calibration data and stay in float: "
-                      f"{names}", stacklevel=3)
+        warnings.warn(
+            f"{len(unused)} quantizer(s) saw no calibration data and stay in float: {names}",
+            stacklevel=3,
+        )
 
 
 def quant_modules(model: nn.Module) -> dict[str, QuantModule]:
@@ -150,8 +153,9 @@ def prepare_qat(
     training normally.
     """
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig (see lowbit.presets), got "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"config must be a QuantConfig (see lowbit.presets), got {type(config).__name__}"
+        )
     if config.learnable_scales and calib_data is None:
         raise ValueError("learnable scales start from calibrated ranges: pass calib_data")
     if not inplace:

@@ -23,16 +23,20 @@ def run_batch(model: nn.Module, batch: Any, forward: Forward | None = None) -> A
         return model(batch[0])
     if isinstance(batch, dict):
         return model(**batch)
-    raise TypeError(f"cannot feed a batch of type {type(batch).__name__} to the model: pass a "
-                    "tensor, a tuple (inputs, ...), a dict of keyword inputs, or forward=")
+    raise TypeError(
+        f"cannot feed a batch of type {type(batch).__name__} to the model: pass a "
+        "tensor, a tuple (inputs, ...), a dict of keyword inputs, or forward="
+    )
 
 
 def check_batch(batch: Any) -> None:
     """Reject NaN or Inf anywhere in a batch before it reaches a calibrator."""
     for i, t in enumerate(tensors_of(batch)):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"calibration batch holds NaN or Inf (tensor {i} of the batch, "
-                             f"shape {tuple(t.shape)})")
+            raise ValueError(
+                f"calibration batch holds NaN or Inf (tensor {i} of the batch, "
+                f"shape {tuple(t.shape)})"
+            )
 
 
 def tensors_of(obj: Any) -> Iterator[Tensor]:
@@ -52,13 +56,16 @@ def tensors_of(obj: Any) -> Iterator[Tensor]:
 def first_batch(data: Iterable[Any], what: str = "calib_data") -> Any:
     """The first batch, or a clear error for an empty or non-iterable data set."""
     if isinstance(data, Tensor | dict):
-        raise TypeError(f"{what} must be an iterable of batches (a list of tensors, a "
-                        "DataLoader), not a single tensor or dict: wrap it in a list")
+        raise TypeError(
+            f"{what} must be an iterable of batches (a list of tensors, a "
+            "DataLoader), not a single tensor or dict: wrap it in a list"
+        )
     try:
         iterator = iter(data)
     except TypeError:
-        raise TypeError(f"{what} must be an iterable of batches, got "
-                        f"{type(data).__name__}") from None
+        raise TypeError(
+            f"{what} must be an iterable of batches, got {type(data).__name__}"
+        ) from None
     for batch in iterator:
         return batch
     raise ValueError(f"{what} is empty: calibration needs at least one batch")

@@ -19,11 +19,13 @@ def _demo(args: argparse.Namespace) -> int:
     data = demo.load_digits(args.seed)
     started = time.perf_counter()
     model = demo.train(demo.DigitsNet(), data)
-    print(f"trained DigitsNet on {len(data.x_train)} digits in "
-          f"{time.perf_counter() - started:.1f} s")
+    print(
+        f"trained DigitsNet on {len(data.x_train)} digits in {time.perf_counter() - started:.1f} s"
+    )
     started = time.perf_counter()
-    qmodel = quantize(model, presets.int8(args.calibrator), demo.calibration_batches(data),
-                      progress=False)
+    qmodel = quantize(
+        model, presets.int8(args.calibrator), demo.calibration_batches(data), progress=False
+    )
     took = time.perf_counter() - started
     print(qmodel.lowbit_summary)
     rows = [("FP32", model), (f"INT8 ({args.calibrator})", qmodel)]
@@ -42,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="quantize a CNN trained on the bundled digits")
-    demo.add_argument("--calibrator", default="minmax",
-                      choices=["minmax", "percentile", "entropy", "mse"])
+    demo.add_argument(
+        "--calibrator", default="minmax", choices=["minmax", "percentile", "entropy", "mse"]
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
     return parser

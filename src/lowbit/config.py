@@ -43,11 +43,15 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for key, value in self.overrides.items():
             if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
-                raise TypeError(f"QuantConfig.overrides key must be a module type or a name "
-                                f"pattern, got {key!r}")
+                raise TypeError(
+                    f"QuantConfig.overrides key must be a module type or a name "
+                    f"pattern, got {key!r}"
+                )
             if value is not None and not isinstance(value, LayerQuant):
-                raise TypeError(f"QuantConfig.overrides[{key!r}] must be a LayerQuant or None, "
-                                f"got {type(value).__name__}")
+                raise TypeError(
+                    f"QuantConfig.overrides[{key!r}] must be a LayerQuant or None, "
+                    f"got {type(value).__name__}"
+                )
 
     @property
     def default(self) -> LayerQuant:

@@ -30,13 +30,16 @@ def check_finite(x: Tensor, name: str = "input") -> None:
     """Raise ValueError if `x` holds NaN or Inf: they would silently poison every scale."""
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} holds {n_bad} NaN or Inf value(s); quantization needs finite data")
+        raise ValueError(
+            f"{name} holds {n_bad} NaN or Inf value(s); quantization needs finite data"
+        )
 
 
 def _axis(x: Tensor, axis: int) -> int:
     if not -x.dim() <= axis < x.dim():
-        raise ValueError(f"granularity axis {axis} is out of range for a tensor of shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"granularity axis {axis} is out of range for a tensor of shape {tuple(x.shape)}"
+        )
     return axis % x.dim()
 
 
@@ -45,8 +48,10 @@ def to_groups(x: Tensor, group: PerGroup) -> Tensor:
     axis = _axis(x, group.axis)
     length = x.shape[axis]
     if length % group.size:
-        raise ValueError(f"PerGroup size {group.size} does not divide dimension {axis} of "
-                         f"length {length} (shape {tuple(x.shape)})")
+        raise ValueError(
+            f"PerGroup size {group.size} does not divide dimension {axis} of "
+            f"length {length} (shape {tuple(x.shape)})"
+        )
     return x.unflatten(axis, (length // group.size, group.size))
 
 
@@ -61,8 +66,9 @@ def reduce_by(x: Tensor, granularity: Granularity, fn: Callable[[Tensor], Tensor
     The result has the parameter shape of the granularity (see the module docstring).
     """
     if x.numel() == 0:
-        raise ValueError(f"cannot compute quantization parameters of an empty tensor "
-                         f"(shape {tuple(x.shape)})")
+        raise ValueError(
+            f"cannot compute quantization parameters of an empty tensor (shape {tuple(x.shape)})"
+        )
     if isinstance(granularity, PerTensor):
         return fn(x.reshape(1, -1)).reshape(())
     if isinstance(granularity, PerChannel):
@@ -105,8 +111,10 @@ def qparams(lo: Tensor | float, hi: Tensor | float, spec: QuantSpec) -> tuple[Te
     A zero range gives scale 1, never NaN or Inf.
     """
     if spec.scheme in ("binary", "ternary"):
-        raise ValueError(f"scheme {spec.scheme!r} takes its scale from the tensor itself: "
-                         "use tensor_qparams(x, spec)")
+        raise ValueError(
+            f"scheme {spec.scheme!r} takes its scale from the tensor itself: "
+            "use tensor_qparams(x, spec)"
+        )
     lo_t = torch.as_tensor(lo, dtype=torch.float32)
     hi_t = torch.as_tensor(hi, dtype=torch.float32)
     check_finite(lo_t, "range minimum")
@@ -245,11 +253,11 @@ class _RoundSTE(torch.autograd.Function):
     """Rounding whose gradient is the identity (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, v, spec, generator):  # type: ignore[no-untyped-def, override]
+    def forward(ctx, v, spec, generator):
         return _round(v, spec, generator)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+    def backward(ctx, grad):
         return grad, None, None
 
 

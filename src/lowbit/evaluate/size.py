@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.nn.modules import QuantModule
 
@@ -26,7 +26,7 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def _dynamic_params(q: nn.Module, weight: nn.Parameter) -> int:
+def _dynamic_params(q: nn.Module, weight: Tensor) -> int:
     from lowbit.numerics import tensor_qparams
 
     return tensor_qparams(weight, q.spec)[0].numel()  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +48,9 @@ def analyze(
     ref_modules = dict(reference.named_modules())
     missing = [n for n in layers if n not in ref_modules]
     if missing:
-        raise ValueError(f"float_model has no layers named {missing[:3]}: is it the model that "
-                         "was quantized?")
+        raise ValueError(
+            f"float_model has no layers named {missing[:3]}: is it the model that was quantized?"
+        )
     signal = dict.fromkeys(layers, 0.0)
     noise = dict.fromkeys(layers, 0.0)
     qmodel.eval()
@@ -69,7 +70,7 @@ def analyze(
 
 
 def _outputs(
-    model: nn.Module, modules: dict[str, nn.Module], batch: Any, forward: Forward | None
+    model: nn.Module, modules: Mapping[str, nn.Module], batch: Any, forward: Forward | None
 ) -> dict[str, Tensor]:
     captured: dict[str, Tensor] = {}
     hooks = [

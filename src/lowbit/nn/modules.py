@@ -39,8 +39,10 @@ class QuantModule(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(module, QUANTIZABLE):
-            raise TypeError(f"cannot quantize {type(module).__name__}: lowbit quantizes "
-                            f"{', '.join(t.__name__ for t in QUANTIZABLE)} and their subclasses")
+            raise TypeError(
+                f"cannot quantize {type(module).__name__}: lowbit quantizes "
+                f"{', '.join(t.__name__ for t in QUANTIZABLE)} and their subclasses"
+            )
         if isinstance(module, nn.Embedding) and input_quantizer is not None:
             raise ValueError("an Embedding's input is indices; it takes no input quantizer")
         self.module = module

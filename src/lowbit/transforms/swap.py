@@ -30,6 +30,7 @@ def describe(spec: QuantSpec | None) -> str:
     """A short human name for a spec: 'int8 per-channel', 'uint8 affine', 'binary'."""
     if spec is None:
         return "float"
+    base: str
     if spec.scheme in ("binary", "ternary"):
         base = spec.scheme
     else:
@@ -134,7 +135,7 @@ def _wrap(
     if layer.weight is not None:
         weight_q = make_quantizer(weight_spec_for(module, layer.weight), "weight")
         if not weight_q.dynamic:
-            weight_q.set_qparams_from(module.weight)
+            weight_q.set_qparams_from(module.weight)  # type: ignore[arg-type]
     input_q = None
     if layer.input is not None and not is_embedding:
         input_q = make_quantizer(layer.input, "input")

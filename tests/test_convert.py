@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lowbit import demo, presets
 from lowbit.api import quantize
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.convert import convert, int_modules, quantize_dynamic, quantize_weights
+from lowbit.conversion import convert, int_modules, quantize_dynamic, quantize_weights
 from lowbit.nn.int_modules import IntConv, IntEmbedding, IntLinear, PerTokenQuantizer
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer

@@ -16,7 +16,7 @@ from torch import nn
 import lowbit.io
 from lowbit import demo, presets
 from lowbit.api import quantize
-from lowbit.convert import convert, quantize_dynamic, quantize_weights
+from lowbit.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.io import load, read_header, save
 from lowbit.nn.int_modules import IntConv, IntLinear
 

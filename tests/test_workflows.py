@@ -224,3 +224,19 @@ def test_analyze_ranks_layers_by_sqnr(digits, digits_net):
     assert max(e.sqnr_db for e in w4) < min(e.sqnr_db for e in int8)
     with pytest.raises(ValueError, match="no quantized layers"):
         lowbit.analyze(digits_net, digits_net, batches)
+
+
+def test_qat_batchnorm_is_folded_at_convert(digits, digits_net):
+    import lowbit
+
+    qat_model = prepare_qat(
+        digits_net, presets.int8(), demo.calibration_batches(digits), progress=False
+    )
+    assert len(qat_model.lowbit_bn_pairs) == 3
+    demo.train(qat_model, digits, epochs=1, lr=1e-3)
+    qat_model.eval()
+    with pytest.warns(UserWarning, match="dequantize-then-float"):
+        final = lowbit.convert(qat_model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in final.modules())
+    agree = (final(digits.x_test).argmax(1) == qat_model(digits.x_test).argmax(1)).float().mean()
+    assert agree >= 0.99

@@ -6,7 +6,7 @@ Importing lowbit stays light: onnx, onnxruntime and plotting libraries load only
 from lowbit import presets
 from lowbit.api import QuantSummary, calibrate, prepare_qat, quantize
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.convert import convert, quantize_dynamic, quantize_weights
+from lowbit.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.evaluate import analyze
 from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec

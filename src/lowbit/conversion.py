@@ -19,6 +19,7 @@ from lowbit.nn.int_modules import IntModule, PerTokenQuantizer, int_module_from_
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
+from lowbit.transforms.fold_bn import fold_bn_into
 from lowbit.transforms.swap import (
     LayerRecord,
     QuantizerFactory,
@@ -47,6 +48,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     fallbacks: list[str] = []
     with torch.no_grad():
+        fold_qat_batchnorms(model)
         targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
         for name, qm in targets:
             int_module = int_module_from_quant(qm)
@@ -69,6 +71,27 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             stacklevel=2,
         )
     return model
+
+
+def fold_qat_batchnorms(model: nn.Module) -> None:
+    """Fold the BatchNorms that `prepare_qat` recorded after quantized layers, in place.
+
+    During QAT they trained as separate layers; folding them now gives the integer model one
+    conv per pair. Weight quantizers that follow the weight take its folded values; learned
+    scales are re-initialised from the folded weight.
+    """
+    pairs = getattr(model, "lowbit_bn_pairs", [])
+    for layer_name, bn_name in pairs:
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        if not isinstance(layer, QuantModule) or not isinstance(bn, nn.modules.batchnorm._NormBase):
+            continue
+        fold_bn_into(layer.module, bn)
+        parent, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
+        quantizer = layer.weight_quantizer
+        if quantizer is not None and not quantizer.dynamic:
+            quantizer.set_qparams_from(layer.module.weight)  # type: ignore[arg-type]
+    model.lowbit_bn_pairs = []
 
 
 def int_modules(model: nn.Module) -> dict[str, IntModule]:

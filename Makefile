@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch lies on disk; any other spec pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# ONNX input for the CLI; --no-deps keeps out torchvision, which breaks beside CPU torch.
+	$(PY) -m pip install --quiet --no-deps onnx2torch
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,10 +1,352 @@
-"""The `lowbit` command. Exit codes: 0 success, 2 bad usage or bad input (one-line reason)."""
+"""The `lowbit` command: quantize, eval, compare, report, demo (see docs/cli.md).
+
+Exit codes: 0 success, 2 bad usage or bad input (one-line reason, no traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lowbit.cli_models import LoadedModel
+    from lowbit.data import Batches
+
+PRESET_CHOICES = ("int8", "int8-asym", "w8", "w16", "w4", "w4a8", "dynamic", "binary", "ternary")
+CALIBRATOR_CHOICES = ("minmax", "percentile", "entropy", "mse")
+
+
+class UsageError(ValueError):
+    """Bad input found by the command line itself."""
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _say(args: argparse.Namespace, *lines: str) -> None:
+    if not args.json:
+        for line in lines:
+            print(line)
+
+
+def _warn(message: str) -> None:
+    print(f"lowbit: warning: {message}", file=sys.stderr)
+
+
+def _emit_json(payload: dict[str, Any]) -> None:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    print(json.dumps(clean(payload), indent=2))
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    from lowbit.cli_models import load_model
+
+    return load_model(
+        args.model,
+        weights=getattr(args, "weights", None),
+        model_factory=getattr(args, "model_factory", None),
+    )
+
+
+def _preprocess(args: argparse.Namespace) -> Any:
+    from lowbit.data import make_preprocess
+
+    return make_preprocess(args.preprocess, args.mean, args.std, args.size)
+
+
+def _input_shape(args: argparse.Namespace, loaded: LoadedModel) -> tuple[int, ...] | None:
+    if args.input_shape:
+        try:
+            shape = tuple(int(d) for d in args.input_shape.split(","))
+        except ValueError:
+            raise UsageError(
+                f"--input-shape is one sample's shape, e.g. 3,224,224; got {args.input_shape!r}"
+            ) from None
+        if not shape or min(shape) < 1:
+            raise UsageError(f"--input-shape dimensions must be positive, got {args.input_shape}")
+        return shape
+    if loaded.input_shape is not None:
+        return loaded.input_shape
+    if args.size:
+        return (3, args.size, args.size)
+    return None
+
+
+def _calibration(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Batches, bool]:
+    """The calibration batches, and whether they are random stand-ins."""
+    from lowbit.data import load_data, random_batches
+
+    if args.calib is not None:
+        batches = load_data(
+            args.calib, _preprocess(args), batch_size=args.batch_size, limit=args.num_calib
+        )
+        return batches, False
+    shape = _input_shape(args, loaded)
+    if shape is None:
+        raise UsageError(
+            "no --calib data and the input shape is unknown: pass --calib DATA, or "
+            "--input-shape C,H,W to calibrate on random data"
+        )
+    _warn(
+        f"no --calib data: calibrating on random data of shape {shape}; activation ranges "
+        "will not match real inputs (pass --calib DATA for a usable model)"
+    )
+    return random_batches(
+        shape, num_samples=min(args.num_calib, 64), batch_size=args.batch_size
+    ), True
+
+
+def _eval_data(args: argparse.Namespace) -> Batches:
+    from lowbit.data import load_data
+
+    return load_data(
+        args.data,
+        _preprocess(args),
+        batch_size=args.batch_size,
+        limit=args.limit,
+        need_labels=True,
+    )
+
+
+def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
+    out = Path(path)
+    if out.suffix not in suffixes:
+        raise UsageError(f"-o must end in {' or '.join(suffixes)}, got {path!r}")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {path}: no such folder {out.parent}")
+    return out
+
+
+def _split(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise UsageError(
+            f"{option} takes a comma-separated list of {', '.join(allowed)}; got {value!r}"
+        )
+    return items
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from lowbit.cli_variants import deployable, make_variant
+    from lowbit.evaluate import model_bytes
+
+    out = _check_output(args.output, (".onnx", ".lowbit"))
+    if out.suffix == ".onnx" and args.preset == "dynamic":
+        raise UsageError(
+            "--preset dynamic quantizes activations at run time, which ONNX QDQ cannot express: "
+            "write a .lowbit file, or use --preset int8 for ONNX"
+        )
+    loaded = _load(args)
+    if loaded.kind == "lowbit":
+        raise UsageError(
+            f"{args.model} is already quantized: quantize the float model (ONNX or factory), "
+            "or run `lowbit eval` on this file"
+        )
+    calib, is_random = _calibration(args, loaded)
+    variant = make_variant(
+        loaded.model,
+        args.preset,
+        calib,
+        calibrator=args.calibrator,
+        per_tensor=args.per_tensor,
+        exclude=args.exclude,
+        progress=not args.json,
+    )
+    if out.suffix == ".onnx":
+        _export_onnx(variant.model, calib.example(), out)
+    else:
+        from lowbit.cli_models import save_lowbit
+
+        save_lowbit(deployable(variant), out, loaded.recipe)
+    summary = getattr(variant.model, "lowbit_summary", None)
+    float_bytes, q_bytes = model_bytes(loaded.model), model_bytes(variant.model)
+    if args.json:
+        _emit_json(
+            {
+                "command": "quantize",
+                "output": str(out),
+                "preset": args.preset,
+                "calibrator": variant.calibrator,
+                "random_calibration": is_random,
+                "calibration_samples": calib.num_samples,
+                "quantize_s": variant.quantize_s,
+                "float_bytes": float_bytes,
+                "quantized_bytes": q_bytes,
+                "quantized_layers": [r.name for r in summary.quantized] if summary else [],
+                "float_layers": [r.name for r in summary.kept_float] if summary else [],
+            }
+        )
+    else:
+        if args.preset == "dynamic" and summary is not None:
+            print(summary)
+        print(
+            f"wrote {out} ({args.preset}, {variant.name}): weights {float_bytes / 1024:.1f} KiB "
+            f"-> {q_bytes / 1024:.1f} KiB; quantization took {variant.quantize_s:.2f} s on "
+            f"{calib.num_samples} {'random' if is_random else 'calibration'} samples"
+        )
+    return 0
+
+
+def _export_onnx(model: Any, example: Any, out: Path) -> None:
+    try:
+        from lowbit.export import export_onnx
+    except ImportError as error:
+        raise UsageError(
+            f"ONNX export is not available in this lowbit ({error}); write a .lowbit file"
+        ) from None
+    from lowbit.cli_models import readable
+
+    export_onnx(model, example, out)
+    readable(out)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lowbit.evaluate.accuracy import accuracy
+
+    if args.model.endswith(".onnx"):
+        from lowbit.cli_models import OnnxRunner
+
+        predict: Any = OnnxRunner(Path(args.model))
+        engine = "onnxruntime"
+    else:
+        predict = _load(args).model
+        engine = "pytorch"
+    data = _eval_data(args)
+    started = time.perf_counter()
+    result = accuracy(predict, data, progress=not args.json)
+    took = time.perf_counter() - started
+    if args.json:
+        _emit_json(
+            {
+                "command": "eval",
+                "model": args.model,
+                "engine": engine,
+                "top1": result.top1,
+                "top5": result.top5,
+                "samples": result.num_samples,
+                "seconds": took,
+            }
+        )
+    else:
+        print(
+            f"{args.model} ({engine}): top-1 {result.top1:.2f} %  top-5 {result.top5:.2f} %  "
+            f"on {result.num_samples} samples in {took:.1f} s"
+        )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from lowbit.cli_variants import compare
+
+    preset_names = _split(args.presets, PRESET_CHOICES, "--presets")
+    calibrators = _split(args.calibrators, CALIBRATOR_CHOICES, "--calibrators")
+    data = _eval_data(args) if args.data else None
+    loaded = _load(args)
+    if loaded.kind == "lowbit":
+        raise UsageError("compare starts from the float model: pass the ONNX file or factory")
+    calib, is_random = _calibration(args, loaded)
+    comparison = compare(
+        loaded.model,
+        calib,
+        data=data,
+        preset_names=preset_names,
+        calibrators=calibrators,
+        per_tensor=args.per_tensor,
+        exclude=args.exclude,
+        latency=not args.no_latency,
+        progress=not args.json,
+    )
+    rows, notes = comparison.rows(), comparison.notes()
+    if args.json:
+        _emit_json(
+            {"command": "compare", "random_calibration": is_random, "rows": rows, "notes": notes}
+        )
+        return 0
+    _print_table(rows)
+    for note in notes:
+        print(f"note: {note}")
+    if not notes and not args.no_latency:
+        print("every quantized variant is faster than float here")
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lowbit.report.html import COLUMNS
+
+    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    table = Table(title="lowbit compare")
+    for key, title, _ in columns:
+        table.add_column(title, justify="left" if key == "variant" else "right")
+    for r in rows:
+        slow = r.get("speedup") is not None and r["speedup"] < 1.0 and r.get("preset")
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in columns]
+        table.add_row(*cells, style="yellow" if slow else None)
+    Console(width=max(120, Console().width)).print(table)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lowbit.report import build_report
+
+    out = _check_output(args.output, (".html",))
+    calibrators = _split(args.calibrators, CALIBRATOR_CHOICES, "--calibrators")
+    data = _eval_data(args) if args.data else None
+    loaded = _load(args)
+    if loaded.kind == "lowbit":
+        raise UsageError("report starts from the float model: pass the ONNX file or factory")
+    calib, is_random = _calibration(args, loaded)
+    result = build_report(
+        loaded.model,
+        calib,
+        out,
+        data=data,
+        preset=args.preset,
+        calibrator=args.calibrator,
+        compare_calibrators=calibrators,
+        per_tensor=args.per_tensor,
+        exclude=args.exclude,
+        model_name=Path(args.model).name if loaded.kind == "onnx" else args.model,
+        latency=not args.no_latency,
+        progress=not args.json,
+    )
+    if args.json:
+        _emit_json(
+            {
+                "command": "report",
+                "output": str(result.path),
+                "random_calibration": is_random,
+                "rows": result.rows,
+                "worst_layers": result.worst_layers,
+                "notes": result.notes,
+            }
+        )
+        return 0
+    print(f"wrote {result.path}")
+    for layer in result.worst_layers:
+        print(f"  {layer['layer']}: {layer['sqnr_db']:.1f} dB; try {layer['fixes'][0]}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -37,28 +379,192 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- parser
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="an .onnx file, a package.module:factory callable, or a .lowbit file",
+    )
+    p.add_argument(
+        "--weights", metavar="FILE", help="state dict for a factory model (.safetensors or torch)"
+    )
+    p.add_argument(
+        "--model-factory",
+        metavar="SPEC",
+        help="package.module:factory that builds the float skeleton of a .lowbit file "
+        "(default: the one `lowbit quantize` stored in it)",
+    )
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--preprocess",
+        default="imagenet",
+        choices=["imagenet", "inception", "none"],
+        help="image normalization: imagenet mean/std, inception [-1, 1], none [0, 1] "
+        "(default: imagenet)",
+    )
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="override mean")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="override std")
+    g.add_argument(
+        "--size",
+        type=int,
+        help="resize the short side to size/0.875, then center-crop to size (e.g. 224)",
+    )
+    g.add_argument("--batch-size", type=int, default=32, help="default: 32")
+    g.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
+    g.add_argument(
+        "--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's own choice)"
+    )
+
+
+def _add_calib_options(p: argparse.ArgumentParser, *, calib_required: bool = False) -> None:
+    p.add_argument(
+        "--calib",
+        metavar="DATA",
+        required=calib_required,
+        help="calibration data: a folder of images, an .npy or .npz file (omitted: random data)",
+    )
+    p.add_argument(
+        "--num-calib", type=int, default=256, help="calibration samples to use (default: 256)"
+    )
+    p.add_argument("--input-shape", metavar="C,H,W", help="one sample's shape, for random data")
+    p.add_argument(
+        "--per-tensor", action="store_true", help="one weight scale per tensor, not per channel"
+    )
+    p.add_argument(
+        "--exclude",
+        metavar="PATTERN",
+        action="append",
+        default=[],
+        help="keep layers whose qualified name matches this glob in float (repeatable)",
+    )
+
+
+def _add_eval_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        required=required,
+        help="labelled images: files named <synset>_<name>.JPEG (with a synsets.txt next to or "
+        "above the folder) or class subfolders; or an .npz with x and y",
+    )
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
 
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="quantize a CNN trained on the bundled digits")
-    demo.add_argument(
-        "--calibrator", default="minmax", choices=["minmax", "percentile", "entropy", "mse"]
+
+    q = commands.add_parser("quantize", help="quantize a model, write .onnx (QDQ) or .lowbit")
+    _add_model(q)
+    _add_calib_options(q)
+    q.add_argument("--preset", default="int8", choices=PRESET_CHOICES, help="default: int8")
+    q.add_argument("--calibrator", default="minmax", choices=CALIBRATOR_CHOICES)
+    q.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.onnx or OUT.lowbit")
+    _add_data_options(q)
+    q.set_defaults(run=_quantize)
+
+    e = commands.add_parser("eval", help="top-1 / top-5 accuracy on a labelled image folder")
+    _add_model(e)
+    _add_eval_options(e, required=True)
+    _add_data_options(e)
+    e.set_defaults(run=_eval)
+
+    c = commands.add_parser(
+        "compare", help="accuracy, size, latency and quantization time over presets"
     )
+    _add_model(c)
+    _add_calib_options(c)
+    _add_eval_options(c, required=False)
+    c.add_argument(
+        "--presets", default="int8,int8-asym,w8,w4a8", help="comma-separated (default: %(default)s)"
+    )
+    c.add_argument(
+        "--calibrators", default="minmax,entropy", help="comma-separated (default: %(default)s)"
+    )
+    c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _add_data_options(c)
+    c.set_defaults(run=_compare)
+
+    r = commands.add_parser("report", help="an HTML report with plots: what was lost and where")
+    _add_model(r)
+    _add_calib_options(r)
+    _add_eval_options(r, required=False)
+    r.add_argument("--preset", default="int8", choices=PRESET_CHOICES, help="default: int8")
+    r.add_argument("--calibrator", default="minmax", choices=CALIBRATOR_CHOICES)
+    r.add_argument(
+        "--calibrators",
+        default="minmax,percentile,entropy,mse",
+        help="calibrators in the table (default: %(default)s)",
+    )
+    r.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    r.add_argument("-o", "--output", required=True, metavar="REPORT.html")
+    _add_data_options(r)
+    r.set_defaults(run=_report)
+
+    demo = commands.add_parser("demo", help="quantize a CNN trained on the bundled digits")
+    demo.add_argument("--calibrator", default="minmax", choices=list(CALIBRATOR_CHOICES))
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, json=False)
     return parser
+
+
+@contextmanager
+def _plain_warnings() -> Iterator[None]:
+    """Library warnings as one `lowbit: warning:` line each, not file:line noise."""
+
+    def show(message: Any, category: Any, *_args: Any, **_kwargs: Any) -> None:
+        _warn(str(message).splitlines()[0])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.simplefilter("ignore", DeprecationWarning)  # third-party (onnx2torch) noise
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.showwarning = show
+        yield
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with `n` PyTorch threads, then restore the previous setting."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for option in ("batch_size", "num_calib", "limit", "size", "threads"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            print(f"lowbit: error: --{option.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
     try:
-        return int(args.run(args))
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"lowbit: error: {error}", file=sys.stderr)
+        with _plain_warnings(), _threads(getattr(args, "threads", None)):
+            return int(args.run(args))
+    except (ValueError, TypeError, OSError, NotImplementedError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"lowbit: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

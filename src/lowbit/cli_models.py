@@ -1,0 +1,294 @@
+"""Models for the command line: load from ONNX, a factory, or a saved .lowbit; save with a recipe.
+
+A .lowbit file (`lowbit.io`) needs a float skeleton to load into. The command line therefore
+writes, next to lowbit's own header in the safetensors metadata, a `lowbit.cli` entry saying how
+to build that skeleton again: `{"model": "pkg.module:factory"}` or `{"model": "/abs/model.onnx"}`.
+`lowbit eval model.lowbit` reads it; `--model-factory` overrides it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LoadedModel",
+    "OnnxRunner",
+    "load_model",
+    "save_lowbit",
+]
+
+RECIPE_KEY = "lowbit.cli"
+
+
+@dataclass
+class LoadedModel:
+    """A float (or loaded quantized) model and how to rebuild it."""
+
+    model: nn.Module
+    recipe: str  # "pkg.module:factory" or an absolute ONNX path
+    kind: str  # "onnx", "factory" or "lowbit"
+    input_shape: tuple[int, ...] | None = None  # one sample's shape, where the file says it
+
+
+def load_model(
+    spec: str, *, weights: str | None = None, model_factory: str | None = None
+) -> LoadedModel:
+    """Load MODEL as the command line accepts it: .onnx, .lowbit, or `package.module:factory`."""
+    path = Path(spec)
+    if spec.endswith(".lowbit"):
+        if weights is not None:
+            raise ValueError("--weights applies to a factory model, not to a .lowbit file")
+        return _load_lowbit(path, model_factory)
+    if spec.endswith(".onnx"):
+        if weights is not None:
+            raise ValueError("--weights applies to a factory model; an ONNX file holds its own")
+        model, shape = onnx_to_torch(path)
+        return LoadedModel(model, str(path.resolve()), "onnx", shape)
+    if ":" in spec and not path.exists():
+        model = build_from_factory(spec)
+        if weights is not None:
+            load_weights(model, Path(weights))
+        return LoadedModel(model.eval(), spec, "factory")
+    raise ValueError(
+        f"MODEL must be an .onnx file, a .lowbit file or a package.module:factory callable, "
+        f"got {spec!r}"
+    )
+
+
+def build_from_factory(spec: str) -> nn.Module:
+    """Call `package.module:factory` (the current folder is importable, as with `python -m`)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"a factory is written package.module:callable, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import {module_name!r} for {spec!r}: {error}") from None
+    factory: Any = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ValueError(f"{module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ValueError(f"{spec!r} is not callable")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec}() must return an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a state dict from safetensors or a torch file (weights_only: no code runs)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such weights file: {path}")
+    state: Any
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"cannot read {path} as safetensors: {error}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a foreign or pickled file
+            raise ValueError(
+                f"cannot read {path} as a state dict (loaded with weights_only=True): "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()
+        raise ValueError(
+            f"--weights {path} do not fit the model: {' '.join(first[:2])[:300]}"
+        ) from None
+
+
+def onnx_to_torch(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """An ONNX file as a torch module (onnx2torch), and its input's per-sample shape if fixed."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    import onnx
+
+    try:
+        proto = onnx.load(str(path))
+    except Exception as error:  # onnx raises DecodeError and others for a foreign file
+        raise ValueError(f"cannot read {path} as ONNX: {error}") from None
+    _inline_constant_identities(proto)
+    convert = _onnx2torch()
+    try:
+        model = convert(proto)
+    except Exception as error:  # an op onnx2torch lacks raises NotImplementedError, and more
+        hint = ""
+        if "QuantizeLinear" in str(error) or "DequantizeLinear" in str(error):
+            hint = " (the file is already quantized: quantize the float ONNX model)"
+        raise ValueError(
+            f"cannot bring {path.name} into PyTorch with onnx2torch: {error}{hint}"
+        ) from None
+    return model.eval(), onnx_input_shape(path)
+
+
+def _inline_constant_identities(proto: Any) -> None:
+    """Replace `Identity(initializer)` nodes by a copy of the initializer, in place.
+
+    PyTorch's exporter shares equal constants (two zero biases) through Identity nodes, which
+    onnx2torch cannot read as a layer's weight.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {i.name: i for i in graph.initializer}
+    for node in list(graph.node):
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            array = numpy_helper.to_array(initializers[node.input[0]])
+            graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+            graph.node.remove(node)
+
+
+def onnx_input_shape(path: Path) -> tuple[int, ...] | None:
+    """The first graph input's shape without the batch dimension, if every dimension is fixed."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if not inputs:
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim[1:]
+    if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+        return None
+    return tuple(int(d.dim_value) for d in dims)
+
+
+def _onnx2torch() -> Callable[[Any], nn.Module]:
+    """onnx2torch's `convert`. torchvision serves only its NMS / RoIAlign converters; where
+    torchvision is missing or its compiled ops do not match torch, a stand-in lets the rest load.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # a torchvision built for another torch fails in many ways
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        stub = types.ModuleType("torchvision")
+        ops = types.ModuleType("torchvision.ops")
+
+        def unavailable(*_args: Any, **_kwargs: Any) -> Any:
+            raise ValueError("this ONNX op needs a working torchvision")
+
+        ops.nms = unavailable  # type: ignore[attr-defined]
+        ops.roi_align = unavailable  # type: ignore[attr-defined]
+        stub.ops = ops  # type: ignore[attr-defined]
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, ops
+    try:
+        from onnx2torch import convert
+    except ImportError:
+        raise ValueError(
+            "reading ONNX models needs onnx2torch: pip install 'lowbit[cli]'"
+        ) from None
+    return convert
+
+
+def _load_lowbit(path: Path, model_factory: str | None) -> LoadedModel:
+    from lowbit.io import load, read_header
+
+    read_header(path)  # reports a missing or foreign file first
+    recipe = model_factory or read_recipe(path)
+    if recipe is None:
+        raise ValueError(
+            f"{path} does not say how to build its float skeleton (it was not written by "
+            "`lowbit quantize`): pass --model-factory package.module:factory"
+        )
+    skeleton = load_model(recipe).model
+    model = load(path, skeleton)
+    shape = onnx_input_shape(Path(recipe)) if recipe.endswith(".onnx") else None
+    return LoadedModel(model.eval(), recipe, "lowbit", shape)
+
+
+def read_recipe(path: Path) -> str | None:
+    """The skeleton recipe the command line stored in a .lowbit file, if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(RECIPE_KEY)
+    if raw is None:
+        return None
+    try:
+        recipe = json.loads(raw).get("model")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return recipe if isinstance(recipe, str) else None
+
+
+def save_lowbit(model: nn.Module, path: Path, recipe: str) -> None:
+    """`lowbit.save`, then add the skeleton recipe to the metadata; atomic, as `save` is."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowbit.io import save
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save(model, tmp)
+        with safe_open(tmp_name, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        metadata[RECIPE_KEY] = json.dumps({"model": recipe})
+        save_file(tensors, tmp_name, metadata=metadata)
+        readable(tmp)
+        os.replace(tmp_name, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def readable(path: Path) -> None:
+    """Give a file from mkstemp (mode 0600) the permissions the umask gives new files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+class OnnxRunner:
+    """An ONNX file run by ONNX Runtime on the CPU, called like a model: tensor in, tensor out."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # ORT raises its own exception types
+            raise ValueError(f"ONNX Runtime cannot load {path}: {error}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: Tensor) -> Tensor:
+        outputs = self.session.run(None, {self.input_name: x.detach().cpu().numpy()})
+        return torch.from_numpy(outputs[0])

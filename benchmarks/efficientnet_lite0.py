@@ -8,7 +8,7 @@ collapse; the per-tensor row shows it.
 
 Prints a markdown table and writes benchmarks/results/efficientnet_lite0.json. Latency is the
 median of 5 batches of 32 after 1 warm-up batch, at 2 threads: for the simulated model these are
-batches 2-6 of the accuracy pass itself; the converted model (`lowbit.convert`) runs 6 batches of
+batches 2-6 of the accuracy pass itself; the converted model (`lowbit.conversion`) runs 6 batches of
 its own, and its predictions there are compared with the simulated model's.
 """
 
@@ -39,9 +39,9 @@ from lowbit.spec import PerTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_sample import default_data_dir, load_sample, missing_reason
 
-# lowbit.convert and lowbit.io are new; the benchmark runs without them (simulated rows only).
+# lowbit.conversion and lowbit.io are new; the benchmark runs without them (simulated rows only).
 try:
-    from lowbit.convert import convert as lowbit_convert
+    from lowbit.conversion import convert as lowbit_convert
 except ImportError:  # pragma: no cover - depends on the checkout
     lowbit_convert = None
 try:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="imagenet-sample folder")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configs to run")
-    parser.add_argument("--no-convert", action="store_true", help="skip lowbit.convert rows")
+    parser.add_argument("--no-convert", action="store_true", help="skip lowbit.conversion rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--eval-limit", type=int, default=None, help="smoke runs: fewer images")
     args = parser.parse_args(argv)
@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if lowbit_convert is None or lowbit_save is None:
         print(
-            "note: lowbit.convert / lowbit.io not importable: converted latency and file size "
+            "note: lowbit.conversion / lowbit.io not importable: converted latency and file size "
             "are left out"
-        )  # TODO: they fill in once lowbit.convert and lowbit.io exist
+        )  # TODO: they fill in once lowbit.conversion and lowbit.io exist
 
     fp32 = load_model()
     fp32_row = Row("fp32", "float model")

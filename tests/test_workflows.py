@@ -240,3 +240,21 @@ def test_qat_batchnorm_is_folded_at_convert(digits, digits_net):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in final.modules())
     agree = (final(digits.x_test).argmax(1) == qat_model(digits.x_test).argmax(1)).float().mean()
     assert agree >= 0.99
+
+
+def test_group_weights_apply_to_linear_inputs_and_convs_fall_back_to_channels(digits, digits_net):
+    from lowbit.evaluate import model_bytes
+
+    qmodel = quantize(
+        digits_net, presets.weight_only(4, 32), demo.calibration_batches(digits), progress=False
+    )
+    layers = quant_modules(qmodel)
+    assert layers["classifier"].weight_quantizer.scale.shape == (10, 512 // 32)
+    assert layers["features.3"].weight_quantizer.spec.granularity == PerChannel(0)
+    assert (
+        "int4 per-channel" in {r.name: r.detail for r in qmodel.lowbit_summary.layers}["features.3"]
+    )
+    weights = sum(m.module.weight.numel() for m in layers.values())
+    scales = sum(m.weight_quantizer.scale.numel() for m in layers.values())
+    biases = sum(m.module.bias.numel() for m in layers.values() if m.module.bias is not None)
+    assert model_bytes(qmodel) == weights // 2 + 4 * scales + 4 * biases

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.spec import PerChannel, QuantSpec
+from lowbit.spec import PerChannel, PerGroup, QuantSpec
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,15 @@ class QuantConfig:
 
 
 def weight_spec_for(module: nn.Module, spec: QuantSpec) -> QuantSpec:
-    """Per-channel weight specs mean per output channel; ConvTranspose keeps those on axis 1."""
+    """The spec a layer's weight really gets.
+
+    Per-channel means per output channel, which ConvTranspose keeps on axis 1. Groups split a
+    Linear's input features; a convolution's last axis is its kernel width, so convolutions take
+    per-channel scales instead (the summary shows it).
+    """
+    convolution = isinstance(module, nn.modules.conv._ConvNd)
+    if convolution and isinstance(spec.granularity, PerGroup):
+        spec = spec.with_(granularity=PerChannel(0))
     transposed = isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
     if transposed and spec.granularity == PerChannel(0):
         return spec.with_(granularity=PerChannel(1))

@@ -11,17 +11,17 @@ def model_bytes(model: nn.Module) -> int:
     """Parameter bytes: quantized weights at their bit width (plus scales and zero points),
     everything else at its own dtype. Buffers such as BatchNorm statistics count too."""
     total = 0
-    quantized_weights = set()
+    counted = set()  # quantized weights and their quantizer's scale / zero point
     for module in model.modules():
         if isinstance(module, QuantModule) and module.weight_quantizer is not None:
             q = module.weight_quantizer
             weight = module.module.weight
-            quantized_weights.add(id(weight))
+            counted.update(id(t) for t in (weight, *q.parameters(), *q.buffers()))
             total += (weight.numel() * q.spec.bits + 7) // 8
             n_params = q.scale.numel() if q.has_qparams else _dynamic_params(q, weight)
             total += n_params * (4 + (0 if q.spec.symmetric else 1))
     for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in quantized_weights and tensor.numel():
+        if id(tensor) not in counted and tensor.numel():
             total += tensor.numel() * tensor.element_size()
     return total
 

@@ -6,6 +6,11 @@ import pytest
 import torch
 
 from lowbit import demo
+from lowbit.kernels.compile import set_compile
+
+# torch.compile costs tens of seconds per kernel on a cold cache; the tests of the compiled
+# kernels switch it on themselves (tests/test_kernels.py), everything else runs the eager ones.
+set_compile(False)
 
 
 @pytest.fixture(scope="session")

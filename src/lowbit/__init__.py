@@ -8,6 +8,7 @@ from lowbit.api import QuantSummary, calibrate, prepare_qat, quantize
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.evaluate import analyze
+from lowbit.export import export_onnx
 from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
@@ -25,6 +26,7 @@ __all__ = [
     "analyze",
     "calibrate",
     "convert",
+    "export_onnx",
     "load",
     "prepare_qat",
     "presets",

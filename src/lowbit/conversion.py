@@ -90,8 +90,8 @@ def fold_qat_batchnorms(model: nn.Module) -> None:
         setattr(model.get_submodule(parent), child, nn.Identity())
         quantizer = layer.weight_quantizer
         if quantizer is not None and not quantizer.dynamic:
-            quantizer.set_qparams_from(layer.module.weight)  # type: ignore[arg-type]
-    model.lowbit_bn_pairs = []
+            quantizer.set_qparams_from(layer.module.weight)
+    model.lowbit_bn_pairs = []  # type: ignore[assignment]
 
 
 def int_modules(model: nn.Module) -> dict[str, IntModule]:

@@ -11,7 +11,7 @@ def model_bytes(model: nn.Module) -> int:
     """Parameter bytes: quantized weights at their bit width (plus scales and zero points),
     everything else at its own dtype. Buffers such as BatchNorm statistics count too."""
     total = 0
-    counted = set()  # quantized weights and their quantizer's scale / zero point
+    counted: set[int] = set()  # quantized weights and their quantizer's scale / zero point
     for module in model.modules():
         if isinstance(module, QuantModule) and module.weight_quantizer is not None:
             q = module.weight_quantizer

@@ -10,10 +10,16 @@ Kernels (`module.kernel` says which one a module uses):
 - "int_mm": `torch._int_mm`, int8 x int8 -> int32, for int8 inputs (static per-tensor or
   dynamic per-token) times symmetric int8 weights (per-tensor or per output channel). The input
   zero point is taken out with precomputed weight row sums, so the accumulator is exact.
+  Per-token dynamic inputs run `lowbit.kernels.dynamic_int8_linear`: quantize, `_int_mm` and
+  rescale as one `torch.compile`d graph (eager ops where compiling is off or fails).
 - "int8pack": `aten._weight_int8pack_mm`, float inputs times int8 per-channel weights.
 - "int4pack": `aten._weight_int4pack_mm_for_cpu`, float inputs times int4 group-wise weights.
+  With at most `kernels.weight_only.GEMV_MAX_TOKENS` rows, both run a compiled GEMV instead
+  (`lowbit.kernels.weight_only`), which reads the int8 / packed int4 weight once.
+- "onednn_qconv": Conv2d with static per-tensor int8 inputs and symmetric int8 weights:
+  oneDNN's quantized convolution (`lowbit.kernels.qconv2d`), float32 output, channels_last.
 - "dequantize": dequantize the weight and run the layer's float forward (with the input
-  fake-quantized): convolutions, embeddings, and any spec no kernel handles.
+  fake-quantized): other convolutions, embeddings, and any spec no kernel handles.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lowbit import numerics
+from lowbit import kernels, numerics
+from lowbit.kernels import weight_only
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
@@ -44,7 +51,7 @@ __all__ = [
 ]
 
 ActMode = Literal["static", "dynamic", "per_token"]
-Kernel = Literal["int_mm", "int8pack", "int4pack", "dequantize"]
+Kernel = Literal["int_mm", "int8pack", "int4pack", "onednn_qconv", "dequantize"]
 _INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
 
 
@@ -303,6 +310,8 @@ class IntLinear(IntModule):
         self.register_buffer("bias", bias)
         self._cache: dict[str, Tensor] = {}
         self.kernel = self._choose_kernel()
+        self._per_token = self.kernel == "int_mm" and self._per_token_spec()
+        self._per_token_args: tuple[Any, ...] | None = None
 
     # -- kernel selection ---------------------------------------------------------------------
     def _int8_weight_ok(self) -> bool:
@@ -391,12 +400,27 @@ class IntLinear(IntModule):
         return t
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._per_token and x.device.type == "cpu" and x.dtype == torch.float32:
+            # The hot path of quantize_dynamic models, kept short: Python overhead is most of
+            # the cost of a one-token call.
+            args = self._per_token_args
+            if args is None or args[0].device != x.device:
+                args = self._per_token_args = self._make_per_token_args()
+            y = kernels.dynamic_int8_linear(x.reshape(-1, self.in_features), *args)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.output_spec is None else self._fake_quant("output", y)
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         # The weight-packed kernels used here are CPU kernels; elsewhere dequantize.
         kernel = self.kernel if self.kernel == "int_mm" or x.device.type == "cpu" else "dequantize"
+        if kernel == "int_mm" and self._per_token and x.device.type == "cpu":  # not float32
+            y = self.forward(flat.float()).to(x.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         if kernel == "int_mm":
             y = self._forward_int_mm(flat)
+        elif kernel in ("int8pack", "int4pack") and weight_only.gemv_applies(flat):
+            y = self._forward_gemv(flat)
+            return self._fake_quant("output", y.reshape(*shape[:-1], self.out_features))
         elif kernel == "int8pack":
             y = self._forward_int8pack(flat)
         elif kernel == "int4pack":
@@ -407,6 +431,32 @@ class IntLinear(IntModule):
             y = y + self.bias.to(y.dtype)
         y = y.reshape(*shape[:-1], self.out_features)
         return self._fake_quant("output", y)
+
+    def _per_token_spec(self) -> bool:
+        s = self.input_spec
+        return (
+            self.input_mode == "per_token"
+            and s is not None
+            and s.symmetric
+            and s.signed
+            and s.scheme == "uniform"
+            and s.bits == 8
+            and s.scale_type == "float"
+            and s.rounding == "nearest"
+        )
+
+    def _make_per_token_args(self) -> tuple[Any, ...]:
+        """(w_t, w_scale, bias, qmin, qmax) for `kernels.dynamic_int8_linear`."""
+        spec = self.input_spec
+        assert spec is not None
+        w_t = self.weight_codes().to(torch.int8).t()
+        w_scale = self.weight_scale.float().expand(self.out_features).contiguous()
+        bias = (
+            self.bias.float()
+            if self.bias is not None
+            else torch.zeros(self.out_features, device=self.qweight.device)
+        )
+        return w_t, w_scale, bias, spec.qmin, spec.qmax
 
     def _forward_int_mm(self, x: Tensor) -> Tensor:
         spec = self.input_spec
@@ -425,6 +475,47 @@ class IntLinear(IntModule):
             acc = acc - zp.reshape(-1, 1) * row_sums
         in_scale = scale.float().reshape(-1, 1) if scale.dim() else scale.float()
         return (acc.float() * (in_scale * self.weight_scale.float())).to(x.dtype)
+
+    def _bias_or_zeros(self, x: Tensor) -> Tensor:
+        if self.bias is not None:
+            return self.bias.float()
+        return self._cached("zero_bias", lambda: torch.zeros(self.out_features, device=x.device))
+
+    def _forward_gemv(self, x: Tensor) -> Tensor:
+        """A few tokens, weight-only: `kernels.weight_only` compiled GEMV, bias included."""
+        bias = self._bias_or_zeros(x)
+        xf = x.float().contiguous()
+        if self.kernel == "int8pack":
+            w = self._cached("int8_weight", lambda: self.weight_codes().to(torch.int8))
+            scale = self._cached(
+                "weight_scale_n",
+                lambda: self.weight_scale.float().expand(self.out_features).contiguous(),
+            )
+            return weight_only.gemv_int8(xf, w, scale, bias).to(x.dtype)
+        packed = self._cached("int4_rows", self._int4_rows)
+        scale = self._cached("int4_row_scale", lambda: self._int4_groups()[0])
+        center = self._cached("int4_row_center", lambda: self._int4_groups()[1])
+        return weight_only.gemv_int4(xf, packed, scale, center, bias).to(x.dtype)
+
+    def _int4_groups(self) -> tuple[Tensor, Tensor]:
+        """Scales and centers (offset + zero point) per (row, span of inputs): [N, K / span]."""
+        n, _ = self.weight_shape
+        scale = (
+            self.weight_scale.float().reshape(n, -1)
+            if self.weight_scale.dim()
+            else (self.weight_scale.float().expand(n, 1))
+        )
+        zp = (
+            self.weight_zero_point.reshape(scale.shape)
+            if self.weight_zero_point.dim()
+            else (self.weight_zero_point.expand(scale.shape))
+        )
+        offset = 8 if self.weight_spec.signed else 0
+        return scale.contiguous(), (zp.float() + offset).contiguous()
+
+    def _int4_rows(self) -> Tensor:
+        offset = 8 if self.weight_spec.signed else 0
+        return weight_only.pack_int4_rows(self.weight_codes().to(torch.int32) + offset)
 
     def _forward_int8pack(self, x: Tensor) -> Tensor:
         w = self._cached("int8_weight", lambda: self.weight_codes().to(torch.int8))
@@ -509,9 +600,117 @@ class IntFallback(IntModule):
 
 
 class IntConv(IntFallback):
-    """Conv1d/2d/3d and ConvTranspose (and subclasses) with integer weights (dequantized)."""
+    """Conv1d/2d/3d and ConvTranspose (and subclasses) with integer weights.
+
+    A Conv2d (or EfficientNet's `Conv2dStaticSamePadding`) with static per-tensor 8-bit inputs
+    and symmetric int8 weights per output channel runs oneDNN's int8 convolution
+    (kernel "onednn_qconv", float32 output in channels_last); the rest dequantize the weight.
+    """
 
     kind = "IntConv"
+    input_scale: Tensor
+    input_zero_point: Tensor
+
+    def __init__(
+        self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> None:
+        super().__init__(module, record, tensors)
+        self._pads = self._conv_pads()
+        self._packed: kernels.conv.PackedConv2d | None = None
+        self._packed_from: tuple[Any, ...] = ()
+        if self._pads is not None and self._qconv_ok():
+            self.kernel = "onednn_qconv"
+
+    def _conv_pads(self) -> tuple[tuple[int, int], list[int]] | None:
+        """(conv padding, explicit F.pad of the input) when the layer is a plain zero-padded
+        Conv2d, or a static 'SAME' one (its symmetric part moves into the conv)."""
+        m = self.module
+        if not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros":
+            return None
+        if not isinstance(m.padding, tuple) or len(m.padding) != 2:
+            return None
+        ph, pw = int(m.padding[0]), int(m.padding[1])
+        if type(m).forward is nn.Conv2d.forward:
+            return (ph, pw), [0, 0, 0, 0]
+        static = getattr(m, "static_padding", None)
+        if type(m).__name__ != "Conv2dStaticSamePadding" or static is None:
+            return None
+        if isinstance(static, nn.ZeroPad2d):
+            left, right, top, bottom = (int(p) for p in static.padding)
+        elif not any(True for _ in static.parameters()) and type(static).__name__ == "Identity":
+            left = right = top = bottom = 0
+        else:
+            return None
+        sh, sw = min(top, bottom), min(left, right)
+        return (ph + sh, pw + sw), [left - sw, right - sw, top - sh, bottom - sh]
+
+    def _qconv_ok(self) -> bool:
+        w, x = self.weight_spec, self.input_spec
+        return (
+            kernels.onednn_conv_available()
+            and w.scheme in ("uniform", "binary", "ternary")
+            and w.qmin >= -128
+            and w.qmax <= 127
+            and w.granularity in (PerTensor(), PerChannel(0))
+            and not bool(self.weight_zero_point.any())
+            and x is not None
+            and self.input_mode == "static"
+            and x.scheme == "uniform"
+            and x.rounding == "nearest"
+            and isinstance(x.granularity, PerTensor)
+            and x.bits <= 8
+            and 0 <= x.qmax - x.qmin <= 255
+        )
+
+    def _offset(self) -> int:
+        x = self.input_spec
+        assert x is not None
+        return 128 if x.signed else 0
+
+    def _pack(self) -> kernels.conv.PackedConv2d:
+        m = self.module
+        bias = getattr(m, "bias", None)
+        key = (self.qweight, self.weight_scale, self.input_scale, self.input_zero_point, bias)
+        if self._packed is not None and all(
+            a is b for a, b in zip(key, self._packed_from, strict=True)
+        ):
+            return self._packed
+        assert self._pads is not None and isinstance(m, nn.Conv2d)
+        self._packed = kernels.conv.PackedConv2d(
+            self.weight_codes(),
+            self.weight_scale,
+            None if bias is None else bias.detach(),
+            float(self.input_scale),
+            int(self.input_zero_point) + self._offset(),
+            tuple(int(s) for s in m.stride),
+            self._pads[0],
+            tuple(int(d) for d in m.dilation),
+            m.groups,
+        )
+        self._packed_from = key
+        return self._packed
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        usable = (
+            self.kernel == "onednn_qconv"
+            and isinstance(x, Tensor)
+            and x.device.type == "cpu"
+            and x.is_floating_point()
+            and x.dim() == 4
+            and x.shape[0] > 0
+            and not args
+            and not kwargs
+        )
+        if not usable:
+            return super().forward(x, *args, **kwargs)
+        spec = self.input_spec
+        assert spec is not None and self._pads is not None
+        offset = self._offset()
+        conv = self._pack()
+        y = kernels.qconv2d(
+            x, conv, self.input_scale, spec.qmin + offset, spec.qmax + offset, self._pads[1]
+        )
+        return self._fake_quant("output", y.to(x.dtype))
 
 
 class IntEmbedding(IntFallback):

@@ -1,0 +1,366 @@
+"""lowbit's integer kernels against their peers, as ratios measured in the same run.
+
+    .venv/bin/python benchmarks/kernels.py [--only dynamic weight_only conv] [--rounds N]
+
+1. Dynamic int8 Linear, per-token activation scales (lowbit.quantize_dynamic), vs
+   torch.ao.quantization.quantize_dynamic (fbgemm, per-tensor activations) and FP32 F.linear, at
+   (M, K, N) in (1,768,768), (128,768,3072), (4096,768,768), (1,4096,4096); output error of each
+   vs the float64 product.
+2. Weight-only int8 (`_weight_int8pack_mm`) and int4 group 128 (`_weight_int4pack_mm_for_cpu`)
+   Linear at M=1, 4096x4096, vs FP32.
+3. EfficientNet-Lite0 at batch 32: lowbit.convert of lowbit.quantize(int8()) vs torchao PT2E +
+   X86InductorQuantizer compiled with inductor, compiled FP32 and eager FP32; top-1 agreement of
+   the converted model with the simulation (needs the ImageNet sample, see imagenet_sample.py).
+
+Candidates are interleaved: each round times every candidate once, and the table reports the
+median over rounds; ratios are of medians from the same run. Threads fixed (THREADS). Prints one
+markdown table and writes benchmarks/results/kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import lowbit
+from lowbit import kernels, presets
+from lowbit.api import quantize
+from lowbit.conversion import convert
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+THREADS = 1  # see --threads
+RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
+DYNAMIC_SHAPES = [(1, 768, 768), (128, 768, 3072), (4096, 768, 768), (1, 4096, 4096)]
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+
+
+def interleaved(
+    cands: dict[str, Callable[[], Any]], rounds: int, inner: int = 1
+) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, timed in interleaved rounds."""
+    for fn in cands.values():  # warm-up (and compile)
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(rounds):
+        for name, fn in cands.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t0) / inner * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rel_err(y: Tensor, ref: Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def bench_dynamic(rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    for m, k, n in DYNAMIC_SHAPES:
+        row = _bench_dynamic_shape(m, k, n, rounds)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _bench_dynamic_shape(m: int, k: int, n: int, rounds: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n).eval()
+    x = torch.randn(m, k)
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fbgemm = torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(copy.deepcopy(lin)), {nn.Linear}, dtype=torch.qint8
+        )
+    ours = lowbit.quantize_dynamic(nn.Sequential(lin))
+    layer = ours[0]
+    w_t = layer.weight_codes().to(torch.int8).t()
+    w_s = layer.weight_scale.expand(n).contiguous()
+    bias = layer.bias
+
+    def eager() -> Tensor:
+        return kernels.dynamic_int8_linear(x, w_t, w_s, bias, fused=False)
+
+    cands = {
+        "fp32": lambda: lin(x),
+        "fbgemm": lambda: fbgemm(x),
+        "lowbit": lambda: ours(x),
+        "lowbit_eager": eager,
+    }
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ours(x)
+        first_call_s = time.perf_counter() - t0
+        ms = interleaved(cands, rounds, inner=20 if m * k * n < 1e8 else 1)
+        err = {
+            "fbgemm": rel_err(fbgemm(x), ref),
+            "lowbit": rel_err(ours(x), ref),
+            "lowbit_eager": rel_err(eager(), ref),
+        }
+    row = {
+        "bench": "dynamic",
+        "shape": [m, k, n],
+        "ms": ms,
+        "speedup_vs_fbgemm": ms["fbgemm"] / ms["lowbit"],
+        "speedup_vs_fp32": ms["fp32"] / ms["lowbit"],
+        "eager_speedup_vs_fbgemm": ms["fbgemm"] / ms["lowbit_eager"],
+        "rel_err": err,
+        "first_call_s": first_call_s,
+    }
+    return row
+
+
+def bench_weight_only(rounds: int) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    lin = nn.Linear(4096, 4096).eval()
+    x = torch.randn(1, 4096)
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    w8 = lowbit.quantize_weights(nn.Sequential(lin), bits=8)
+    w4 = lowbit.quantize_weights(nn.Sequential(lin), bits=4, group_size=128)
+    assert w8[0].kernel == "int8pack" and w4[0].kernel == "int4pack"
+    with torch.no_grad():
+        ms = interleaved(
+            {"fp32": lambda: lin(x), "int8": lambda: w8(x), "int4": lambda: w4(x)}, rounds, 5
+        )
+        err = {"int8": rel_err(w8(x), ref), "int4": rel_err(w4(x), ref)}
+    row = {
+        "bench": "weight_only",
+        "shape": [1, 4096, 4096],
+        "ms": ms,
+        "int8_speedup_vs_fp32": ms["fp32"] / ms["int8"],
+        "int4_speedup_vs_fp32": ms["fp32"] / ms["int4"],
+        "rel_err": err,
+    }
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:
+    from efficientnet_lite0 import load_model
+    from imagenet_sample import default_data_dir, load_sample, missing_reason
+
+    data_dir = default_data_dir()
+    reason = missing_reason(data_dir)
+    if reason:
+        print(f"conv: skipped: {reason}")
+        return []
+    sample = load_sample(data_dir)
+    images = (sample.images.float() - 127.5) / 127.5  # as efficientnet_lite0.py
+    calib, rest = images[:64], images[64:]
+    labels = sample.labels[64:]
+    calib_batches = [calib[i : i + 32] for i in range(0, 64, 32)]
+    model = load_model()
+    x = rest[:32].contiguous()
+    notes: list[str] = []
+
+    t0 = time.perf_counter()
+    sim = quantize(model, presets.int8(), calib_batches, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int_model = convert(sim)
+    quantize_s = time.perf_counter() - t0
+    kernels_used: dict[str, int] = {}
+    for m in int_model.modules():
+        if isinstance(m, lowbit.nn.int_modules.IntModule):
+            kernels_used[m.kernel] = kernels_used.get(m.kernel, 0) + 1
+
+    cands: dict[str, Callable[[], Any]] = {}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        int_model(x)
+        lowbit_first_s = time.perf_counter() - t0
+        cands["lowbit"] = lambda: int_model(x)
+        cands["fp32"] = lambda: model(x)
+        t0 = time.perf_counter()
+        fp32_c = torch.compile(copy.deepcopy(model))
+        fp32_c(x)
+        compile_fp32_s = time.perf_counter() - t0
+        cands["fp32_compiled"] = lambda: fp32_c(x)
+        try:  # the converted model compiled whole: inductor fuses the float ops around the convs
+            t0 = time.perf_counter()
+            int_c = torch.compile(int_model)
+            int_c(x)
+            compile_lowbit_s: float | None = time.perf_counter() - t0
+            cands["lowbit_compiled"] = lambda: int_c(x)
+        except Exception as error:
+            notes.append(f"torch.compile of the lowbit model failed: {type(error).__name__}")
+            compile_lowbit_s = None
+        pt2e_quantized = None
+        try:
+            pt2e, pt2e_quantized, compile_pt2e_s = _torchao_pt2e(model, calib_batches, x)
+            cands["torchao_pt2e"] = lambda: pt2e(x)
+        except Exception as error:  # torchao missing or broken: say so, keep the FP32 peers
+            notes.append(f"torchao PT2E unavailable: {type(error).__name__}: {error}")
+            compile_pt2e_s = None
+        ms = interleaved(cands, rounds)
+
+        agree, total, max_diff, right_sim, right_int = 0, 0, 0.0, 0, 0
+        for i in range(0, min(n_eval, len(rest)), 32):
+            b, lab = rest[i : i + 32], labels[i : i + 32]
+            ys, yi = sim(b), int_model(b)
+            agree += int((ys.argmax(1) == yi.argmax(1)).sum())
+            right_sim += int((ys.argmax(1) == lab).sum())
+            right_int += int((yi.argmax(1) == lab).sum())
+            total += len(b)
+            max_diff = max(max_diff, float((ys - yi).abs().max()))
+    row: dict[str, Any] = {
+        "bench": "conv",
+        "model": "efficientnet-lite0",
+        "batch": 32,
+        "ms": ms,
+        "speedup_vs_fp32": ms["fp32"] / ms["lowbit"],
+        "speedup_vs_fp32_compiled": ms["fp32_compiled"] / ms["lowbit"],
+        "kernels": kernels_used,
+        "top1_agreement_with_sim": agree / max(total, 1),
+        "agreement_images": total,
+        "top1_sim": right_sim / max(total, 1),
+        "top1_lowbit": right_int / max(total, 1),
+        "max_logit_diff_vs_sim": max_diff,
+        "quantize_convert_s": quantize_s,
+        "lowbit_first_call_s": lowbit_first_s,
+        "compile_fp32_s": compile_fp32_s,
+        "compile_lowbit_s": compile_lowbit_s,
+        "compile_pt2e_s": compile_pt2e_s,
+        "pt2e_quantized_layers": pt2e_quantized,
+        "notes": notes,
+    }
+    if "torchao_pt2e" in ms:
+        row["speedup_vs_torchao_pt2e"] = ms["torchao_pt2e"] / ms["lowbit"]
+    if "torchao_pt2e" in ms and "lowbit_compiled" in ms:
+        row["compiled_speedup_vs_torchao_pt2e"] = ms["torchao_pt2e"] / ms["lowbit_compiled"]
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def _torchao_pt2e(
+    model: nn.Module, calib: list[Tensor], x: Tensor
+) -> tuple[Callable[..., Any], str, float]:
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    t0 = time.perf_counter()
+    exported = torch.export.export(copy.deepcopy(model).eval(), (x,)).module()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    for b in calib:
+        prepared(b)
+    converted = convert_pt2e(prepared)
+    convs = [n for n in converted.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    dq_weights = sum(
+        1
+        for n in convs
+        if len(n.args) > 1
+        and getattr(n.args[1], "target", None) is not None
+        and "dequantize" in str(n.args[1].target)
+    )
+    compiled = torch.compile(converted)
+    compiled(x)
+    return compiled, f"{dq_weights} of {len(convs)} conv2d", time.perf_counter() - t0
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| bench | case | timings (ms, median) | ratio(s) | error / agreement |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = ", ".join(f"{k} {v:.3f}" for k, v in r["ms"].items())
+        if r["bench"] == "dynamic":
+            ratio = (
+                f"vs fbgemm {r['speedup_vs_fbgemm']:.2f}x, vs fp32 {r['speedup_vs_fp32']:.2f}x, "
+                f"eager vs fbgemm {r['eager_speedup_vs_fbgemm']:.2f}x"
+            )
+            err = ", ".join(f"{k} {v:.2e}" for k, v in r["rel_err"].items())
+            case = "x".join(map(str, r["shape"]))
+        elif r["bench"] == "weight_only":
+            ratio = (
+                f"int8 vs fp32 {r['int8_speedup_vs_fp32']:.2f}x, "
+                f"int4 vs fp32 {r['int4_speedup_vs_fp32']:.2f}x"
+            )
+            err = ", ".join(f"{k} {v:.2e}" for k, v in r["rel_err"].items())
+            case = "x".join(map(str, r["shape"]))
+        else:
+            parts = [
+                f"vs fp32 {r['speedup_vs_fp32']:.2f}x",
+                f"vs fp32 compiled {r['speedup_vs_fp32_compiled']:.2f}x",
+            ]
+            if "speedup_vs_torchao_pt2e" in r:
+                parts.append(f"vs torchao PT2E {r['speedup_vs_torchao_pt2e']:.2f}x")
+            if "compiled_speedup_vs_torchao_pt2e" in r:
+                parts.append(
+                    f"lowbit compiled vs torchao PT2E {r['compiled_speedup_vs_torchao_pt2e']:.2f}x"
+                )
+            ratio = ", ".join(parts)
+            err = (
+                f"top-1 agreement with sim {r['top1_agreement_with_sim']:.4f} "
+                f"({r['agreement_images']} images; top-1 sim {r['top1_sim']:.4f}, "
+                f"lowbit {r['top1_lowbit']:.4f}), max logit diff {r['max_logit_diff_vs_sim']:.3g}"
+            )
+            case = f"{r['model']} b{r['batch']}"
+        lines.append(f"| {r['bench']} | {case} | {ms} | {ratio} | {err} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=["dynamic", "weight_only", "conv"])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--eval-images", type=int, default=192)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help="intra-op threads, fixed for every candidate (default 1: on a shared 2-core machine "
+        "2-thread timings were dominated by OpenMP thread wake-ups)",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    if "dynamic" in args.only:
+        rows += bench_dynamic(args.rounds)
+    if "weight_only" in args.only:
+        rows += bench_weight_only(args.rounds)
+    if "conv" in args.only:
+        rows += bench_conv(max(5, args.rounds // 2), args.eval_images)
+    print(table(rows))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    merged = {
+        r["bench"] + ":" + "x".join(map(str, r.get("shape", [r.get("model")]))): r
+        for r in previous.get("rows", [])
+    }
+    merged.update(
+        {r["bench"] + ":" + "x".join(map(str, r.get("shape", [r.get("model")]))): r for r in rows}
+    )
+    out = {
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "compile": kernels.compile_enabled(),
+        "rows": list(merged.values()),
+    }
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights, exactly.
+
+A Linear layer computes x W^T. For any positive per-input-channel factors s,
+x W^T = (x / s) (W * s)^T: dividing the input channels by s (folded into the op that produces
+them, a LayerNorm's weight and bias or the rows of a preceding Linear) and multiplying the weight
+columns by s leaves the float model's function unchanged, while
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+flattens the few huge activation channels (a few hundred times the others in transformers) at the
+cost of slightly larger weight columns: both become easy to quantize to int8. Q, K and V reading
+one LayerNorm share one s (their weights' column maxima taken together).
+
+The producer of each Linear's input is found by running one calibration batch: an `nn.LayerNorm`
+or `nn.Linear` whose output tensor is the very tensor the Linear receives. A fold is applied only
+where a trial fold with random factors leaves the model's outputs unchanged, which rules out
+producers whose output also goes elsewhere (a residual connection, as in post-LN BERT).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.batches import Forward, check_batch, first_batch, run_batch, tensors_of
+from lowbit.nn.modules import QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
+
+__all__ = ["ScaleGroup", "smoothquant"]
+
+_TRIAL_RTOL = 1e-4
+
+
+@dataclass
+class ScaleGroup:
+    """Linear layers that receive one tensor, and the LayerNorm / Linear that produced it."""
+
+    producer_name: str | None
+    producer: nn.Module | None
+    consumer_names: list[str]
+    consumers: list[nn.Module]
+
+
+def smoothquant(
+    model: nn.Module,
+    calib_data: Iterable[Any],
+    *,
+    alpha: float = 0.5,
+    forward: Forward | None = None,
+) -> nn.Module:
+    """Smooth every `nn.Linear` of a float `model` whose input comes straight from a LayerNorm
+    or Linear that can absorb the factors, in place; returns `model`.
+
+    Run it on the float model before `lowbit.quantize`. alpha: the migration strength in [0, 1]
+    (0.5 for most models; larger moves more of the difficulty into the weights). Layers whose
+    input producer cannot absorb the factors are left as they are; `model.lowbit_smoothquant`
+    lists the groups smoothed, as (producer, [consumers]) names.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, QuantModule) for m in model.modules()):
+        raise TypeError(
+            "smoothquant transforms a float model before quantization: call it before "
+            "lowbit.quantize (the model holds QuantModules)"
+        )
+    if not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    first_batch(calib_data)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("smoothquant found no nn.Linear layer in the model")
+    was_training = model.training
+    model.eval()
+    try:
+        groups = find_scale_groups(model, linears, calib_data, forward)
+        groups = [g for g in groups if g.producer is not None]
+        groups = [g for g in groups if foldable(model, g, calib_data, forward)]
+        act_max = _input_abs_max(model, groups, calib_data, forward)
+        for g, xmax in zip(groups, act_max, strict=True):
+            wmax = torch.stack([_weight(c).detach().abs().amax(0) for c in g.consumers]).amax(0)
+            xmax = xmax.to(wmax.dtype)
+            s = xmax.pow(alpha) / wmax.pow(1.0 - alpha)
+            ok = (xmax > 0) & (wmax > 0) & torch.isfinite(s)
+            s = torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5)
+            fold_scale(g, s)
+    finally:
+        model.train(was_training)
+    model.lowbit_smoothquant = tuple(  # type: ignore[assignment]
+        (g.producer_name, list(g.consumer_names)) for g in groups
+    )
+    return model
+
+
+def _weight(m: nn.Module) -> Tensor:
+    """The float weight of a Linear or of the Linear inside a QuantModule."""
+    inner = m.module if isinstance(m, QuantModule) else m
+    w = inner.weight
+    assert isinstance(w, Tensor)
+    return w
+
+
+def find_scale_groups(
+    model: nn.Module,
+    consumers: Sequence[tuple[str, nn.Module]],
+    calib_data: Iterable[Any],
+    forward: Forward | None = None,
+    *,
+    producer_types: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.Linear),
+) -> list[ScaleGroup]:
+    """Group `consumers` by the tensor they receive (first calibration batch), in execution order.
+
+    A group's producer is the module of `producer_types` whose output is that tensor, or None.
+    Consumers that never run are left out.
+    """
+    batch = first_batch(calib_data)
+    check_batch(batch)
+    produced: dict[int, tuple[str, nn.Module]] = {}
+    received: list[tuple[str, nn.Module, Tensor]] = []
+    keep: list[Tensor] = []  # keeps tensors alive so that their ids stay unique
+    handles = []
+    consumer_ids = {id(m) for _, m in consumers}
+    seen: set[int] = set()
+
+    def out_hook(name: str) -> Any:
+        def hook(module: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, Tensor):
+                keep.append(out)
+                produced.setdefault(id(out), (name, module))
+
+        return hook
+
+    def in_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor) and id(module) not in seen:
+                seen.add(id(module))
+                keep.append(args[0])
+                received.append((name, module, args[0]))
+
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, producer_types) and id(m) not in consumer_ids:
+            handles.append(m.register_forward_hook(out_hook(name)))
+    # QuantModules wrap their Linear: a quantized Linear is not a producer here
+    for name, m in consumers:
+        handles.append(m.register_forward_pre_hook(in_hook(name)))
+    try:
+        with torch.no_grad():
+            run_batch(model, batch, forward)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[ScaleGroup] = []
+    by_tensor: dict[int, ScaleGroup] = {}
+    for name, m, x in received:
+        g = by_tensor.get(id(x))
+        if g is None:
+            pname, pmod = produced.get(id(x), (None, None))
+            g = ScaleGroup(pname, pmod, [], [])
+            by_tensor[id(x)] = g
+            groups.append(g)
+        g.consumer_names.append(name)
+        g.consumers.append(m)
+    return groups
+
+
+def fold_scale(group: ScaleGroup, s: Tensor) -> None:
+    """Divide the producer's output channels by `s`; multiply the consumers' weight columns."""
+    p = group.producer
+    with torch.no_grad():
+        if isinstance(p, nn.LayerNorm):
+            if p.weight is None:
+                raise ValueError("a LayerNorm without elementwise affine cannot absorb scales")
+            p.weight.div_(s.to(p.weight.dtype))
+            if p.bias is not None:
+                p.bias.div_(s.to(p.bias.dtype))
+        elif isinstance(p, nn.Linear):
+            p.weight.div_(s.to(p.weight.dtype).unsqueeze(1))
+            if p.bias is not None:
+                p.bias.div_(s.to(p.bias.dtype))
+        else:
+            raise TypeError(f"cannot fold scales into {type(p).__name__}")
+        for c in group.consumers:
+            w = _weight(c)
+            w.mul_(s.to(w.dtype))
+
+
+def _can_absorb(p: nn.Module | None) -> bool:
+    if isinstance(p, nn.LayerNorm):
+        return p.weight is not None
+    return isinstance(p, nn.Linear)
+
+
+def foldable(
+    model: nn.Module,
+    group: ScaleGroup,
+    calib_data: Iterable[Any],
+    forward: Forward | None = None,
+) -> bool:
+    """Whether folding factors into `group.producer` leaves the model's outputs unchanged.
+
+    Tries random factors in [0.5, 2] on the first batch with every quantizer switched off,
+    compares every output tensor, and restores the weights.
+    """
+    if not _can_absorb(group.producer):
+        return False
+    assert group.producer is not None
+    batch = first_batch(calib_data)
+    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
+    modes = [q.mode for q in quantizers]
+    saved_producer = copy.deepcopy(group.producer.state_dict())
+    saved = [_weight(c).detach().clone() for c in group.consumers]
+    n = _weight(group.consumers[0]).shape[1]
+    gen = torch.Generator().manual_seed(0)
+    s = torch.exp2(torch.rand(n, generator=gen) * 2 - 1).to(_weight(group.consumers[0]).device)
+    try:
+        for q in quantizers:
+            q.set_mode("off")
+        with torch.no_grad():
+            before = [t.detach().clone() for t in tensors_of(run_batch(model, batch, forward))]
+            fold_scale(group, s)
+            after = [t.detach() for t in tensors_of(run_batch(model, batch, forward))]
+        same = len(before) == len(after) and all(
+            a.shape == b.shape
+            and (
+                not a.is_floating_point()
+                or bool(
+                    ((a - b).abs() <= _TRIAL_RTOL * (b.abs().amax() + 1e-12)).all()
+                    and math.isfinite(float(a.abs().sum()))
+                )
+            )
+            for a, b in zip(after, before, strict=False)
+        )
+    finally:
+        group.producer.load_state_dict(saved_producer)
+        with torch.no_grad():
+            for c, w in zip(group.consumers, saved, strict=True):
+                _weight(c).copy_(w)
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.mode = mode
+    return same
+
+
+def _input_abs_max(
+    model: nn.Module,
+    groups: Sequence[ScaleGroup],
+    calib_data: Iterable[Any],
+    forward: Forward | None,
+) -> list[Tensor]:
+    """Per-channel max |x| of each group's input over all calibration batches."""
+    maxima: list[Tensor | None] = [None] * len(groups)
+    handles = []
+
+    def make(i: int) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            cur = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
+            prev = maxima[i]
+            maxima[i] = cur if prev is None else torch.maximum(prev, cur)
+
+        return hook
+
+    for i, g in enumerate(groups):
+        handles.append(g.consumers[0].register_forward_pre_hook(make(i)))
+    try:
+        with torch.no_grad():
+            for batch in calib_data:
+                check_batch(batch)
+                run_batch(model, batch, forward)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for g, m in zip(groups, maxima, strict=True):
+        if m is None:
+            raise ValueError(f"layer {g.consumer_names[0]!r} saw no calibration data")
+        out.append(m)
+    return out

@@ -1,0 +1,288 @@
+"""ONNX graph rewrites after tracing: lowbit markers become QuantizeLinear / DequantizeLinear.
+
+The traced graph holds one `lowbit::Quant` node per quantized tensor (see `onnx.py`). Here each
+becomes either an integer initializer -> DequantizeLinear (weights) or QuantizeLinear ->
+DequantizeLinear (activations), constant shape arithmetic is folded, Q/DQ pairs are repeated after
+zero padding so they sit directly before the Conv that consumes them (the placement TensorRT's
+explicit quantization and ONNX Runtime's QDQ fusions look for), and unused initializers go.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowbit.export._sites import INT4, INT8, INT16, UINT4, UINT8, UINT16, Site
+
+MARKER_DOMAIN = "lowbit"
+MARKER_OP = "Quant"
+# Ops whose all-constant instances are evaluated once at export (shape arithmetic from tracing).
+_FOLDABLE = {
+    "Constant",
+    "ConstantOfShape",
+    "Concat",
+    "Reshape",
+    "Slice",
+    "Transpose",
+    "Cast",
+    "Squeeze",
+    "Unsqueeze",
+    "Gather",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "Range",
+    "Expand",
+    "Shape",
+}
+_FOLD_MAX_ELEMENTS = 1 << 16
+
+
+def _onnx_elem(name: str) -> int:
+    from onnx import TensorProto
+
+    return {
+        INT4: TensorProto.INT4,
+        UINT4: TensorProto.UINT4,
+        INT8: TensorProto.INT8,
+        UINT8: TensorProto.UINT8,
+        INT16: TensorProto.INT16,
+        UINT16: TensorProto.UINT16,
+    }[name]
+
+
+def _tensor(name: str, values: Any, elem: str | None = None) -> Any:
+    """An initializer; integer element types named by `elem` (INT4 packed by onnx.helper)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    array = np.asarray(values)
+    if elem is None:
+        return numpy_helper.from_array(array.astype(np.float32), name)
+    if elem in (INT4, UINT4):
+        flat = array.astype(np.int64).flatten().tolist()
+        return helper.make_tensor(name, _onnx_elem(elem), array.shape, flat)
+    dtype = {INT8: np.int8, UINT8: np.uint8, INT16: np.int16, UINT16: np.uint16}[elem]
+    tensor = numpy_helper.from_array(array.astype(dtype), name)
+    assert tensor.data_type in (
+        TensorProto.INT8,
+        TensorProto.UINT8,
+        TensorProto.INT16,
+        TensorProto.UINT16,
+    )
+    return tensor
+
+
+def fold_constants(graph: Any) -> None:
+    """Evaluate small all-constant subgraphs (Pad amounts, reshape targets) into initializers."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    kept, folded = [], {}
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if (
+            node.domain in ("", "ai.onnx")
+            and node.op_type in _FOLDABLE
+            and all(i in known for i in inputs)
+            and sum(known[i].size for i in inputs) <= _FOLD_MAX_ELEMENTS
+        ):
+            values = _evaluate(ReferenceEvaluator, node, {i: known[i] for i in inputs})
+            if values is not None:
+                for name, value in zip(node.output, values, strict=True):
+                    known[name] = folded[name] = value
+                continue
+        kept.append(node)
+    used = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(kept)
+    for name, value in folded.items():
+        if name in used:
+            graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+
+
+def _evaluate(evaluator: Any, node: Any, feeds: dict[str, np.ndarray]) -> list[Any] | None:
+    from onnx import helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in feeds.items()]
+    graph = helper.make_graph(
+        [node],
+        "fold",
+        [],
+        [helper.make_empty_tensor_value_info(o) for o in node.output],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    try:
+        return [np.asarray(v) for v in evaluator(model).run(None, {})]
+    except Exception:  # an op the reference cannot run here: leave it to the runtime
+        return None
+
+
+def replace_markers(graph: Any, sites: dict[str, Site]) -> None:
+    """Each `lowbit::Quant` node -> integer initializer + DQ, or Q + DQ, with named parameters."""
+    from onnx import helper
+
+    nodes: list[Any] = []
+    have = {t.name for t in graph.initializer}
+
+    def add(tensor: Any) -> None:
+        if tensor.name not in have:
+            have.add(tensor.name)
+            graph.initializer.append(tensor)
+
+    for node in graph.node:
+        if node.domain != MARKER_DOMAIN:
+            nodes.append(node)
+            continue
+        key = next(a.s.decode() for a in node.attribute if a.name == "key")
+        site = sites[key]
+        attrs: dict[str, Any] = {}
+        if site.axis is not None:
+            attrs["axis"] = site.axis
+        if site.block_size is not None:
+            attrs["block_size"] = site.block_size
+        scale, zp = f"{site.key}_scale", f"{site.key}_zero_point"
+        add(_tensor(scale, site.scale.numpy()))
+        add(_tensor(zp, site.zero_point.numpy(), site.elem))
+        out = node.output[0]
+        if site.is_weight:
+            assert site.codes is not None
+            codes = f"{site.key}_quantized"
+            add(_tensor(codes, site.codes.to(torch.int32).numpy(), site.elem))
+            nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [codes, scale, zp],
+                    [out],
+                    name=f"{site.key}/DequantizeLinear",
+                    **attrs,
+                )
+            )
+            continue
+        q_out = f"{site.key}_q"
+        nodes.append(
+            helper.make_node(
+                "QuantizeLinear",
+                [node.input[0], scale, zp],
+                [q_out],
+                name=f"{site.key}/QuantizeLinear",
+                **attrs,
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [q_out, scale, zp],
+                [out],
+                name=f"{site.key}/DequantizeLinear",
+                **attrs,
+            )
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def requantize_after_zero_pad(graph: Any) -> int:
+    """x -> Q -> DQ -> Pad(zeros) -> Conv becomes x -> Q -> DQ -> Pad -> Q -> DQ -> Conv.
+
+    Exact: the padded tensor holds grid values and zeros, and 0 is on every lowbit grid (zero
+    points are integers), so quantizing it again with the same parameters changes nothing. The
+    second pair sits directly before the Conv (TensorRT's explicit-quantization placement); the
+    first lets ONNX Runtime run the Pad on integers (DQ -> Pad -> Q) and fuse the producer's
+    Conv -> Clip -> Q into QLinearConv. Subclassed convs that pad then convolve (EfficientNet's
+    Conv2dStaticSamePadding) need it.
+    """
+    from onnx import helper, numpy_helper
+
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    added = 0
+    for pad in list(graph.node):
+        dq = producers.get(pad.input[0]) if pad.op_type == "Pad" else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+        if mode != "constant":
+            continue
+        if len(pad.input) > 2 and pad.input[2]:
+            value = inits.get(pad.input[2])
+            if value is None or np.any(numpy_helper.to_array(value) != 0):
+                continue
+        padded = pad.output[0]
+        pad.output[0] = f"{padded}_grid"
+        attrs = {a.name: helper.get_attribute_value(a) for a in q.attribute}
+        base = q.name.removesuffix("/QuantizeLinear") + "/padded"
+        graph.node.extend(
+            [
+                helper.make_node(
+                    "QuantizeLinear",
+                    [pad.output[0], *q.input[1:]],
+                    [f"{padded}_q"],
+                    name=f"{base}/QuantizeLinear",
+                    **attrs,
+                ),
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{padded}_q", *dq.input[1:]],
+                    [padded],
+                    name=f"{base}/DequantizeLinear",
+                    **attrs,
+                ),
+            ]
+        )
+        added += 1
+    if added:
+        topological_sort(graph)
+    return added
+
+
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            out[name].append(node)
+    return out
+
+
+def topological_sort(graph: Any) -> None:
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise RuntimeError("lowbit export: the rewritten ONNX graph has a cycle")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def prune_initializers(graph: Any) -> None:
+    """Drop initializers no node reads (the float weights the markers replaced)."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dropped = {t.name for t in graph.initializer if t.name not in used}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph_inputs = [i for i in graph.input if i.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(graph_inputs)
+
+
+def count_ops(graph: Any) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for node in graph.node:
+        counts[node.op_type] += 1
+    return dict(counts)

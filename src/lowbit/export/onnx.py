@@ -1,0 +1,317 @@
+"""`export_onnx`: a lowbit-quantized (simulated) model to an ONNX QDQ file.
+
+How: every quantizer of every `QuantModule` is swapped, for the length of the export, for a stub
+whose forward is lowbit's own simulation and whose ONNX symbolic is one `lowbit::Quant` marker
+node. The TorchScript exporter (`torch.onnx.export(..., dynamo=False)`) traces the model with
+those stubs, so the markers land exactly where the simulation quantizes: inside subclassed layers
+too, whatever their forward does. Then `_graph` turns each marker into integer initializer ->
+DequantizeLinear (weights, with codes from `lowbit.numerics.quantize`, bit-exact with the
+simulation) or QuantizeLinear -> DequantizeLinear (activations), and the file is checked and
+written atomically. onnx is imported here only, never by `import lowbit`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lowbit.config import LayerQuant, QuantConfig
+from lowbit.export import _graph
+from lowbit.export._sites import (
+    INT16,
+    MAX_OPSET,
+    MIN_OPSET,
+    UINT16,
+    Site,
+    activation_site,
+    needs_opset_21,
+    weight_site,
+)
+from lowbit.nn.modules import QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.spec import QuantSpec
+
+_TORCH_MAX_OPSET = 20  # the TorchScript exporter's newest; 21 only adds INT4 types and blocks
+_ACTIVE: dict[str, Site] = {}  # the sites of the export in progress, read by _Marker.forward
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    reduce_range: bool = False,
+    dynamic_batch: bool = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> Path:
+    """Export a model from `lowbit.quantize` (or `prepare_qat`) to ONNX with Q/DQ nodes.
+
+    Weights become integer initializers (int8; INT4 for 4-bit, binary and ternary weights at
+    opset 21; int16 above 8 bits) read by a per-axis (per-channel) or blocked (per-group)
+    DequantizeLinear. Each quantized input or output becomes QuantizeLinear -> DequantizeLinear
+    (uint8 for affine specs, int8 for symmetric) directly before the op that consumes it. The
+    file runs in ONNX Runtime, OpenVINO and TensorRT and matches the simulation: weights bit for
+    bit, activations to within float rounding.
+
+    opset: 13 to 21; default 13, or 21 where the model needs INT4 / int16 / blocked scales.
+    reduce_range: require 7-bit weight codes (within [-64, 63]) for CPUs without VNNI, where
+        u8 x s8 products can saturate; quantize with `reduce_range_config(config)` first so the
+        simulation uses the same codes (export never changes the numbers silently).
+    dynamic_batch: make dimension 0 of every input and output symbolic ("batch").
+
+    Raises ValueError / NotImplementedError naming the module and the quantizer for what ONNX
+    cannot express (log2 schemes, per-group or dynamic activation quantizers, converted integer
+    modules). Writes to a temporary name, then renames: a failed export leaves no file.
+    """
+    import onnx
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    inputs = _as_tuple(example_inputs)
+    target = Path(path)
+    quantized = _quant_modules(model)
+    opset = _choose_opset(quantized, opset)
+    sites = _collect_sites(quantized, opset, reduce_range)
+
+    with torch.no_grad():
+        outputs = model(*inputs)
+    n_outputs = len(outputs) if isinstance(outputs, tuple | list) else 1
+    in_names = list(input_names or _names("input", len(inputs)))
+    out_names = list(output_names or _names("output", n_outputs))
+    axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+
+    buffer = io.BytesIO()
+    with _stubs(model, quantized, sites), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation notes
+        torch.onnx.export(
+            model,
+            inputs,
+            buffer,  # type: ignore[arg-type]
+            opset_version=min(opset, _TORCH_MAX_OPSET),
+            dynamo=False,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_axes=axes,
+            custom_opsets={_graph.MARKER_DOMAIN: 1},
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    _rewrite(proto, sites, opset, reduce_range)
+    onnx.checker.check_model(proto, full_check=True)
+    _write_atomic(proto.SerializeToString(), target)
+    return target
+
+
+def reduce_range_config(config: QuantConfig) -> QuantConfig:
+    """A copy of `config` whose weights use 7-bit codes (ONNX Runtime's `reduce_range`).
+
+    Quantize with it, then export with `reduce_range=True`: the simulation and the file then use
+    the same [-64, 63] weights (narrow-range specs: [-63, 63]).
+    """
+
+    def seven(spec: QuantSpec | None) -> QuantSpec | None:
+        if spec is None or spec.scheme != "uniform" or spec.bits <= 7:
+            return spec
+        return spec.with_(bits=7)
+
+    overrides: dict[Any, LayerQuant | None] = {
+        k: None if v is None else replace(v, weight=seven(v.weight))
+        for k, v in config.overrides.items()
+    }
+    return replace(config, weight=seven(config.weight), overrides=overrides)
+
+
+def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        raise TypeError("example_inputs must be a tensor or a sequence of tensors")
+    return inputs
+
+
+def _names(stem: str, n: int) -> list[str]:
+    return [stem] if n == 1 else [f"{stem}_{i}" for i in range(n)]
+
+
+def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
+    quantized: dict[str, QuantModule] = {}
+    inside: set[int] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule):
+            quantized[name] = m
+            inside.update(id(q) for q in m.quantizers().values())
+    for name, m in model.named_modules():
+        kind = type(m)
+        if isinstance(m, TensorQuantizer) and id(m) not in inside:
+            raise NotImplementedError(
+                f"module {name!r}: a {kind.__name__} outside a QuantModule (a converted or "
+                "hand-built layer) cannot be exported; export the simulated model from "
+                "lowbit.quantize, before lowbit.convert"
+            )
+        lowbit_type = kind.__module__.startswith("lowbit.nn.") and not isinstance(
+            m, QuantModule | TensorQuantizer
+        )
+        if lowbit_type and not any(m is q.module for q in quantized.values()):
+            raise NotImplementedError(
+                f"module {name!r}: {kind.__name__} (a converted integer module) cannot be "
+                "exported; export the simulated model from lowbit.quantize, before convert"
+            )
+    if not quantized:
+        raise ValueError(
+            "the model has no quantized layer (QuantModule): quantize it with lowbit.quantize "
+            "first, or export the float model with torch.onnx.export"
+        )
+    return quantized
+
+
+def _active(q: TensorQuantizer | None) -> bool:
+    return q is not None and q.mode != "off"
+
+
+def _choose_opset(quantized: dict[str, QuantModule], opset: int | None) -> int:
+    needed = any(
+        needs_opset_21(q.spec, role)
+        for m in quantized.values()
+        for role, q in m.quantizers().items()
+        if _active(q)
+    )
+    if opset is None:
+        return MAX_OPSET if needed else MIN_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"opset must be an int, got {opset!r}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(
+            f"opset must be {MIN_OPSET} (per-axis DequantizeLinear) to {MAX_OPSET}, got {opset}"
+        )
+    return opset
+
+
+def _collect_sites(
+    quantized: dict[str, QuantModule], opset: int, reduce_range: bool
+) -> dict[str, Site]:
+    sites: dict[str, Site] = {}
+    for name, m in quantized.items():
+        for role, q in m.quantizers().items():
+            if not _active(q):
+                continue
+            if role == "weight":
+                weight = m.module.weight
+                assert isinstance(weight, Tensor)
+                site = weight_site(name, weight, q, int4=opset >= 21, reduce_range=reduce_range)
+                if opset < 21 and (site.block_size or site.elem in (INT16, UINT16)):
+                    what = "per-group scales" if site.block_size else f"{q.spec.bits}-bit codes"
+                    raise ValueError(
+                        f"module {name!r} (weight quantizer): {what} need opset 21 "
+                        f"(blocked / int16 DequantizeLinear), got opset {opset}"
+                    )
+            else:
+                site = activation_site(name, role, q, opset)
+            sites[site.key] = site
+    return sites
+
+
+class _Marker(torch.autograd.Function):
+    """Identity-to-the-simulation in eager mode; one `lowbit::Quant` node in the ONNX trace."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, key: str) -> Tensor:
+        return _ACTIVE[key].simulate(x)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, key: str) -> Any:
+        out = g.op(f"{_graph.MARKER_DOMAIN}::{_graph.MARKER_OP}", x, key_s=key)
+        out.setType(x.type())
+        return out
+
+
+class _Stub(nn.Module):
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = _Marker.apply(x, self.key)
+        return out
+
+
+@contextmanager
+def _stubs(
+    model: nn.Module, quantized: dict[str, QuantModule], sites: dict[str, Site]
+) -> Iterator[None]:
+    """Swap quantizers for markers (and the model to eval); put everything back afterwards.
+
+    `functional_call` refuses to run under the tracer, so a weight marker is a parametrization
+    of the wrapped layer's weight (computed at each access, inside the layer's own forward) and
+    the QuantModule's weight quantizer is unset meanwhile.
+    """
+    saved: list[tuple[QuantModule, str, TensorQuantizer]] = []
+    parametrized: list[nn.Module] = []
+    was_training = model.training
+    _ACTIVE.clear()
+    _ACTIVE.update(sites)
+    try:
+        model.eval()
+        for name, m in quantized.items():
+            for role, q in m.quantizers().items():
+                key = f"{name}.{role}"
+                if key not in sites:
+                    continue
+                attr = f"{role}_quantizer"
+                saved.append((m, attr, q))
+                if role == "weight":
+                    setattr(m, attr, None)
+                    parametrize.register_parametrization(
+                        m.module, "weight", _Stub(key), unsafe=True
+                    )
+                    parametrized.append(m.module)
+                else:
+                    setattr(m, attr, _Stub(key))
+        yield
+    finally:
+        for layer in parametrized:
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        for m, attr, q in saved:
+            setattr(m, attr, q)
+        model.train(was_training)
+        _ACTIVE.clear()
+
+
+def _rewrite(proto: Any, sites: dict[str, Site], opset: int, reduce_range: bool) -> None:
+    from onnx import helper
+
+    graph = proto.graph
+    _graph.fold_constants(graph)
+    _graph.replace_markers(graph, sites)
+    _graph.requantize_after_zero_pad(graph)
+    _graph.prune_initializers(graph)
+    del proto.opset_import[:]
+    proto.opset_import.append(helper.make_opsetid("", opset))
+    if opset >= 21:
+        proto.ir_version = max(proto.ir_version, 10)
+    proto.producer_name = "lowbit"
+    helper.set_model_props(
+        proto, {"lowbit.qdq": "1", "lowbit.reduce_range": str(reduce_range).lower()}
+    )
+
+
+def _write_atomic(data: bytes, target: Path) -> None:
+    """Write to a temporary file next to `target`, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

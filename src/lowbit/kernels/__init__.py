@@ -1,0 +1,26 @@
+"""Integer kernels behind the converted modules of `lowbit.nn.int_modules`.
+
+- `dynamic`: int8 Linear with per-token activation scales (quantize, `torch._int_mm`, rescale),
+  fused into one compiled graph by `torch.compile` where inductor works, else eager.
+- `conv`: static int8 convolution through oneDNN (`torch.ops.onednn.qconv_pointwise`).
+- `compile`: the switch for `torch.compile` (`set_compile`, env `LOWBIT_COMPILE=0`).
+
+docs/kernels.md says which kernel runs when, and what it measured.
+"""
+
+from __future__ import annotations
+
+from lowbit.kernels import conv
+from lowbit.kernels.compile import compile_enabled, set_compile
+from lowbit.kernels.conv import onednn_conv_available, qconv2d
+from lowbit.kernels.dynamic import dynamic_int8_linear, quantize_per_token
+
+__all__ = [
+    "compile_enabled",
+    "conv",
+    "dynamic_int8_linear",
+    "onednn_conv_available",
+    "qconv2d",
+    "quantize_per_token",
+    "set_compile",
+]

@@ -1,0 +1,59 @@
+"""When lowbit uses `torch.compile` for its small fused kernels, and the fallback when it fails.
+
+Compiling is on by default on CPU (inductor's C++ backend, needs a C++ compiler). It is off when
+the environment sets `LOWBIT_COMPILE=0`, after `set_compile(False)`, and for good after a compile
+fails (one warning; the eager kernels compute the same codes). A function lowbit compiles is
+compiled once with dynamic shapes (`dynamic=True`): the first call pays the compile (seconds to
+tens of seconds, cached on disk by inductor afterwards), later shapes reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_state: dict[str, bool] = {"enabled": os.environ.get("LOWBIT_COMPILE", "1") != "0", "broken": False}
+
+
+def set_compile(enabled: bool) -> None:
+    """Use (True) or stop using (False) `torch.compile` for lowbit's fused kernels."""
+    _state["enabled"] = bool(enabled)
+
+
+def compile_enabled() -> bool:
+    """True when the compiled kernels will be tried (switched on, and no compile has failed)."""
+    return _state["enabled"] and not _state["broken"]
+
+
+class Compiled:
+    """`fn` compiled on first use (dynamic shapes unless dynamic=False: then one compile per
+    shape, up to dynamo's recompile limit, past which dynamo runs `fn` eagerly); `fn` itself when
+    compiling is off or fails.
+
+    Inside a graph that the user is compiling, the eager `fn` is returned so dynamo traces it.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, dynamic: bool = True) -> None:
+        self.fn = fn
+        self.dynamic = dynamic
+        self._compiled: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if not compile_enabled() or torch.compiler.is_compiling():
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=self.dynamic)
+        try:
+            return self._compiled(*args)
+        except Exception as error:  # inductor missing a compiler, an unsupported op...
+            _state["broken"] = True
+            warnings.warn(
+                f"lowbit: torch.compile of {self.fn.__name__} failed ({type(error).__name__}: "
+                f"{str(error)[:200]}); using the eager kernels (set LOWBIT_COMPILE=0 to skip)",
+                stacklevel=3,
+            )
+            return self.fn(*args)

@@ -1,0 +1,177 @@
+"""lowbit.kernels against the simulation: per-token dynamic Linear (compiled and eager) and oneDNN
+int8 Conv2d, on odd shapes, a batch of one and empty batches. No timing here (benchmarks/)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit import kernels, numerics, presets
+from lowbit.api import quantize
+from lowbit.conversion import convert, quantize_dynamic, quantize_weights
+from lowbit.nn.int_modules import IntConv
+from lowbit.spec import PerChannel, QuantSpec
+
+PER_TOKEN = QuantSpec(bits=8, narrow_range=True, granularity=PerChannel(0))
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    assert a.shape == b.shape
+    if b.numel() == 0:
+        return 0.0
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+def _sim_per_token(x: Tensor, spec: QuantSpec = PER_TOKEN) -> tuple[Tensor, Tensor]:
+    scale, zp = numerics.tensor_qparams(x, spec)
+    return numerics.quantize(x, scale, zp, spec), scale
+
+
+@pytest.mark.parametrize("m,k", [(1, 7), (5, 37), (33, 64), (2, 1)])
+def test_quantize_per_token_equals_numerics(m, k):
+    g = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+    x[0] = 0.0  # an all-zero token: scale 1, codes 0
+    q, scale = kernels.quantize_per_token(x)
+    q_ref, s_ref = _sim_per_token(x)
+    assert q.dtype == torch.int8
+    torch.testing.assert_close(scale.reshape(-1), s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+
+
+def _dynamic_reference(x: Tensor, lin: nn.Linear, w_codes: Tensor, w_scale: Tensor) -> Tensor:
+    """The simulation: fake-quantized tokens times the dequantized weight, in float64."""
+    if x.shape[0] == 0:
+        return lin.bias.double().expand(0, -1)
+    q, scale = _sim_per_token(x)
+    xq = q.double() * scale.double().reshape(-1, 1)
+    w = w_codes.double() * w_scale.double().reshape(-1, 1)
+    return xq @ w.t() + lin.bias.double()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dynamic_int8_linear_matches_simulation(fused):
+    torch.manual_seed(0)
+    k, n = 45, 19  # not multiples of 8 or 16
+    lin = nn.Linear(k, n)
+    wspec = presets.int8().weight
+    assert wspec is not None
+    w_scale, w_zp = numerics.tensor_qparams(lin.weight, wspec)
+    codes = numerics.quantize(lin.weight, w_scale, w_zp, wspec)
+    w_t = codes.t()
+    for m in (0, 1, 3, 17, 45, 64):  # empty, a batch of one, odd, past FUSE_MIN_TOKENS
+        x = torch.randn(m, k) * torch.rand(m, 1) * 5
+        y = kernels.dynamic_int8_linear(x, w_t, w_scale, lin.bias.detach(), fused=fused)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert _rel(y, _dynamic_reference(x, lin, codes, w_scale)) < 1e-5, m
+
+
+def test_quantize_dynamic_module_matches_simulation_and_beats_per_tensor_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(37, 50), nn.ReLU(), nn.Linear(50, 21))
+    dyn = quantize_dynamic(model)
+    assert all(layer.kernel == "int_mm" for layer in (dyn[0], dyn[2]))
+    for lead in ((4,), (1,), (0,), (2, 5)):
+        x = torch.randn(*lead, 37)
+        with torch.no_grad():
+            h = F.relu(_layer_reference(model[0], dyn[0], x.reshape(-1, 37)))
+            ref = _layer_reference(model[2], dyn[2], h).reshape(*lead, 21)
+            assert _rel(dyn(x), ref) < 1e-4, lead
+
+
+def _layer_reference(lin: nn.Module, int_layer: nn.Module, x: Tensor) -> Tensor:
+    assert isinstance(lin, nn.Linear)
+    return _dynamic_reference(
+        x,
+        lin,
+        int_layer.weight_codes(),
+        int_layer.weight_scale,  # type: ignore[operator]
+    ).float()
+
+
+class StaticSamePad(nn.Conv2d):
+    """The shape of efficientnet_lite_pytorch's Conv2dStaticSamePadding."""
+
+    def __init__(self, *args, pad: tuple[int, int, int, int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d(pad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+StaticSamePad.__name__ = "Conv2dStaticSamePadding"
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = StaticSamePad(3, 12, 3, stride=2, pad=(0, 1, 0, 1))
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)  # depthwise
+        self.pw = nn.Conv2d(12, 7, 1, bias=False)  # pointwise, odd channel count
+        self.wide = StaticSamePad(7, 5, 5, stride=2, pad=(1, 2, 1, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu6(self.stem(x))
+        x = F.relu6(self.dw(x))
+        return self.wide(self.pw(x) + 0.1)
+
+
+@pytest.mark.skipif(not kernels.onednn_conv_available(), reason="no oneDNN in this torch")
+@pytest.mark.parametrize(
+    "config,fused", [("int8", False), ("int8_asymmetric", False), ("int8", True)]
+)
+def test_onednn_conv_matches_simulation(config, fused, monkeypatch):
+    monkeypatch.setitem(kernels.compile._state, "enabled", fused)
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 15, 13)]
+    sim = quantize(ConvNet(), getattr(presets, config)(), calib, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no layer falls back
+        int_model = convert(sim)
+    for name in ("stem", "dw", "pw", "wide"):
+        layer = getattr(int_model, name)
+        assert isinstance(layer, IntConv) and layer.kernel == "onednn_qconv", name
+    for shape in ((1, 3, 15, 13), (3, 3, 9, 10), (2, 3, 16, 16)):
+        x = torch.randn(*shape) * 1.5  # some values outside the calibrated range: clipped
+        with torch.no_grad():
+            assert _rel(int_model(x), sim(x)) < 1e-5, shape
+    with torch.no_grad():
+        assert int_model(torch.randn(0, 3, 15, 13)).shape == sim(torch.randn(0, 3, 15, 13)).shape
+
+
+def test_conv_without_kernel_keeps_the_fallback():
+    class Custom(nn.Conv2d):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Custom(3, 4, 3), nn.Conv2d(4, 4, 3, padding=2, padding_mode="circular"))
+    sim = quantize(net, presets.int8(), [torch.randn(2, 3, 8, 8)], progress=False)
+    with pytest.warns(UserWarning, match="dequantize-then-float"):
+        int_model = convert(sim)
+    assert [m.kernel for m in int_model] == ["dequantize", "dequantize"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert _rel(int_model(x), sim(x)) < 1e-5
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, None)])
+def test_weight_only_gemv_matches_dequantized_weight(bits, group):
+    torch.manual_seed(0)
+    k, n = 96, 48  # the int4 kernels need N % 16 == 0 and an even K
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_weights(nn.Sequential(nn.Linear(k, n)), bits=bits, group_size=group)
+    layer = q[0]
+    assert layer.kernel == ("int8pack" if bits == 8 else "int4pack")
+    for lead in ((1,), (1, 3), (0,), (9,)):  # GEMV for <= 4 tokens, aten kernels above
+        x = torch.randn(*lead, k)
+        ref = F.linear(x.double(), layer.dequantized_weight().double(), layer.bias.double())
+        with torch.no_grad():
+            assert _rel(layer(x), ref) < 1e-5, lead

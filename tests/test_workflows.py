@@ -258,3 +258,31 @@ def test_group_weights_apply_to_linear_inputs_and_convs_fall_back_to_channels(di
     scales = sum(m.weight_quantizer.scale.numel() for m in layers.values())
     biases = sum(m.module.bias.numel() for m in layers.values() if m.module.bias is not None)
     assert model_bytes(qmodel) == weights // 2 + 4 * scales + 4 * biases
+
+
+def test_hugging_face_transformer_through_forward():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    model = transformers.BertModel(config).eval()
+    batches = [
+        (torch.randint(0, 100, (4, 12)), torch.ones(4, 12, dtype=torch.long)) for _ in range(3)
+    ]
+
+    def forward(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return m(input_ids=batch[0], attention_mask=batch[1]).last_hidden_state
+
+    qmodel = quantize(model, presets.int8(), batches, forward=forward, progress=False)
+    linears = [r for r in qmodel.lowbit_summary.quantized if r.kind == "Linear"]
+    assert len(linears) == 2 * 6 + 1  # q, k, v, out, fc1, fc2 per layer + pooler
+    cos = nn.functional.cosine_similarity(
+        forward(qmodel, batches[0]).flatten(1), forward(model, batches[0]).flatten(1)
+    )
+    assert cos.min() > 0.98

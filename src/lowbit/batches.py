@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -40,17 +40,21 @@ def check_batch(batch: Any) -> None:
 
 
 def tensors_of(obj: Any) -> Iterator[Tensor]:
-    """Every tensor inside nested tuples, lists, dicts and model-output objects."""
+    """Every tensor inside nested tuples, lists, mappings (Hugging Face outputs are ordered
+    dicts) and objects that carry `last_hidden_state` or `logits`."""
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, tuple | list):
         for item in obj:
             yield from tensors_of(item)
-    elif isinstance(obj, dict):
+    elif isinstance(obj, Mapping):
         for item in obj.values():
             yield from tensors_of(item)
-    elif hasattr(obj, "to_tuple"):  # Hugging Face ModelOutput
-        yield from tensors_of(obj.to_tuple())
+    else:
+        for attr in ("last_hidden_state", "logits"):
+            value = getattr(obj, attr, None)
+            if value is not None:
+                yield from tensors_of(value)
 
 
 def first_batch(data: Iterable[Any], what: str = "calib_data") -> Any:

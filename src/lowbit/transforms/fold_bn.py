@@ -6,7 +6,7 @@ rounding error is rescaled too; folding first gives the quantizer the weights ac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
+
+from lowbit.batches import tensors_of
 
 __all__ = ["PRODUCER_TYPES", "flatten_outputs", "fold_batchnorm", "fold_bn_into"]
 
@@ -123,29 +125,9 @@ def fold_bn_into(module: nn.Module, bn: nn.Module) -> None:
 
 
 def flatten_outputs(output: object) -> list[Tensor]:
-    """Flatten a model output (tensor, sequence, mapping, or HF-style object) into tensors.
-
-    Used by the equivalence guard, which has to compare whatever ``run`` returns.
-    """
-    found: list[Tensor] = []
-
-    def visit(obj: object) -> None:
-        if isinstance(obj, Tensor):
-            found.append(obj)
-        elif isinstance(obj, Mapping):
-            for key in obj:
-                visit(obj[key])
-        elif isinstance(obj, list | tuple):
-            for item in obj:
-                visit(item)
-        else:
-            for attr in ("last_hidden_state", "logits"):
-                value = getattr(obj, attr, None)
-                if value is not None:
-                    visit(value)
-
-    visit(output)
-    return found
+    """The tensors of a model output, for the equivalence guard that compares whatever `run`
+    returns."""
+    return list(tensors_of(output))
 
 
 @dataclass
@@ -159,17 +141,6 @@ class _Trace:
     bn_inputs: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     bn_depth: int = 0
-
-
-def _tensors_in(obj: object) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, list | tuple):
-        for item in obj:
-            yield from _tensors_in(item)
-    elif isinstance(obj, Mapping):
-        for item in obj.values():
-            yield from _tensors_in(item)
 
 
 def _is_metadata(func: Callable[..., Any]) -> bool:
@@ -197,7 +168,7 @@ class _UseRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         trace = self.trace
         if trace.bn_depth == 0 and trace.outputs and not _is_metadata(func):
-            for t in _tensors_in((args, kwargs)):
+            for t in tensors_of((args, kwargs)):
                 if id(t) in trace.outputs:
                     trace.function_users[id(t)] = trace.function_users.get(id(t), 0) + 1
         return func(*args, **kwargs)
@@ -214,7 +185,7 @@ def _trace(model: nn.Module, run: Callable[[nn.Module], object]) -> tuple[_Trace
         first = args[0] if args else None
         if isinstance(module, _BN_TYPES) and isinstance(first, Tensor):
             trace.bn_inputs.setdefault(name, id(first))
-        for t in _tensors_in(args):
+        for t in tensors_of(args):
             if id(t) in trace.outputs:
                 trace.module_users.setdefault(id(t), set()).add(name)
         if isinstance(module, _BN_TYPES):

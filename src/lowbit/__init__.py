@@ -5,6 +5,7 @@ Importing lowbit stays light: onnx, onnxruntime and plotting libraries load only
 
 from lowbit import presets
 from lowbit.api import QuantSummary, calibrate, prepare_qat, quantize
+from lowbit.auto import auto_quantize
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.evaluate import analyze
@@ -24,6 +25,7 @@ __all__ = [
     "QuantSummary",
     "__version__",
     "analyze",
+    "auto_quantize",
     "calibrate",
     "convert",
     "export_onnx",

@@ -1,0 +1,398 @@
+"""AdaRound (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization").
+
+Rounding every weight to its nearest grid point minimizes each weight's own error, not the
+layer's output error: at 4 bits the two differ a lot. AdaRound learns, for each weight, whether
+to round down or up. With W/s = floor(W/s) + frac, the weight becomes
+s * (floor(W/s) + h(V) - z) with h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), the rectified
+sigmoid, and V (one per weight, started where h(V) = frac) minimizes
+
+    || W x - W~(V) x ||^2  (summed over output channels, mean over sampled rows)
+      + lambda * sum(1 - |2 h(V) - 1|^beta)
+
+with Adam; the regularizer, switched on after a warm start of 20% of the iterations with beta
+annealed from 20 to 2, drives every h(V) to 0 or 1. The final codes are floor(W/s) + [V >= 0]:
+each differs from rounding to nearest by at most one step.
+
+Layer by layer, in one forward pass: the calibration batches are joined into one (at most
+`max_samples` samples) and a hook on each quantized layer, just before it runs, optimizes its
+rounding with the inputs it actually receives: from upstream layers already AdaRounded, after
+its own input quantizer. The target is the float model's output of that layer on the float
+model's own input (as AIMET and BRECQ do), so each layer also makes up for some of the error
+that reaches it from upstream. The float model runs alongside in a second thread, paused at the
+same layer. Memory per layer: `rows` sampled input patches of each model (rows of a Linear's
+input, patches at the same random output positions of a convolution, over all images). Where the
+patches are short (depthwise and narrow convolutions), the loss is computed exactly from their
+second moments, the cost of a step not depending on the number of rows.
+
+At the end each layer's float weight is overwritten with its dequantized learned codes (scale and
+zero point unchanged), so the existing weight quantizer reproduces exactly those codes: the
+model, its export and `lowbit.convert` need nothing new.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowbit import numerics
+from lowbit.algorithms._sequential import (
+    check_qmodel,
+    concat_batches,
+    conv_call,
+    full_param,
+    layer_progress,
+    pick_rows,
+    rows_at,
+)
+from lowbit.batches import Forward, run_batch
+from lowbit.nn.modules import QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
+
+__all__ = ["AdaRoundLayer", "AdaRoundReport", "adaround"]
+
+ZETA, GAMMA = 1.1, -0.1
+WARM_START = 0.2
+BETA_RANGE = (20.0, 2.0)
+
+
+@dataclass(frozen=True)
+class AdaRoundLayer:
+    """One layer: output MSE on its sampled rows with nearest rounding and with AdaRound."""
+
+    name: str
+    rows: int
+    mse_nearest: float
+    mse_adaround: float
+    flipped: float  # fraction of weights whose code differs from rounding to nearest
+    seconds: float
+
+
+@dataclass(frozen=True)
+class AdaRoundReport:
+    layers: tuple[AdaRoundLayer, ...]
+    skipped: tuple[tuple[str, str], ...]
+    seconds: float
+
+    def __str__(self) -> str:
+        lines = [f"lowbit: AdaRound of {len(self.layers)} layer(s) in {self.seconds:.0f}s"]
+        for r in self.layers:
+            lines.append(
+                f"  {r.name}: output MSE {r.mse_nearest:.3g} -> {r.mse_adaround:.3g} "
+                f"({100 * r.flipped:.1f}% of codes changed, {r.seconds:.1f}s)"
+            )
+        for name, why in self.skipped:
+            lines.append(f"  skipped {name}: {why}")
+        return "\n".join(lines)
+
+
+def adaround(
+    qmodel: nn.Module,
+    calib_data: Iterable[Any],
+    *,
+    iterations: int = 1000,
+    lr: float = 1e-2,
+    reg_weight: float = 0.01,
+    rows: int = 4096,
+    batch_rows: int = 512,
+    max_samples: int | None = 128,
+    seed: int = 0,
+    forward: Forward | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Learn the rounding of every quantized layer's weights, in place; returns `qmodel`.
+
+    qmodel: a model from `lowbit.quantize` (uniform, static weight quantizers; others are
+        skipped and listed). Weight scales stay as calibrated. Its float weights are the
+        reference, so run AdaRound on a freshly quantized model.
+    calib_data: calibration batches, joined into one of at most `max_samples` samples.
+    iterations, lr, reg_weight: Adam steps per layer, its learning rate, and lambda.
+    rows: input rows (patches) sampled per layer; batch_rows: rows per Adam step (layers whose
+        patches are at most this long use all rows at every step, through their second moments).
+
+    `qmodel.lowbit_adaround` reports each layer's output MSE with nearest rounding and with
+    AdaRound, and the time taken.
+    """
+    layers = check_qmodel(qmodel)
+    for name, value in (("iterations", iterations), ("rows", rows), ("batch_rows", batch_rows)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not reg_weight >= 0:
+        raise ValueError(f"reg_weight must be >= 0, got {reg_weight!r}")
+    targets: dict[str, QuantModule] = {}
+    skipped: list[tuple[str, str]] = []
+    for name, qm in layers.items():
+        why = _unsupported(qm)
+        if why is None:
+            targets[name] = qm
+        elif qm.weight_quantizer is not None:
+            skipped.append((name, why))
+    if not targets:
+        raise ValueError(
+            "qmodel has no layer AdaRound can optimize (uniform, static weight quantizers on "
+            f"Linear / Conv1d / Conv2d): {skipped[:3]}"
+        )
+    batch = concat_batches(calib_data, max_samples)
+    generator = torch.Generator().manual_seed(seed)
+    done: list[AdaRoundLayer] = []
+    seen: set[str] = set()
+    start = time.perf_counter()
+    qmodel.eval()
+    reference = _float_copy(qmodel)
+    ref_layers = {n: _quant_module(reference, n) for n in targets}
+    with (
+        layer_progress("AdaRound", len(targets), progress) as advance,
+        _Lockstep(reference, ref_layers, batch, forward) as lockstep,
+    ):
+
+        def make_hook(name: str):
+            def hook(qm: QuantModule, args: tuple[Any, ...]) -> None:
+                if name in seen or not args or not isinstance(args[0], Tensor):
+                    return
+                seen.add(name)
+                x_float = lockstep.take(name)
+                try:
+                    x = args[0] if qm.input_quantizer is None else qm.input_quantizer(args[0])
+                    call = conv_call(qm.module, x)
+                    ref_call = conv_call(ref_layers[name].module, x_float)
+                except TypeError as error:
+                    lockstep.release()
+                    skipped.append((name, str(error)))
+                    return
+                t0 = time.perf_counter()
+                pick = pick_rows(call, _rows_for(qm, rows), generator)
+                xq, xf = rows_at(call, pick), rows_at(ref_call, pick)
+                del call, ref_call, x_float
+                lockstep.release()
+                with torch.enable_grad():
+                    result = _optimize(
+                        qm, xq, xf, iterations, lr, reg_weight, batch_rows, generator
+                    )
+                done.append(AdaRoundLayer(name, xq.shape[0], *result, time.perf_counter() - t0))
+                advance(name)
+
+            return hook
+
+        handles = [qm.register_forward_pre_hook(make_hook(n)) for n, qm in targets.items()]
+        try:
+            with torch.no_grad():
+                run_batch(qmodel, batch, forward)
+        finally:
+            for h in handles:
+                h.remove()
+    never = [n for n in targets if n not in seen]
+    skipped += [(n, "did not run on the calibration data") for n in never]
+    if never:
+        warnings.warn(
+            f"AdaRound: {len(never)} layer(s) never ran and keep rounding to nearest: {never[:5]}",
+            stacklevel=2,
+        )
+    report = AdaRoundReport(tuple(done), tuple(skipped), time.perf_counter() - start)
+    qmodel.lowbit_adaround = report  # type: ignore[assignment]
+    if progress:
+        print(f"lowbit: AdaRound of {len(done)} layer(s) in {report.seconds:.0f}s")
+    return qmodel
+
+
+def _quant_module(model: nn.Module, name: str) -> QuantModule:
+    module = model.get_submodule(name)
+    assert isinstance(module, QuantModule)
+    return module
+
+
+def _float_copy(qmodel: nn.Module) -> nn.Module:
+    """The float model behind `qmodel`: a copy with every quantizer off (BN already folded)."""
+    reference = copy.deepcopy(qmodel)
+    for m in reference.modules():
+        if isinstance(m, TensorQuantizer):
+            m.set_mode("off")
+    return reference.eval()
+
+
+class _Lockstep:
+    """Runs the float model in a thread that pauses at each target layer's first call, so the
+    quantized model's hook can read the float input of the same layer."""
+
+    _END = "__end__"
+
+    def __init__(
+        self, model: nn.Module, layers: Mapping[str, nn.Module], batch: Any, forward: Forward | None
+    ) -> None:
+        self.inputs: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.resume = threading.Semaphore(0)
+        self.stopped = False
+        seen: set[str] = set()
+
+        def make_hook(name: str):
+            def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                if name in seen or self.stopped:
+                    return
+                seen.add(name)
+                self.inputs.put((name, args[0] if args else None))
+                self.resume.acquire()
+
+            return hook
+
+        self.handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    run_batch(model, batch, forward)
+                self.inputs.put((self._END, None))
+            except BaseException as error:  # handed to the main thread
+                self.inputs.put((self._END, error))
+
+        self.thread = threading.Thread(target=run, daemon=True)
+
+    def __enter__(self) -> _Lockstep:
+        self.thread.start()
+        return self
+
+    def take(self, name: str) -> Tensor:
+        got, value = self.inputs.get()
+        if got != name:
+            if isinstance(value, BaseException):
+                raise RuntimeError(f"the float reference failed: {value}") from value
+            raise RuntimeError(
+                f"AdaRound: the float model reached layer {got!r} where the quantized model ran "
+                f"{name!r}; their layers must run in the same order"
+            )
+        if not isinstance(value, Tensor):
+            raise TypeError(f"layer {name!r}: first input is not a tensor")
+        return value
+
+    def release(self) -> None:
+        self.resume.release()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped = True
+        for h in self.handles:
+            h.remove()
+        for _ in range(len(self.handles) + 1):
+            self.resume.release()
+        self.thread.join(timeout=60)
+
+
+def _unsupported(qm: QuantModule) -> str | None:
+    q = qm.weight_quantizer
+    if q is None:
+        return "no weight quantizer"
+    if q.spec.scheme != "uniform":
+        return f"scheme {q.spec.scheme!r} (AdaRound needs a uniform grid)"
+    if q.dynamic or q.learnable or not q.has_qparams:
+        return "weight quantizer is dynamic or learnable (a QAT model?)"
+    if not isinstance(qm.module, nn.Linear | nn.Conv1d | nn.Conv2d):
+        return f"{type(qm.module).__name__} is not supported (Linear, Conv1d, Conv2d)"
+    return None
+
+
+def _rows_for(qm: QuantModule, rows: int) -> int:
+    """Fewer rows for layers with very wide patches, to keep one layer's rows under ~128 MB."""
+    weight: Tensor = qm.module.weight
+    groups = int(getattr(qm.module, "groups", 1))
+    per_row = weight[0].numel() * groups
+    return max(256, min(rows, (32 * 2**20) // max(per_row, 1)))
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _optimize(
+    qm: QuantModule,
+    xq: Tensor,
+    xf: Tensor,
+    iterations: int,
+    lr: float,
+    reg_weight: float,
+    batch_rows: int,
+    generator: torch.Generator,
+) -> tuple[float, float, float]:
+    """Optimize one layer's rounding so that W~ xq matches W xf on rows [R, groups, K]; write
+    back the codes. Returns output MSE with nearest rounding, with AdaRound, fraction changed."""
+    quantizer = qm.weight_quantizer
+    assert quantizer is not None
+    spec = quantizer.spec
+    weight: Tensor = qm.module.weight
+    w = weight.detach().float()
+    scale = full_param(quantizer.scale.detach().float(), w, spec.granularity)
+    zero = full_param(quantizer.zero_point.float(), w, spec.granularity)
+    n_rows, groups, k = xq.shape
+
+    def grouped(t: Tensor) -> Tensor:  # weight layout -> [groups, out per group, K]
+        return t.reshape(groups, t.shape[0] // groups, -1)
+
+    w_g = grouped(w)
+    floor = torch.floor(w / scale)
+    frac = (w / scale - floor).clamp(0.0, 1.0)
+    v = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
+    v = v.clamp(-10.0, 10.0).requires_grad_(True)
+
+    def dequant(h: Tensor) -> Tensor:
+        q = torch.clamp(floor + h + zero, spec.qmin, spec.qmax)
+        return (q - zero) * scale
+
+    def mse(w_new: Tensor) -> float:
+        with torch.no_grad():
+            total = 0.0
+            for a, b in zip(xq.split(2048), xf.split(2048), strict=True):
+                out = torch.einsum("rgk,gok->rgo", a.double(), grouped(w_new).double())
+                ref = torch.einsum("rgk,gok->rgo", b.double(), w_g.double())
+                total += float((out - ref).pow(2).sum())
+            return total / n_rows
+
+    gram = k <= batch_rows or n_rows <= batch_rows
+    if gram:
+        # ||W~ xq - W xf||^2 / R = sum W~ Hqq W~^T - 2 W~ Hqf W^T + const: exact over all rows.
+        hqq = torch.einsum("rgk,rgl->gkl", xq, xq) / n_rows
+        cross = torch.einsum("rgk,rgl,gol->gok", xq, xf, w_g) / n_rows
+    else:
+        target = torch.einsum("rgk,gok->rgo", xf, w_g)
+
+    def recon(w_new: Tensor) -> Tensor:
+        wn = grouped(w_new)
+        if gram:
+            return (torch.einsum("gok,gkl->gol", wn, hqq) * wn).sum() - 2 * (cross * wn).sum()
+        idx = torch.randint(n_rows, (batch_rows,), generator=generator)
+        out = torch.einsum("rgk,gok->rgo", xq[idx], wn)
+        return (out - target[idx]).pow(2).sum() / batch_rows
+
+    nearest = numerics.dequantize(
+        numerics.quantize(w, quantizer.scale, quantizer.zero_point, spec),
+        quantizer.scale,
+        quantizer.zero_point,
+        spec,
+    )
+    optimizer = torch.optim.Adam([v], lr=lr)
+    warm = int(WARM_START * iterations)
+    for step in range(iterations):
+        h = rectified_sigmoid(v)
+        loss = recon(dequant(h))
+        if step >= warm and reg_weight > 0:
+            progress = (step - warm) / max(1, iterations - warm)
+            beta = BETA_RANGE[1] + (BETA_RANGE[0] - BETA_RANGE[1]) * (1.0 - progress)
+            loss = loss + reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        hard = (v >= 0).float()
+        codes = torch.clamp(floor + hard + zero, spec.qmin, spec.qmax).to(spec.storage_dtype)
+        learned = numerics.dequantize(codes, quantizer.scale, quantizer.zero_point, spec)
+        mse_nearest, mse_ada = mse(nearest), mse(learned)
+        if mse_ada > mse_nearest:  # too few iterations to beat nearest: keep nearest
+            learned, mse_ada = nearest, mse_nearest
+        flipped = float((learned != nearest).float().mean())
+        weight.copy_(learned.to(weight.dtype))
+    return mse_nearest, mse_ada, flipped

@@ -184,12 +184,16 @@ def onnx_input_shape(path: Path) -> tuple[int, ...] | None:
 def _onnx2torch() -> Callable[[Any], nn.Module]:
     """onnx2torch's `convert`. torchvision serves only its NMS / RoIAlign converters; where
     torchvision is missing or its compiled ops do not match torch, a stand-in lets the rest load.
+    The stand-in lives in `sys.modules` only while onnx2torch imports, so that other libraries
+    (transformers probes for torchvision) still see it missing.
     """
+    stubbed = False
     try:
         import torchvision  # noqa: F401
     except Exception:  # a torchvision built for another torch fails in many ways
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
+        stubbed = True
         stub = types.ModuleType("torchvision")
         ops = types.ModuleType("torchvision.ops")
 
@@ -204,8 +208,11 @@ def _onnx2torch() -> Callable[[Any], nn.Module]:
         from onnx2torch import convert
     except ImportError:
         raise ValueError(
-            "reading ONNX models needs onnx2torch: pip install 'lowbit[cli]'"
+            "reading ONNX models needs onnx2torch: pip install --no-deps onnx2torch"
         ) from None
+    finally:
+        if stubbed:
+            del sys.modules["torchvision"], sys.modules["torchvision.ops"]
     return convert
 
 

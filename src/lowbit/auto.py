@@ -108,7 +108,6 @@ def auto_quantize(
     candidates: Sequence[LayerQuant | None] | None = None,
     sensitivity: Sensitivity = "output",
     sensitivity_samples: int = 16,
-    refine: Callable[[nn.Module], nn.Module] | None = None,
     forward: Forward | None = None,
     progress: bool = True,
 ) -> nn.Module:
@@ -121,8 +120,6 @@ def auto_quantize(
         Each candidate is tried with every layer kept before falling back to the next.
     sensitivity: how layers are ranked (see the module docstring); `sensitivity_samples` is
         the number of calibration samples the "output" and "local" rankings run on.
-    refine: applied to the fully quantized model before the search (e.g.
-        `lambda q: adaround(q, calib_data)`); kept layers come from plain quantization.
 
     Returns the mixed-precision model; `model.lowbit_auto` says which layers were kept, the
     sensitivity ranking and the accuracy at every step. If no candidate meets the budget, the
@@ -159,10 +156,6 @@ def auto_quantize(
 
     float_acc = evaluate(model)
     low = quantize(model, config, calib_data, forward=forward, progress=False)
-    if refine is not None:
-        low = refine(low)
-        if not isinstance(low, nn.Module):
-            raise TypeError("refine must return the model")
     names = [n for n, m in low.named_modules() if isinstance(m, QuantModule)]
     steps: list[AutoStep] = []
 

@@ -1,0 +1,267 @@
+"""EfficientNet-Lite0 on the ImageNet sample: PTQ algorithms beyond rounding to nearest.
+
+Calibrates on the first 128 images (sorted file order) and measures top-1 on the other 372:
+
+- W4 (4-bit per-channel weights, float activations, first and last layer at 8 bits):
+  rounding to nearest vs AdaRound;
+- W4A8 (the same weights, int8 per-tensor inputs): nearest vs AdaRound;
+- W8A8 (`presets.int8()`): plain, with CLE, with bias correction, with both;
+- W8A8 with per-tensor weight scales: plain, with CLE, with CLE and bias correction;
+- `auto_quantize(max_drop=1.0)` at W4A8.
+
+    .venv/bin/python benchmarks/efficientnet_algorithms.py [--data DIR] [--only NAME ...]
+
+Prints a markdown table and writes benchmarks/results/efficientnet_algorithms.json, with each
+algorithm's run time (2 threads, as the issue's "2 cores").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lowbit import presets
+from lowbit.algorithms.adaround import adaround
+from lowbit.algorithms.bias_correction import bias_correction
+from lowbit.algorithms.cle import equalize
+from lowbit.api import quantize
+from lowbit.auto import auto_quantize
+from lowbit.config import LayerQuant, QuantConfig
+from lowbit.spec import PerChannel, PerTensor, QuantSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from efficientnet_lite0 import load_model
+from imagenet_sample import default_data_dir, load_sample, missing_reason
+
+N_CALIB = 128
+BATCH = 32
+THREADS = 2
+FIRST_LAST = ("_conv_stem", "_fc")
+RESULTS = Path(__file__).resolve().parent / "results" / "efficientnet_algorithms.json"
+
+
+@dataclass
+class Row:
+    name: str
+    description: str
+    top1: float | None = None
+    drop: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def batches(x: Tensor, size: int = BATCH) -> list[Tensor]:
+    return [x[i : i + size] for i in range(0, len(x), size)]
+
+
+def top1(model: nn.Module, x: Tensor, labels: Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(b) for b in batches(x)])
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+def w4_config(activations: bool) -> QuantConfig:
+    """4-bit per-channel weights; first and last layer at 8 bits; int8 inputs if asked."""
+    act = QuantSpec(bits=8, narrow_range=True) if activations else None
+    config = QuantConfig(weight=QuantSpec(bits=4, granularity=PerChannel(0)), input=act)
+    w8 = QuantSpec(bits=8, narrow_range=True, granularity=PerChannel(0))
+    config.overrides = {name: LayerQuant(weight=w8, input=act) for name in FIRST_LAST}
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="imagenet-sample folder")
+    parser.add_argument("--only", nargs="*", default=None, help="row names to run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--eval-limit", type=int, default=None, help="smoke runs: fewer images")
+    parser.add_argument("--iterations", type=int, default=None, help="AdaRound iterations")
+    args = parser.parse_args(argv)
+
+    data_dir = args.data or default_data_dir()
+    reason = missing_reason(data_dir)
+    if reason:
+        print(f"skipping efficientnet_algorithms benchmark: {reason}")
+        return 0
+    torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    sample = load_sample(data_dir)
+    x = (sample.images.float() - 127.5) / 127.5
+    end = None if args.eval_limit is None else N_CALIB + args.eval_limit
+    calib = batches(x[:N_CALIB])
+    x_eval, y_eval = x[N_CALIB:end], sample.labels[N_CALIB:end]
+    print(f"calibrate on {N_CALIB} images, evaluate on {len(y_eval)}; {THREADS} threads")
+    fp32 = load_model()
+
+    def eval_fn(model: nn.Module) -> float:
+        return top1(model, x_eval, y_eval)
+
+    rows: list[Row] = []
+    fp32_row = Row("fp32", "float model", eval_fn(fp32), 0.0)
+    rows.append(fp32_row)
+    print(f"fp32: {fp32_row.top1:.2f}%", flush=True)
+    ada_kwargs = {} if args.iterations is None else {"iterations": args.iterations}
+
+    def timed(row: Row, what: str, fn: Callable[[], nn.Module]) -> nn.Module:
+        t0 = time.perf_counter()
+        out = fn()
+        row.seconds[what] = round(time.perf_counter() - t0, 1)
+        return out
+
+    def w4(row: Row, activations: bool, ada: bool) -> nn.Module:
+        q = timed(
+            row, "quantize", lambda: quantize(fp32, w4_config(activations), calib, progress=False)
+        )
+        if ada:
+            q = timed(row, "adaround", lambda: adaround(q, calib, progress=False, **ada_kwargs))
+            report = q.lowbit_adaround  # type: ignore[union-attr]
+            better = sum(r.mse_adaround < r.mse_nearest for r in report.layers)
+            row.notes.append(
+                f"AdaRound {len(report.layers)} layers in {report.seconds:.0f}s; output MSE "
+                f"lower than nearest in {better}"
+            )
+        return q
+
+    def w8a8(row: Row, cle: bool, bc: bool) -> nn.Module:
+        base = fp32
+        if cle:
+            base = timed(row, "cle", lambda: equalize(fp32, calib, progress=False))
+            rep = base.lowbit_equalization  # type: ignore[union-attr]
+            row.notes.append(f"CLE: {len(rep.pairs)} pairs, {rep.iterations} rounds")
+        q = timed(row, "quantize", lambda: quantize(base, presets.int8(), calib, progress=False))
+        if bc:
+            q = timed(
+                row, "bias_correction", lambda: bias_correction(q, base, calib, progress=False)
+            )
+        return q
+
+    def w8a8_per_tensor(row: Row, cle: bool, bc: bool) -> nn.Module:
+        """W8A8 with one weight scale per tensor: the case CLE was designed for."""
+        config = presets.int8()
+        assert config.weight is not None
+        config.weight = config.weight.with_(granularity=PerTensor())
+        base = fp32
+        if cle:
+            base = timed(row, "cle", lambda: equalize(fp32, calib, progress=False))
+        q = timed(row, "quantize", lambda: quantize(base, config, calib, progress=False))
+        if bc:
+            q = timed(
+                row, "bias_correction", lambda: bias_correction(q, base, calib, progress=False)
+            )
+        return q
+
+    def auto(row: Row) -> nn.Module:
+        q = timed(
+            row,
+            "auto_quantize",
+            lambda: auto_quantize(
+                fp32,
+                w4_config(True),
+                calib,
+                eval_fn,
+                max_drop=1.0,
+                progress=False,
+            ),
+        )
+        summary = q.lowbit_auto  # type: ignore[union-attr]
+        row.notes.append(
+            f"kept {len(summary.kept)}/{summary.quantized_layers} in W8A8: "
+            f"{[n for n, _ in summary.kept]}; meets budget: {summary.meets_budget}; steps: "
+            + ", ".join(f"{len(s.kept)}->{s.accuracy:.2f}" for s in summary.steps)
+        )
+        return q
+
+    plan: list[tuple[str, str, Callable[[Row], nn.Module]]] = [
+        (
+            "w4-nearest",
+            "W4 per-channel, float act, first/last W8: nearest",
+            lambda r: w4(r, False, False),
+        ),
+        ("w4-adaround", "same, AdaRound", lambda r: w4(r, False, True)),
+        (
+            "w4a8-nearest",
+            "W4 per-channel + A8 per-tensor, first/last W8A8: nearest",
+            lambda r: w4(r, True, False),
+        ),
+        ("w4a8-adaround", "same, AdaRound", lambda r: w4(r, True, True)),
+        ("w8a8", "int8() minmax", lambda r: w8a8(r, False, False)),
+        ("w8a8-cle", "int8() after CLE", lambda r: w8a8(r, True, False)),
+        ("w8a8-bc", "int8() + bias correction", lambda r: w8a8(r, False, True)),
+        ("w8a8-cle-bc", "int8() after CLE, + bias correction", lambda r: w8a8(r, True, True)),
+        ("w8a8-pt", "int8(), weights PerTensor()", lambda r: w8a8_per_tensor(r, False, False)),
+        ("w8a8-pt-cle", "same, after CLE", lambda r: w8a8_per_tensor(r, True, False)),
+        (
+            "w8a8-pt-cle-bc",
+            "same, after CLE, + bias correction",
+            lambda r: w8a8_per_tensor(r, True, True),
+        ),
+        ("auto-w4a8", "auto_quantize(max_drop=1.0) at W4A8, nearest", auto),
+    ]
+    for name, description, make in plan:
+        if args.only and name not in args.only:
+            continue
+        row = Row(name, description)
+        t0 = time.perf_counter()
+        try:
+            model = make(row)
+            row.top1 = eval_fn(model)
+            row.drop = row.top1 - (fp32_row.top1 or 0.0)
+        except Exception as error:  # reported in the table, not fatal
+            row.notes.append(f"failed: {type(error).__name__}: {error}")
+        rows.append(row)
+        top = "-" if row.top1 is None else f"{row.top1:.2f}%"
+        print(
+            f"[{time.perf_counter() - start:5.0f}s] {name}: {top} "
+            f"({time.perf_counter() - t0:.0f}s) "
+            f"{row.seconds} {'; '.join(row.notes)[:400]}",
+            flush=True,
+        )
+
+    print()
+    print(table(rows))
+    total = time.perf_counter() - start
+    print(f"\ntotal {total:.0f}s")
+    meta = {
+        "model": "efficientnet-lite0",
+        "n_calib": N_CALIB,
+        "n_eval": len(y_eval),
+        "threads": THREADS,
+        "torch": torch.__version__,
+        "total_s": round(total, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out_rows = [asdict(r) for r in rows]
+    if args.only and args.out.exists():  # a partial run updates its rows in the full results
+        new = {r["name"]: r for r in out_rows}
+        old = json.loads(args.out.read_text())["rows"]
+        out_rows = [new.pop(r["name"], r) for r in old] + list(new.values())
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": out_rows}, indent=2))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| config | top-1 % | drop pt | time s | notes |", "|---|---|---|---|---|"]
+    for r in rows:
+        top = "-" if r.top1 is None else f"{r.top1:.2f}"
+        drop = "-" if r.drop is None else f"{r.drop:+.2f}"
+        secs = ", ".join(f"{k} {v:.0f}" for k, v in r.seconds.items()) or "-"
+        lines.append(
+            f"| {r.name}: {r.description} | {top} | {drop} | {secs} | {'; '.join(r.notes)} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lowbit.batches import Forward, check_batch, first_batch, run_batch
+from lowbit.batches import Forward, check_batch, first_batch, run_batch, tensors_of
 from lowbit.nn.modules import QuantModule
 from lowbit.transforms.fold_bn import PRODUCER_TYPES, flatten_outputs, fold_batchnorm
 
@@ -391,20 +391,9 @@ class _Graph:
         return len(self.nodes) - 1
 
     def use(self, obj: object, consumer: tuple[str, Any, bool]) -> None:
-        for t in _tensors_in(obj):
+        for t in tensors_of(obj):
             if id(t) in self.node_of:
                 self.nodes[self.node_of[id(t)]].consumers.append(consumer)
-
-
-def _tensors_in(obj: object) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, list | tuple):
-        for item in obj:
-            yield from _tensors_in(item)
-    elif isinstance(obj, Mapping):
-        for item in obj.values():
-            yield from _tensors_in(item)
 
 
 def _module_act(module: nn.Module) -> _Act | None:
@@ -494,7 +483,7 @@ def _trace(model: nn.Module, run: Callable[[nn.Module], object]) -> _Graph:
             name = graph.names.get(id(module), "?")
             graph.calls[name] = graph.calls.get(name, 0) + 1
             if not isinstance(module, _PASS_THROUGH) and _module_act(module) is None:
-                tensors = list(_tensors_in((args, kwargs)))
+                tensors = list(tensors_of((args, kwargs)))
                 sole = len(tensors) == 1 and bool(args) and tensors[0] is args[0]
                 graph.use((args, kwargs), ("module", name, sole))
         graph.depth += 1
@@ -518,7 +507,7 @@ def _trace(model: nn.Module, run: Callable[[nn.Module], object]) -> _Graph:
         elif act is not None:
             if source is None:
                 return
-            if len(list(_tensors_in((args, kwargs)))) != 1:
+            if len(list(tensors_of((args, kwargs)))) != 1:
                 graph.use((args, kwargs), ("module", name, False))
                 return
             index = graph.add(output, _Node(producer=name, act=act))

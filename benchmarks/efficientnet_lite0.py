@@ -37,7 +37,7 @@ from lowbit.nn.modules import QuantModule
 from lowbit.spec import PerTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imagenet_sample import default_data_dir, load_sample, missing_reason
+from imagenet_sample import default_data_dir, inception_pixels, load_sample, missing_reason
 
 # lowbit.conversion and lowbit.io are new; the benchmark runs without them (simulated rows only).
 try:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     sample = load_sample(data_dir)
-    x = (sample.images.float() - 127.5) / 127.5
+    x = inception_pixels(sample.images)
     labels = sample.labels
     end = None if args.eval_limit is None else N_CALIB + args.eval_limit
     calib, evals = x[:N_CALIB], (x[N_CALIB:end], labels[N_CALIB:end])

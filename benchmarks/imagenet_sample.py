@@ -91,3 +91,8 @@ def load_sample(data_dir: Path, crop: int = 224, resize_short: int | None = 256)
         images[i] = center_crop_uint8(path, crop, resize_short)
         labels[i] = index[synset]
     return ImageSample(images, labels, tuple(p.name for p in paths))
+
+
+def inception_pixels(images: Tensor) -> Tensor:
+    """uint8 RGB to float in [-1, 1], the input EfficientNet-Lite was trained on."""
+    return (images.float() - 127.5) / 127.5

@@ -154,7 +154,7 @@ def bench_weight_only(rounds: int) -> list[dict[str, Any]]:
 
 def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:
     from efficientnet_lite0 import load_model
-    from imagenet_sample import default_data_dir, load_sample, missing_reason
+    from imagenet_sample import default_data_dir, inception_pixels, load_sample, missing_reason
 
     data_dir = default_data_dir()
     reason = missing_reason(data_dir)
@@ -162,7 +162,7 @@ def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:
         print(f"conv: skipped: {reason}")
         return []
     sample = load_sample(data_dir)
-    images = (sample.images.float() - 127.5) / 127.5  # as efficientnet_lite0.py
+    images = inception_pixels(sample.images)
     calib, rest = images[:64], images[64:]
     labels = sample.labels[64:]
     calib_batches = [calib[i : i + 32] for i in range(0, 64, 32)]

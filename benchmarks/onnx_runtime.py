@@ -45,7 +45,7 @@ from lowbit.export import export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model
-from imagenet_sample import default_data_dir, load_sample, missing_reason
+from imagenet_sample import default_data_dir, inception_pixels, load_sample, missing_reason
 
 N_CALIB = 64
 BATCH = 32
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     sample = load_sample(data_dir)
-    x = (sample.images.float() - 127.5) / 127.5
+    x = inception_pixels(sample.images)
     end = None if args.eval_limit is None else N_CALIB + args.eval_limit
     calib, evals, labels = x[:N_CALIB], x[N_CALIB:end], sample.labels[N_CALIB:end]
     print(f"calibrate on {len(calib)} images, evaluate on {len(evals)}; {THREADS} threads")

@@ -255,16 +255,25 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from lowbit.cli_variants import compare
-
-    preset_names = _split(args.presets, PRESET_CHOICES, "--presets")
+def _float_model_inputs(
+    args: argparse.Namespace, command: str
+) -> tuple[list[str], Batches | None, LoadedModel, Batches, bool]:
+    """What compare and report both start from: calibrators, evaluation data, the float model and
+    its calibration data (and whether that data is random)."""
     calibrators = _split(args.calibrators, CALIBRATOR_CHOICES, "--calibrators")
     data = _eval_data(args) if args.data else None
     loaded = _load(args)
     if loaded.kind == "lowbit":
-        raise UsageError("compare starts from the float model: pass the ONNX file or factory")
+        raise UsageError(f"{command} starts from the float model: pass the ONNX file or factory")
     calib, is_random = _calibration(args, loaded)
+    return calibrators, data, loaded, calib, is_random
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from lowbit.cli_variants import compare
+
+    preset_names = _split(args.presets, PRESET_CHOICES, "--presets")
+    calibrators, data, loaded, calib, is_random = _float_model_inputs(args, "compare")
     comparison = compare(
         loaded.model,
         calib,
@@ -311,12 +320,7 @@ def _report(args: argparse.Namespace) -> int:
     from lowbit.report import build_report
 
     out = _check_output(args.output, (".html",))
-    calibrators = _split(args.calibrators, CALIBRATOR_CHOICES, "--calibrators")
-    data = _eval_data(args) if args.data else None
-    loaded = _load(args)
-    if loaded.kind == "lowbit":
-        raise UsageError("report starts from the float model: pass the ONNX file or factory")
-    calib, is_random = _calibration(args, loaded)
+    calibrators, data, loaded, calib, is_random = _float_model_inputs(args, "report")
     result = build_report(
         loaded.model,
         calib,

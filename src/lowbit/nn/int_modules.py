@@ -373,16 +373,7 @@ class IntLinear(IntModule):
         if group is None:
             return None
         # scales / zero points per (row, span) -> per (row, kernel group)
-        scale = (
-            self.weight_scale.float().reshape(n, -1)
-            if self.weight_scale.dim()
-            else (self.weight_scale.float().expand(n, 1))
-        )
-        zp = (
-            self.weight_zero_point.reshape(scale.shape)
-            if self.weight_zero_point.dim()
-            else (self.weight_zero_point.expand(scale.shape))
-        )
+        scale, zp = self._params_per_span()
         repeat = span // group
         scale = scale.repeat_interleave(repeat, 1)
         zp = zp.repeat_interleave(repeat, 1).float()
@@ -497,19 +488,18 @@ class IntLinear(IntModule):
         center = self._cached("int4_row_center", lambda: self._int4_groups()[1])
         return weight_only.gemv_int4(xf, packed, scale, center, bias).to(x.dtype)
 
+    def _params_per_span(self) -> tuple[Tensor, Tensor]:
+        """Weight scale (float) and zero point per (row, span of inputs): [N, K / span]."""
+        n, _ = self.weight_shape
+        scale = self.weight_scale.float()
+        scale = scale.reshape(n, -1) if scale.dim() else scale.expand(n, 1)
+        zp = self.weight_zero_point
+        zp = zp.reshape(scale.shape) if zp.dim() else zp.expand(scale.shape)
+        return scale, zp
+
     def _int4_groups(self) -> tuple[Tensor, Tensor]:
         """Scales and centers (offset + zero point) per (row, span of inputs): [N, K / span]."""
-        n, _ = self.weight_shape
-        scale = (
-            self.weight_scale.float().reshape(n, -1)
-            if self.weight_scale.dim()
-            else (self.weight_scale.float().expand(n, 1))
-        )
-        zp = (
-            self.weight_zero_point.reshape(scale.shape)
-            if self.weight_zero_point.dim()
-            else (self.weight_zero_point.expand(scale.shape))
-        )
+        scale, zp = self._params_per_span()
         offset = 8 if self.weight_spec.signed else 0
         return scale.contiguous(), (zp.float() + offset).contiguous()
 

@@ -170,8 +170,11 @@ def test_subclassed_padding_depthwise_conv(tmp_path):
     path = export_onnx(qmodel, calib[0][:1], tmp_path / "pad.onnx")
     model = onnx.load(path)
     producer = _producer(model)
+    assert not [n for n in model.graph.node if n.op_type == "Pad"]  # folded into the Conv
     conv = [n for n in model.graph.node if n.op_type == "Conv"][1]
-    assert producer[conv.input[0]].op_type == "DequantizeLinear"  # Q/DQ after the Pad
+    assert producer[conv.input[0]].op_type == "DequantizeLinear"  # Q/DQ directly before it
+    pads = next(a for a in conv.attribute if a.name == "pads")
+    assert list(pads.ints) == [0, 0, 1, 1]  # F.pad's (left 0, right 1, top 0, bottom 1)
     x = torch.randn(4, 3, 12, 12)
     out = _session(path).run(None, {"input": x.numpy()})[0]
     step = float(quant_modules(qmodel)["2"].input_quantizer.scale)

@@ -2,9 +2,9 @@
 
 The traced graph holds one `lowbit::Quant` node per quantized tensor (see `onnx.py`). Here each
 becomes either an integer initializer -> DequantizeLinear (weights) or QuantizeLinear ->
-DequantizeLinear (activations), constant shape arithmetic is folded, Q/DQ pairs are repeated after
-zero padding so they sit directly before the Conv that consumes them (the placement TensorRT's
-explicit quantization and ONNX Runtime's QDQ fusions look for), and unused initializers go.
+DequantizeLinear (activations), constant shape arithmetic is folded, zero Pads are folded into the
+Conv that consumes them so the Q/DQ pairs sit directly before it (the placement TensorRT's explicit
+quantization and ONNX Runtime's QDQ fusions look for), and unused initializers go.
 """
 
 from __future__ import annotations
@@ -188,61 +188,63 @@ def replace_markers(graph: Any, sites: dict[str, Site]) -> None:
     graph.node.extend(nodes)
 
 
-def requantize_after_zero_pad(graph: Any) -> int:
-    """x -> Q -> DQ -> Pad(zeros) -> Conv becomes x -> Q -> DQ -> Pad -> Q -> DQ -> Conv.
+def fold_zero_pad_into_conv(graph: Any) -> int:
+    """Pad(zeros) -> Conv becomes one Conv with those `pads`; returns how many were folded.
 
-    Exact: the padded tensor holds grid values and zeros, and 0 is on every lowbit grid (zero
-    points are integers), so quantizing it again with the same parameters changes nothing. The
-    second pair sits directly before the Conv (TensorRT's explicit-quantization placement); the
-    first lets ONNX Runtime run the Pad on integers (DQ -> Pad -> Q) and fuse the producer's
-    Conv -> Clip -> Q into QLinearConv. Subclassed convs that pad then convolve (EfficientNet's
-    Conv2dStaticSamePadding) need it.
+    Exact: a constant-zero Pad of the spatial dimensions is what Conv's own (possibly asymmetric)
+    `pads` attribute does, and 0 is on every lowbit grid (zero points are integers), so the
+    Q/DQ pair before the Pad now sits directly before the Conv: the placement TensorRT's explicit
+    quantization and ONNX Runtime's QLinearConv fusion look for. Without it ONNX Runtime pads
+    the dequantized float tensor and requantizes it, which costs more than the convolution.
+    Subclassed convs that pad then convolve (EfficientNet's Conv2dStaticSamePadding) need it.
     """
     from onnx import helper, numpy_helper
 
-    producers = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
-    added = 0
-    for pad in list(graph.node):
-        dq = producers.get(pad.input[0]) if pad.op_type == "Pad" else None
-        if dq is None or dq.op_type != "DequantizeLinear":
+    consumers = _consumers(graph)
+    folded: set[int] = set()
+    for pad in graph.node:
+        users = consumers.get(pad.output[0], []) if pad.op_type == "Pad" else []
+        if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]:
             continue
-        q = producers.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear":
+        conv = users[0]
+        amounts = _zero_pad_amounts(pad, inits, numpy_helper)
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        if amounts is None or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             continue
-        mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
-        if mode != "constant":
-            continue
-        if len(pad.input) > 2 and pad.input[2]:
-            value = inits.get(pad.input[2])
-            if value is None or np.any(numpy_helper.to_array(value) != 0):
-                continue
-        padded = pad.output[0]
-        pad.output[0] = f"{padded}_grid"
-        attrs = {a.name: helper.get_attribute_value(a) for a in q.attribute}
-        base = q.name.removesuffix("/QuantizeLinear") + "/padded"
-        graph.node.extend(
-            [
-                helper.make_node(
-                    "QuantizeLinear",
-                    [pad.output[0], *q.input[1:]],
-                    [f"{padded}_q"],
-                    name=f"{base}/QuantizeLinear",
-                    **attrs,
-                ),
-                helper.make_node(
-                    "DequantizeLinear",
-                    [f"{padded}_q", *dq.input[1:]],
-                    [padded],
-                    name=f"{base}/DequantizeLinear",
-                    **attrs,
-                ),
-            ]
-        )
-        added += 1
-    if added:
-        topological_sort(graph)
-    return added
+        spatial = len(amounts) // 2 - 2
+        begins, ends = amounts[2 : 2 + spatial], amounts[4 + spatial :]
+        old = list(attrs.get("pads", [0] * (2 * spatial)))
+        pads = [a + b for a, b in zip(old, begins + ends, strict=True)]
+        for attribute in list(conv.attribute):
+            if attribute.name == "pads":
+                conv.attribute.remove(attribute)
+        conv.attribute.append(helper.make_attribute("pads", pads))
+        conv.input[0] = pad.input[0]
+        folded.add(id(pad))
+    kept = [n for n in graph.node if id(n) not in folded]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(folded)
+
+
+def _zero_pad_amounts(pad: Any, inits: dict[str, Any], numpy_helper: Any) -> list[int] | None:
+    """The Pad's amounts when it pads spatial dimensions only, with zeros, by constant amounts."""
+    mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+    if mode != "constant" or len(pad.input) < 2 or pad.input[1] not in inits:
+        return None
+    if len(pad.input) > 3 and pad.input[3]:  # `axes` (opset 18): not produced by the tracer
+        return None
+    if len(pad.input) > 2 and pad.input[2]:
+        value = inits.get(pad.input[2])
+        if value is None or np.any(numpy_helper.to_array(value) != 0):
+            return None
+    amounts = [int(v) for v in numpy_helper.to_array(inits[pad.input[1]]).ravel()]
+    rank = len(amounts) // 2
+    batch_channel = amounts[:2] + amounts[rank : rank + 2]
+    if rank < 3 or any(batch_channel) or min(amounts) < 0:
+        return None
+    return amounts
 
 
 def _consumers(graph: Any) -> dict[str, list[Any]]:
@@ -251,22 +253,6 @@ def _consumers(graph: Any) -> dict[str, list[Any]]:
         for name in node.input:
             out[name].append(node)
     return out
-
-
-def topological_sort(graph: Any) -> None:
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise RuntimeError("lowbit export: the rewritten ONNX graph has a cycle")
-        for n in ready:
-            ordered.append(n)
-            available.update(n.output)
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def prune_initializers(graph: Any) -> None:
@@ -279,10 +265,3 @@ def prune_initializers(graph: Any) -> None:
     graph_inputs = [i for i in graph.input if i.name not in dropped]
     del graph.input[:]
     graph.input.extend(graph_inputs)
-
-
-def count_ops(graph: Any) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for node in graph.node:
-        counts[node.op_type] += 1
-    return dict(counts)

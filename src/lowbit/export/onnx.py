@@ -293,7 +293,7 @@ def _rewrite(proto: Any, sites: dict[str, Site], opset: int, reduce_range: bool)
     graph = proto.graph
     _graph.fold_constants(graph)
     _graph.replace_markers(graph, sites)
-    _graph.requantize_after_zero_pad(graph)
+    _graph.fold_zero_pad_into_conv(graph)
     _graph.prune_initializers(graph)
     del proto.opset_import[:]
     proto.opset_import.append(helper.make_opsetid("", opset))

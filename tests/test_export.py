@@ -181,6 +181,35 @@ def test_subclassed_padding_depthwise_conv(tmp_path):
     assert np.abs(out - _simulate(qmodel, x)).max() <= 0.05 + 4 * step
 
 
+class _PadModeConv(nn.Conv2d):
+    """Pads with F.pad in a given mode on top of the conv's own padding."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__(4, 4, 3, padding=1)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (2, 0, 1, 3), mode=self.mode))
+
+
+@pytest.mark.parametrize(("mode", "folded"), [("constant", True), ("reflect", False)])
+def test_only_zero_pads_fold_into_the_conv(tmp_path, mode, folded):
+    torch.manual_seed(0)
+    net = nn.Sequential(_PadModeConv(mode))
+    calib = [torch.randn(4, 4, 9, 9)]
+    qmodel = quantize(net, presets.int8_asymmetric(), calib, progress=False)
+    path = export_onnx(qmodel, calib[0][:1], tmp_path / "pad.onnx")
+    nodes = onnx.load(path).graph.node
+    conv = next(n for n in nodes if n.op_type == "Conv")
+    pads = list(next(a for a in conv.attribute if a.name == "pads").ints)
+    assert any(n.op_type == "Pad" for n in nodes) != folded
+    assert pads == ([2, 3, 4, 1] if folded else [1, 1, 1, 1])  # own 1 + F.pad (top 1, left 2...)
+    x = torch.randn(2, 4, 9, 9)
+    out = _session(path).run(None, {"input": x.numpy()})[0]
+    step = float(quant_modules(qmodel)["0"].input_quantizer.scale)
+    assert np.abs(out - _simulate(qmodel, x)).max() <= 4 * step
+
+
 def _set_spec(model: nn.Module, name: str, role: str, spec: QuantSpec) -> None:
     getattr(quant_modules(model)[name], f"{role}_quantizer").spec = spec
 

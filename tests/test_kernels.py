@@ -1,8 +1,10 @@
-"""lowbit.kernels against the simulation: per-token dynamic Linear (compiled and eager) and oneDNN
-int8 Conv2d, on odd shapes, a batch of one and empty batches. No timing here (benchmarks/)."""
+"""lowbit.kernels against the simulation: per-token dynamic Linear (every GEMM route, compiled and
+eager, the route choice and its non-VNNI fallback) and oneDNN int8 Conv2d, on odd shapes, a batch
+of one and empty batches. No timing here (benchmarks/)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 from lowbit import kernels, numerics, presets
 from lowbit.api import quantize
 from lowbit.conversion import convert, quantize_dynamic, quantize_weights
+from lowbit.kernels import dynamic
 from lowbit.nn.int_modules import IntConv
 from lowbit.spec import PerChannel, QuantSpec
 
@@ -50,11 +53,40 @@ def _dynamic_reference(x: Tensor, lin: nn.Linear, w_codes: Tensor, w_scale: Tens
     q, scale = _sim_per_token(x)
     xq = q.double() * scale.double().reshape(-1, 1)
     w = w_codes.double() * w_scale.double().reshape(-1, 1)
-    return xq @ w.t() + lin.bias.double()
+    return xq @ w.t() + lin.bias.detach().double()
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_dynamic_int8_linear_matches_simulation(fused):
+def _near_ties(rows: int, k: int, seed: int) -> Tensor:
+    """Rows whose elements x make x * (1 / s) and x / s round to different codes (s the row's
+    scale): a kernel that quantizes by multiplying with the reciprocal gets them wrong."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(rows, k)
+    r = 0
+    while r < rows:
+        top = 1 + torch.rand((), generator=g)
+        s = top / 127
+        tie = (torch.arange(-126, 126) + 0.5) * s
+        near, lo, hi = [tie], tie, tie
+        for _ in range(3):  # up to three float32 steps either side of each tie
+            lo, hi = torch.nextafter(lo, lo - 1), torch.nextafter(hi, hi + 1)
+            near += [lo, hi]
+        cand = torch.cat(near)
+        bad = cand[torch.round(cand / s) != torch.round(cand * (1 / s))]
+        if bad.numel() == 0:
+            continue
+        out[r, 0] = top
+        out[r, 1:] = bad[torch.randint(bad.numel(), (k - 1,), generator=g)]
+        r += 1
+    return out
+
+
+ROUTES = [r for r in dynamic.ROUTES if dynamic.u8_gemm_safe() or r == "int_mm"]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("route", [*ROUTES, None])
+def test_dynamic_int8_linear_matches_simulation(route, compiled, monkeypatch):
+    monkeypatch.setitem(kernels.compile._state, "enabled", compiled)
     torch.manual_seed(0)
     k, n = 45, 19  # not multiples of 8 or 16
     lin = nn.Linear(k, n)
@@ -62,12 +94,73 @@ def test_dynamic_int8_linear_matches_simulation(fused):
     assert wspec is not None
     w_scale, w_zp = numerics.tensor_qparams(lin.weight, wspec)
     codes = numerics.quantize(lin.weight, w_scale, w_zp, wspec)
-    w_t = codes.t()
-    for m in (0, 1, 3, 17, 45, 64):  # empty, a batch of one, odd, past FUSE_MIN_TOKENS
+    weights = dynamic.DynamicLinearWeights(codes, w_scale, lin.bias.detach())
+    if route is not None:
+        assert route in weights.routes
+    # empty, a batch of one, odd, around FUSE_MIN_TOKENS
+    for m in (0, 1, 2, 3, 17, dynamic.FUSE_MIN_TOKENS - 1, dynamic.FUSE_MIN_TOKENS, 45):
         x = torch.randn(m, k) * torch.rand(m, 1) * 5
-        y = kernels.dynamic_int8_linear(x, w_t, w_scale, lin.bias.detach(), fused=fused)
+        if m > 2:
+            x[1] = 0.0  # scale 1, codes 0
+            x[2:4] = _near_ties(2, k, m)[: m - 2]
+        y = dynamic.dynamic_int8_linear(x, weights, route)
         assert y.shape == (m, n) and y.dtype == torch.float32
         assert _rel(y, _dynamic_reference(x, lin, codes, w_scale)) < 1e-5, m
+    x = _near_ties(1, k, 1)
+    y = dynamic.dynamic_int8_linear(x, weights, route)
+    assert _rel(y, _dynamic_reference(x, lin, codes, w_scale)) < 1e-5
+
+
+def test_near_ties_catch_reciprocal_quantization():
+    """The tie rows above would fail a kernel that quantizes as x * (1 / s)."""
+    x = _near_ties(3, 45, 0)
+    q, scale = _sim_per_token(x)
+    wrong = torch.round(x * (1 / scale.reshape(-1, 1)))
+    assert (wrong != q).sum() >= 3 * 44
+
+
+def test_dynamic_routes_without_vnni_use_int_mm(monkeypatch):
+    monkeypatch.setattr(dynamic, "u8_gemm_safe", lambda: False)
+    w = torch.randint(-127, 128, (4096, 4096), dtype=torch.int8)
+    weights = dynamic.DynamicLinearWeights(w, torch.ones(4096), torch.zeros(4096))
+    assert weights.routes == ("int_mm",) and weights.one_token_route == "int_mm"
+    for m in (1, 8, 128, 4096):
+        assert dynamic.choose_route(m, 4096, 4096, weights.routes) == "int_mm"
+    x = torch.randn(3, 4096)
+    ref = (_sim_per_token(x)[0].double() @ w.double().t()) * _sim_per_token(x)[1].reshape(-1, 1)
+    assert _rel(dynamic.dynamic_int8_linear(x, weights), ref) < 1e-5
+
+
+def test_dynamic_route_choice():
+    all_routes = dynamic.ROUTES
+    assert dynamic.choose_route(1, 768, 768, all_routes) == "int_mm"
+    assert dynamic.choose_route(1, 4096, 4096, all_routes) == "fbgemm"
+    assert dynamic.choose_route(8, 768, 768, all_routes) == "fbgemm"
+    assert dynamic.choose_route(128, 768, 3072, all_routes) == "onednn"
+    assert dynamic.choose_route(4096, 768, 768, ("int_mm", "fbgemm")) == "int_mm"
+
+
+def test_vnni_detection(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
+    assert not dynamic.u8_gemm_safe()
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True)
+    assert dynamic.u8_gemm_safe()
+    monkeypatch.delattr(torch.cpu, "_is_vnni_supported")
+    assert not dynamic.u8_gemm_safe()
+
+
+def test_dynamic_route_whose_pack_fails_falls_back(monkeypatch):
+    monkeypatch.setattr(dynamic, "_fbgemm_pack", lambda codes, scale: None)
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (7, 9), dtype=torch.int8)
+    weights = dynamic.DynamicLinearWeights(
+        w, torch.full((7,), 0.1), torch.zeros(7), routes=dynamic.ROUTES
+    )
+    x = torch.randn(4, 9)
+    q, s = _sim_per_token(x)
+    ref = (q.double() @ w.double().t()) * s.double().reshape(-1, 1) * 0.1
+    assert _rel(dynamic.dynamic_int8_linear(x, weights, "fbgemm"), ref) < 1e-5
+    assert "fbgemm" not in weights.routes
 
 
 def test_quantize_dynamic_module_matches_simulation_and_beats_per_tensor_error():
@@ -75,12 +168,31 @@ def test_quantize_dynamic_module_matches_simulation_and_beats_per_tensor_error()
     model = nn.Sequential(nn.Linear(37, 50), nn.ReLU(), nn.Linear(50, 21))
     dyn = quantize_dynamic(model)
     assert all(layer.kernel == "int_mm" for layer in (dyn[0], dyn[2]))
-    for lead in ((4,), (1,), (0,), (2, 5)):
+    for lead in ((4,), (1,), (0,), (2, 5), (1, 1), (37,)):
         x = torch.randn(*lead, 37)
         with torch.no_grad():
             h = F.relu(_layer_reference(model[0], dyn[0], x.reshape(-1, 37)))
             ref = _layer_reference(model[2], dyn[2], h).reshape(*lead, 21)
             assert _rel(dyn(x), ref) < 1e-4, lead
+
+
+def test_packed_weights_are_a_cache_not_state():
+    torch.manual_seed(0)
+    dyn = quantize_dynamic(nn.Sequential(nn.Linear(37, 50)))
+    keys = set(dyn.state_dict())
+    x = torch.randn(40, 37)  # packs the oneDNN weight where it is used
+    with torch.no_grad():
+        y = dyn(x)
+        assert dyn[0]._dynamic_weights is not None
+        assert set(dyn.state_dict()) == keys
+        twin = copy.deepcopy(dyn)  # oneDNN's packed tensors cannot be copied: not copied
+        assert twin[0]._dynamic_weights is None
+        torch.testing.assert_close(twin(x), y, rtol=0, atol=0)
+        other = quantize_dynamic(nn.Sequential(nn.Linear(37, 50)))
+        twin.load_state_dict(other.state_dict())  # new weights: the packs are rebuilt
+        torch.testing.assert_close(twin(x), other(x), rtol=0, atol=0)
+        dyn.to(torch.device("cpu"))
+        assert dyn[0]._dynamic_weights is None
 
 
 def _layer_reference(lin: nn.Module, int_layer: nn.Module, x: Tensor) -> Tensor:

@@ -10,8 +10,8 @@ Kernels (`module.kernel` says which one a module uses):
 - "int_mm": `torch._int_mm`, int8 x int8 -> int32, for int8 inputs (static per-tensor or
   dynamic per-token) times symmetric int8 weights (per-tensor or per output channel). The input
   zero point is taken out with precomputed weight row sums, so the accumulator is exact.
-  Per-token dynamic inputs run `lowbit.kernels.dynamic_int8_linear`: quantize, `_int_mm` and
-  rescale as one `torch.compile`d graph (eager ops where compiling is off or fails).
+  Per-token dynamic inputs run `lowbit.kernels.dynamic_int8_linear`: quantize, an int8 GEMM
+  (`_int_mm`, fbgemm or oneDNN, by shape and CPU), rescale; its packed weights are a cache.
 - "int8pack": `aten._weight_int8pack_mm`, float inputs times int8 per-channel weights.
 - "int4pack": `aten._weight_int4pack_mm_for_cpu`, float inputs times int4 group-wise weights.
   With at most `kernels.weight_only.GEMV_MAX_TOKENS` rows, both run a compiled GEMV instead
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lowbit import kernels, numerics
-from lowbit.kernels import weight_only
+from lowbit.kernels import dynamic, weight_only
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
@@ -311,7 +311,7 @@ class IntLinear(IntModule):
         self._cache: dict[str, Tensor] = {}
         self.kernel = self._choose_kernel()
         self._per_token = self.kernel == "int_mm" and self._per_token_spec()
-        self._per_token_args: tuple[Any, ...] | None = None
+        self._dynamic_weights: dynamic.DynamicLinearWeights | None = None
 
     # -- kernel selection ---------------------------------------------------------------------
     def _int8_weight_ok(self) -> bool:
@@ -391,14 +391,15 @@ class IntLinear(IntModule):
         return t
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._per_token and x.device.type == "cpu" and x.dtype == torch.float32:
-            # The hot path of quantize_dynamic models, kept short: Python overhead is most of
+        if self._per_token and x.is_cpu and x.dtype is torch.float32:
+            # The hot path of quantize_dynamic models, kept short: Python overhead is much of
             # the cost of a one-token call.
-            args = self._per_token_args
-            if args is None or args[0].device != x.device:
-                args = self._per_token_args = self._make_per_token_args()
-            y = kernels.dynamic_int8_linear(x.reshape(-1, self.in_features), *args)
-            y = y.reshape(*x.shape[:-1], self.out_features)
+            weights = self._dynamic_weights
+            if weights is None:
+                weights = self._dynamic_weights = self._make_dynamic_weights()
+            y = dynamic.dynamic_int8_linear(x.reshape(-1, self.in_features), weights)
+            if x.dim() != 2:
+                y = y.view(*x.shape[:-1], self.out_features)
             return y if self.output_spec is None else self._fake_quant("output", y)
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
@@ -436,18 +437,24 @@ class IntLinear(IntModule):
             and s.rounding == "nearest"
         )
 
-    def _make_per_token_args(self) -> tuple[Any, ...]:
-        """(w_t, w_scale, bias, qmin, qmax) for `kernels.dynamic_int8_linear`."""
+    def _make_dynamic_weights(self) -> dynamic.DynamicLinearWeights:
         spec = self.input_spec
         assert spec is not None
-        w_t = self.weight_codes().to(torch.int8).t()
-        w_scale = self.weight_scale.float().expand(self.out_features).contiguous()
-        bias = (
-            self.bias.float()
-            if self.bias is not None
-            else torch.zeros(self.out_features, device=self.qweight.device)
-        )
-        return w_t, w_scale, bias, spec.qmin, spec.qmax
+        bias = self.bias if self.bias is not None else torch.zeros(self.out_features)
+        return dynamic.DynamicLinearWeights(self.weight_codes(), self.weight_scale, bias, spec.qmax)
+
+    # The packed weights are a cache of the buffers: dropped when they move or are reloaded,
+    # and never copied or pickled (oneDNN's packed tensors cannot be).
+    def _apply(self, fn: Any, recurse: bool = True) -> IntLinear:
+        self._dynamic_weights = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._dynamic_weights = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(super().__getstate__(), _dynamic_weights=None)
 
     def _forward_int_mm(self, x: Tensor) -> Tensor:
         spec = self.input_spec

@@ -109,6 +109,11 @@ def test_dynamic_int8_linear_matches_simulation(route, compiled, monkeypatch):
     x = _near_ties(1, k, 1)
     y = dynamic.dynamic_int8_linear(x, weights, route)
     assert _rel(y, _dynamic_reference(x, lin, codes, w_scale)) < 1e-5
+    for m in (1, 3, 40):  # an input that requires grad: the same numbers, no graph
+        x = torch.randn(m, k, requires_grad=True)
+        y = dynamic.dynamic_int8_linear(x, weights, route)
+        assert not y.requires_grad
+        assert _rel(y, _dynamic_reference(x.detach(), lin, codes, w_scale)) < 1e-5
 
 
 def test_near_ties_catch_reciprocal_quantization():

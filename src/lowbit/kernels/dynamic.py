@@ -175,7 +175,10 @@ def dynamic_int8_linear(
     """y = per-token-int8(x) @ w^T * scales + bias for 2-D float32 `x` [M, K] on the CPU.
 
     route: force one route (tests run each); by default `choose_route` picks per shape.
+    Not differentiable (integer codes): the output never requires grad.
     """
+    if x.requires_grad:
+        x = x.detach()
     m, k = x.shape
     if m == 1 and route is None and k:  # decoding: the hot path
         return _one_token(x, weights, weights.one_token_route)

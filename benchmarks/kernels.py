@@ -54,13 +54,19 @@ warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
 def interleaved(
     cands: dict[str, Callable[[], Any]], rounds: int, inner: int = 1
 ) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, timed in interleaved rounds."""
+    """Median milliseconds per call of each candidate, timed in interleaved rounds.
+
+    Each round starts one candidate further on: the call after a large one pays for what that
+    left behind (measured: the slot after fbgemm ran a one-token Linear 1.5x slower), so every
+    candidate takes every slot equally often.
+    """
     for fn in cands.values():  # warm-up (and compile)
         fn()
         fn()
     times: dict[str, list[float]] = {k: [] for k in cands}
-    for _ in range(rounds):
-        for name, fn in cands.items():
+    order = list(cands.items())
+    for r in range(rounds):
+        for name, fn in order[r % len(order) :] + order[: r % len(order)]:
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()

@@ -106,9 +106,9 @@ def test_dynamic_int8_linear_matches_simulation(route, compiled, monkeypatch):
         y = dynamic.dynamic_int8_linear(x, weights, route)
         assert y.shape == (m, n) and y.dtype == torch.float32
         assert _rel(y, _dynamic_reference(x, lin, codes, w_scale)) < 1e-5, m
-    x = _near_ties(1, k, 1)
-    y = dynamic.dynamic_int8_linear(x, weights, route)
-    assert _rel(y, _dynamic_reference(x, lin, codes, w_scale)) < 1e-5
+    for x in (_near_ties(1, k, 1), torch.zeros(1, k), torch.full((1, k), -1e-39)):
+        y = dynamic.dynamic_int8_linear(x, weights, route)  # one token: its own code path
+        assert _rel(y, _dynamic_reference(x, lin, codes, w_scale)) < 1e-5
     for m in (1, 3, 40):  # an input that requires grad: the same numbers, no graph
         x = torch.randn(m, k, requires_grad=True)
         y = dynamic.dynamic_int8_linear(x, weights, route)

@@ -24,7 +24,7 @@ with VNNI (`torch.cpu._is_vnni_supported`); elsewhere every call runs "int_mm". 
 prepacked once per layer (`DynamicLinearWeights`), lazily per route, and never saved.
 
 The per-row scale and the bias are one in-place pass over the output (`addcmul`). For one token
-the scale is a Python float and the quantization two eager ops; from `FUSE_MIN_TOKENS` rows the
+the scale is a Python float and the quantization three eager ops; from `FUSE_MIN_TOKENS` rows the
 row max and the quantization are one `torch.compile`d pass.
 """
 
@@ -48,7 +48,8 @@ _TINY = torch.finfo(torch.float32).tiny
 # at a time never pays a compile.
 FUSE_MIN_TOKENS = 32
 # One token: `_int_mm`'s GEMV beats fbgemm's up to about this weight size (K * N), above it
-# fbgemm's is faster (measured 768x768: 9 vs 24 us; 4096x4096: 0.29 vs 0.36-0.43 ms).
+# fbgemm's is faster (GEMM alone, 1 thread: 768x768 `_int_mm` 9 us, fbgemm 24 us; 4096x4096
+# `_int_mm` 0.36-0.43 ms, fbgemm 0.27-0.29 ms).
 GEMV_MAX_WEIGHT = 1 << 22
 
 
@@ -106,7 +107,7 @@ def _f32(v: float) -> float:
 class DynamicLinearWeights:
     """The int8 weight of one Linear in each route's layout, packed on first use, never saved.
 
-    codes: [N, K] int8 (|code| <= 127); w_scale: [N] float32; bias: [N] float32; routes: the
+    codes: [N, K] int8 weight codes; w_scale: [N] float32; bias: [N] float32; routes: the
     routes this layer may use (default: "int_mm", plus fbgemm and oneDNN where `u8_gemm_safe`
     and this torch has them).
     """
@@ -152,7 +153,10 @@ class DynamicLinearWeights:
 
 
 def _fbgemm_pack(codes: Tensor, w_scale: Tensor) -> Any:
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
+    op = "linear_with_input_q_dq_qweight_dq_output_fp32"
+    if "fbgemm" not in torch.backends.quantized.supported_engines or not hasattr(
+        torch.ops.quantized, op
+    ):
         return None
     engine = torch.backends.quantized.engine
     try:

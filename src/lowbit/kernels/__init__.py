@@ -1,7 +1,9 @@
 """Integer kernels behind the converted modules of `lowbit.nn.int_modules`.
 
-- `dynamic`: int8 Linear with per-token activation scales (quantize, `torch._int_mm`, rescale),
-  fused into one compiled graph by `torch.compile` where inductor works, else eager.
+- `dynamic`: int8 Linear with per-token activation scales: exact per-row codes, then the GEMM by
+  the fastest route for the shape (`torch._int_mm`, fbgemm or oneDNN on VNNI CPUs), then one
+  rescale pass; the quantize pass is compiled by `torch.compile` for many rows.
+- `weight_only`: compiled int8 / int4 GEMVs for one to a few rows (LLM decoding).
 - `conv`: static int8 convolution through oneDNN (`torch.ops.onednn.qconv_pointwise`).
 - `compile`: the switch for `torch.compile` (`set_compile`, env `LOWBIT_COMPILE=0`).
 

@@ -45,6 +45,17 @@ N_CALIB = 128
 BATCH = 32
 THREADS = 2
 FIRST_LAST = ("_conv_stem", "_fc")
+# Each variant is compared image by image with the row it improves on (run that row first).
+BASELINE = {
+    "w4-adaround": "w4-nearest",
+    "w4a8-adaround": "w4a8-nearest",
+    "w8a8-cle": "w8a8",
+    "w8a8-bc": "w8a8",
+    "w8a8-cle-bc": "w8a8",
+    "w8a8-pt-cle": "w8a8-pt",
+    "w8a8-pt-bc": "w8a8-pt",
+    "w8a8-pt-cle-bc": "w8a8-pt",
+}
 RESULTS = Path(__file__).resolve().parent / "results" / "efficientnet_algorithms.json"
 
 
@@ -56,17 +67,28 @@ class Row:
     drop: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Against the row's baseline (`BASELINE`): images now right / now wrong / predicted otherwise.
+    vs_baseline: dict[str, int] = field(default_factory=dict)
 
 
 def batches(x: Tensor, size: int = BATCH) -> list[Tensor]:
     return [x[i : i + size] for i in range(0, len(x), size)]
 
 
-def top1(model: nn.Module, x: Tensor, labels: Tensor) -> float:
+def predict(model: nn.Module, x: Tensor) -> Tensor:
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(b) for b in batches(x)])
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+        return torch.cat([model(b) for b in batches(x)]).argmax(1)
+
+
+def compare(pred: Tensor, base: Tensor, labels: Tensor) -> dict[str, int]:
+    """Images a variant gets right that its baseline got wrong, the reverse, and all changes."""
+    right, base_right = pred == labels, base == labels
+    return {
+        "better": int((right & ~base_right).sum()),
+        "worse": int((~right & base_right).sum()),
+        "differ": int((pred != base).sum()),
+    }
 
 
 def w4_config(activations: bool) -> QuantConfig:
@@ -103,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = load_model()
 
     def eval_fn(model: nn.Module) -> float:
-        return top1(model, x_eval, y_eval)
+        return 100.0 * float((predict(model, x_eval) == y_eval).float().mean())
 
     rows: list[Row] = []
     fp32_row = Row("fp32", "float model", eval_fn(fp32), 0.0)
@@ -131,31 +153,27 @@ def main(argv: list[str] | None = None) -> int:
             )
         return q
 
-    def w8a8(row: Row, cle: bool, bc: bool) -> nn.Module:
-        base = fp32
-        if cle:
-            base = timed(row, "cle", lambda: equalize(fp32, calib, progress=False))
-            rep = base.lowbit_equalization  # type: ignore[union-attr]
-            row.notes.append(f"CLE: {len(rep.pairs)} pairs, {rep.iterations} rounds")
-        q = timed(row, "quantize", lambda: quantize(base, presets.int8(), calib, progress=False))
-        if bc:
-            q = timed(
-                row, "bias_correction", lambda: bias_correction(q, base, calib, progress=False)
-            )
-        return q
-
-    def w8a8_per_tensor(row: Row, cle: bool, bc: bool) -> nn.Module:
-        """W8A8 with one weight scale per tensor: the case CLE was designed for."""
+    def w8a8(row: Row, per_tensor: bool, cle: bool, bc: bool) -> nn.Module:
+        """`presets.int8()`, or the same with one weight scale per tensor (what CLE is for)."""
         config = presets.int8()
-        assert config.weight is not None
-        config.weight = config.weight.with_(granularity=PerTensor())
+        if per_tensor:
+            assert config.weight is not None
+            config.weight = config.weight.with_(granularity=PerTensor())
         base = fp32
         if cle:
-            base = timed(row, "cle", lambda: equalize(fp32, calib, progress=False))
+            base = timed(row, "cle", lambda: equalize(fp32, calib, config=config, progress=False))
+            rep = base.lowbit_equalization  # type: ignore[union-attr]
+            row.notes.append(
+                f"CLE: {len(rep.pairs)} pairs in {rep.iterations} rounds, "
+                f"{len(rep.skipped)} skipped"
+            )
         q = timed(row, "quantize", lambda: quantize(base, config, calib, progress=False))
         if bc:
-            q = timed(
-                row, "bias_correction", lambda: bias_correction(q, base, calib, progress=False)
+            q = timed(row, "bias_correction", lambda: bias_correction(q, calib, progress=False))
+            report = q.lowbit_bias_correction  # type: ignore[union-attr]
+            row.notes.append(
+                f"BC: {len(report.corrected)} of {len(report.layers)} layers corrected, skipped: "
+                + ", ".join(f"{c.name} ({c.reason})" for c in report.layers if not c.corrected)
             )
         return q
 
@@ -193,19 +211,22 @@ def main(argv: list[str] | None = None) -> int:
             lambda r: w4(r, True, False),
         ),
         ("w4a8-adaround", "same, AdaRound", lambda r: w4(r, True, True)),
-        ("w8a8", "int8() minmax", lambda r: w8a8(r, False, False)),
-        ("w8a8-cle", "int8() after CLE", lambda r: w8a8(r, True, False)),
-        ("w8a8-bc", "int8() + bias correction", lambda r: w8a8(r, False, True)),
-        ("w8a8-cle-bc", "int8() after CLE, + bias correction", lambda r: w8a8(r, True, True)),
-        ("w8a8-pt", "int8(), weights PerTensor()", lambda r: w8a8_per_tensor(r, False, False)),
-        ("w8a8-pt-cle", "same, after CLE", lambda r: w8a8_per_tensor(r, True, False)),
-        (
-            "w8a8-pt-cle-bc",
-            "same, after CLE, + bias correction",
-            lambda r: w8a8_per_tensor(r, True, True),
+        *(
+            (
+                "w8a8" + "-pt" * pt + "-cle" * cle + "-bc" * bc,
+                "int8()"
+                + ", weights PerTensor()" * pt
+                + " after CLE" * cle
+                + ", + bias correction" * bc,
+                lambda r, pt=pt, cle=cle, bc=bc: w8a8(r, pt, cle, bc),
+            )
+            for pt in (False, True)
+            for cle in (False, True)
+            for bc in (False, True)
         ),
         ("auto-w4a8", "auto_quantize(max_drop=1.0) at W4A8, nearest", auto),
     ]
+    predictions: dict[str, Tensor] = {}
     for name, description, make in plan:
         if args.only and name not in args.only:
             continue
@@ -213,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             model = make(row)
-            row.top1 = eval_fn(model)
+            pred = predictions[name] = predict(model, x_eval)
+            row.top1 = 100.0 * float((pred == y_eval).float().mean())
             row.drop = row.top1 - (fp32_row.top1 or 0.0)
+            if BASELINE.get(name) in predictions:
+                row.vs_baseline = compare(pred, predictions[BASELINE[name]], y_eval)
         except Exception as error:  # reported in the table, not fatal
             row.notes.append(f"failed: {type(error).__name__}: {error}")
         rows.append(row)
@@ -222,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[{time.perf_counter() - start:5.0f}s] {name}: {top} "
             f"({time.perf_counter() - t0:.0f}s) "
-            f"{row.seconds} {'; '.join(row.notes)[:400]}",
+            f"{row.seconds} {row.vs_baseline or ''} {'; '.join(row.notes)[:400]}",
             flush=True,
         )
 

@@ -40,7 +40,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lowbit.batches import Forward, check_batch, first_batch, run_batch, tensors_of
+from lowbit.config import QuantConfig, weight_spec_for
 from lowbit.nn.modules import QuantModule
+from lowbit.spec import PerChannel, PerGroup
 from lowbit.transforms.fold_bn import PRODUCER_TYPES, flatten_outputs, fold_batchnorm
 
 __all__ = ["EqualizationReport", "EqualizedPair", "equalize"]
@@ -140,11 +142,19 @@ def equalize(
     iterations: int = 20,
     relu6: Relu6Mode = "bounded",
     tolerance: float = 1e-4,
+    config: QuantConfig | None = None,
     forward: Forward | None = None,
     inplace: bool = False,
     progress: bool = True,
 ) -> nn.Module:
     """Cross-layer equalization of a float model; returns the equalized model.
+
+    config: the QuantConfig the model will be quantized with. Equalization evens out the
+    output-channel weight ranges of a pair's first layer for a shared (per-tensor) scale; where
+    `config` gives that layer a scale per output channel (or leaves its weight in float), its
+    weight error is the same at any channel scaling, so the pair is skipped: rescaling would only
+    move activation ranges, which can make their per-tensor quantization worse. Without
+    `config`, every pair is equalized (per-tensor weights assumed).
 
     BatchNorm is folded first (with the first batch of `calib_data`), since equalization has to
     see the weights that are actually quantized. `calib_data` (an iterable of batches, as for
@@ -168,6 +178,8 @@ def equalize(
         raise ValueError(f"relu6 must be one of {_RELU6_MODES}, got {relu6!r}")
     if not tolerance > 0:
         raise ValueError(f"tolerance must be positive, got {tolerance!r}")
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"config: expected a QuantConfig or None, got {type(config).__name__}")
     example = first_batch(calib_data)
     check_batch(example)
     if model.training:
@@ -184,6 +196,10 @@ def equalize(
         before = [t.detach().clone() for t in flatten_outputs(graph.output)]
         pairs, skipped = _find_pairs(model, graph, relu6)
         modules = dict(model.named_modules())
+        if config is not None:
+            why = {first: _cannot_help(first, modules[first], config) for first, _, _ in pairs}
+            skipped += [(first, second, why[first]) for first, second, _ in pairs if why[first]]
+            pairs = [p for p in pairs if not why[p[0]]]
         maxima = _channel_maxima(
             model, [p for p in pairs if p[2].kind == "clip"], calib_data, forward, progress
         )
@@ -242,6 +258,23 @@ def equalize(
 
 # ---------------------------------------------------------------------------------------------
 # Scales
+
+
+def _cannot_help(name: str, module: nn.Module, config: QuantConfig) -> str:
+    """Why equalizing a pair that starts at this layer cannot lower its weight error ("" if it
+    can): its weight is not quantized, or every output channel has its own scale."""
+    layer, _ = config.for_layer(name, module)
+    if layer is None or layer.weight is None:
+        return f"{name}'s weight stays in float"
+    granularity = weight_spec_for(module, layer.weight).granularity
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    dims = weight.dim()
+    # Per channel on axis 0, or groups along the last axis: inside one output channel's row.
+    if (isinstance(granularity, PerChannel) and granularity.axis % dims == 0) or (
+        isinstance(granularity, PerGroup) and granularity.axis % dims == dims - 1
+    ):
+        return f"{name} has a weight scale per output channel"
+    return ""
 
 
 def _bias_clone(module: nn.Module) -> Tensor | None:

@@ -262,6 +262,21 @@ def test_onednn_conv_matches_simulation(config, fused, monkeypatch):
         assert int_model(torch.randn(0, 3, 15, 13)).shape == sim(torch.randn(0, 3, 15, 13)).shape
 
 
+@pytest.mark.skipif(not kernels.onednn_conv_available(), reason="no oneDNN in this torch")
+def test_compiled_converted_conv_model_matches_eager(monkeypatch):
+    """`torch.compile(convert(...))`, the fast route of docs/kernels.md: dynamo traces the eager
+    kernels (no nested compile) and inductor fuses the elementwise steps around the oneDNN
+    convolutions, with the same numbers."""
+    monkeypatch.setitem(kernels.compile._state, "enabled", True)
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 15, 13)]
+    int_model = convert(quantize(ConvNet(), presets.int8(), calib, progress=False))
+    compiled = torch.compile(int_model)
+    x = torch.randn(2, 3, 15, 13)
+    with torch.no_grad():
+        assert _rel(compiled(x), int_model(x)) < 1e-5
+
+
 def test_conv_without_kernel_keeps_the_fallback():
     class Custom(nn.Conv2d):
         def forward(self, x: Tensor) -> Tensor:

@@ -4,9 +4,15 @@ Models, all from the same float network and the same 64 calibration images (sort
 - fp32: `torch.onnx.export` of the float model;
 - lowbit int8_asymmetric / int8 (TensorRT-style): `lowbit.quantize` (min-max) + `export_onnx`;
 - lowbit int8_asymmetric+res: as int8_asymmetric, plus uint8 outputs of the residual-branch
-  (projection) convolutions, the tensors ORT quantizes and the preset leaves in float;
+  (projection) convolutions, the tensors ORT quantizes and the preset leaves in float; also with
+  the MSE calibrator;
 - ort quantize_static: `onnxruntime.quantization.quantize_static` of the fp32 file (QDQ,
-  per_channel=True, uint8 activations, int8 weights, default MinMax).
+  per_channel=True, uint8 activations, int8 weights), with its default MinMax calibration and
+  with Percentile.
+
+With --float64-control (slow: float64 convolutions), lowbit's own simulation of int8_asymmetric is
+also run in float64, to show how many images flip between two exact implementations that differ
+only in float rounding: the floor of the "agree" column for any runtime.
 
 Each is timed in ONNX Runtime (CPU, intra_op_num_threads=2, default graph optimizations) at batch 1
 and batch 32: warm-up, then the median of interleaved rounds (every model once per round, so a
@@ -15,6 +21,7 @@ agreement with lowbit's own simulation of the same model. The graph ORT actually
 (`SessionOptions.optimized_model_filepath`) and its integer convolutions counted.
 
     .venv/bin/python benchmarks/onnx_runtime.py [--data DIR] [--rounds N] [--eval-limit N]
+                                                [--float64-control]
 
 Prints a markdown table and writes benchmarks/results/onnx_runtime.json.
 """
@@ -22,6 +29,7 @@ Prints a markdown table and writes benchmarks/results/onnx_runtime.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -91,9 +99,10 @@ def export_fp32(model: nn.Module, example: Tensor, path: Path) -> None:
         )
 
 
-def ort_quantize_static(fp32_path: Path, calib: Tensor, path: Path) -> None:
+def ort_quantize_static(fp32_path: Path, calib: Tensor, path: Path, method: str) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
+        CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
@@ -114,6 +123,7 @@ def ort_quantize_static(fp32_path: Path, calib: Tensor, path: Path) -> None:
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        calibrate_method=getattr(CalibrationMethod, method),
     )
 
 
@@ -137,6 +147,14 @@ def predict(sess: Any, x: Tensor) -> Tensor:
 def simulate(model: nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         return torch.cat([model(b) for b in x.split(BATCH)])
+
+
+def float64_control(qmodel: nn.Module, x: Tensor, sim: Tensor) -> dict[str, Any]:
+    """Agreement of the float64 simulation with the float32 one: the floor any runtime meets."""
+    model64 = copy.deepcopy(qmodel).double()
+    logits = simulate(model64, x.double()).float()
+    agree = (logits.argmax(1) == sim.argmax(1)).float().mean().item()
+    return {"agree": agree, "max": (logits - sim).abs().max().item()}
 
 
 def optimized_ops(path: Path, tmp: Path) -> dict[str, int]:
@@ -193,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="imagenet-sample folder")
     parser.add_argument("--rounds", type=int, default=10, help="timing rounds")
     parser.add_argument("--eval-limit", type=int, default=None, help="smoke runs: fewer images")
+    parser.add_argument("--float64-control", action="store_true", help="see the docstring")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     data_dir = args.data or default_data_dir()
@@ -212,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     lowbit_models = {
         "lowbit int8_asymmetric": presets.int8_asymmetric(),
         "lowbit int8_asymmetric+res": with_residual_outputs(presets.int8_asymmetric()),
+        "lowbit int8_asymmetric+res mse": with_residual_outputs(presets.int8_asymmetric("mse")),
         "lowbit int8 (TensorRT-style)": presets.int8(),
     }
     rows: list[Row] = []
@@ -223,20 +243,25 @@ def main(argv: list[str] | None = None) -> int:
         export_fp32(fp32, calib[:1], paths["fp32"])
         rows.append(Row("fp32", "torch.onnx.export"))
         sims: dict[str, Tensor] = {}
+        control: dict[str, Any] | None = None
         for name, config in lowbit_models.items():
             qmodel = quantize(fp32, config, list(calib.split(BATCH)), progress=False)
-            paths[name] = tmp / f"{name.split()[1]}.onnx"
+            paths[name] = tmp / f"{'_'.join(name.split()[1:3])}.onnx"
             t0 = time.perf_counter()
             export_onnx(qmodel, calib[:1], paths[name])
             row = Row(name, "lowbit.quantize + export_onnx")
             row.notes.append(f"export {time.perf_counter() - t0:.1f}s")
             sims[name] = simulate(qmodel, evals)
+            if args.float64_control and control is None:
+                control = float64_control(qmodel, evals, sims[name])
             rows.append(row)
             print(f"[{time.perf_counter() - start:5.0f}s] exported {name}", flush=True)
-        paths["ort quantize_static"] = tmp / "ort_static.onnx"
-        ort_quantize_static(paths["fp32"], calib, paths["ort quantize_static"])
-        rows.append(Row("ort quantize_static", "QDQ, per_channel, u8/s8, MinMax"))
-        print(f"[{time.perf_counter() - start:5.0f}s] ORT quantize_static done", flush=True)
+        for method in ("MinMax", "Percentile"):
+            name = f"ort quantize_static {method}"
+            paths[name] = tmp / f"ort_static_{method}.onnx"
+            ort_quantize_static(paths["fp32"], calib, paths[name], method)
+            rows.append(Row(name, f"QDQ, per_channel, u8/s8, {method}"))
+            print(f"[{time.perf_counter() - start:5.0f}s] ORT quantize_static {method}", flush=True)
 
         for row in rows:
             path = paths[row.name]
@@ -257,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(table(rows))
+    if control is not None:
+        print(
+            f"\ncontrol: lowbit's float64 simulation vs its float32 one (int8_asymmetric): "
+            f"top-1 agreement {100 * control['agree']:.2f}%, max |logit difference| "
+            f"{control['max']:.3f}"
+        )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     meta = {
         "model": "efficientnet-lite0",
@@ -270,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": time.perf_counter() - start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    result = {"meta": meta, "rows": [asdict(r) for r in rows], "float64_control": control}
+    args.out.write_text(json.dumps(result, indent=2))
     print(f"\nload average {load}; wrote {args.out}")
     return 0
 

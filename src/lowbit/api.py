@@ -17,8 +17,10 @@ from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
 from lowbit.transforms.fold_bn import fold_batchnorm
+from lowbit.transforms.fusable_outputs import layers_needing_output_quantizers
 from lowbit.transforms.swap import (
     LayerRecord,
+    add_output_quantizers,
     qat_quantizers,
     static_quantizers,
     swap_modules,
@@ -80,10 +82,33 @@ def quantize(
     with torch.no_grad():
         folded = fold_batchnorm(model, lambda m: run_batch(m, example, forward))
         records = swap_modules(model, config, static_quantizers(config))
+        if config.fusable_outputs and config.input is not None:
+            records = _quantize_fusable_outputs(model, config, example, forward, records)
         calibrate(model, calib_data, forward=forward, progress=progress)
     summary = QuantSummary(tuple(records), tuple(folded))
     _attach_summary(model, summary, progress)
     return model
+
+
+def _quantize_fusable_outputs(
+    model: nn.Module,
+    config: QuantConfig,
+    example: Any,
+    forward: Forward | None,
+    records: list[LayerRecord],
+) -> list[LayerRecord]:
+    """Output quantizers (input spec) for the layers whose outputs no runtime can fuse."""
+    assert config.input is not None
+    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:  # the watch pass needs no calibration and must not feed calibrators
+        q.set_mode("off")
+    try:
+        names = layers_needing_output_quantizers(model, lambda: run_batch(model, example, forward))
+    finally:
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.set_mode(mode)
+    return add_output_quantizers(model, names, config.input, static_quantizers(config), records)
 
 
 def calibrate(

@@ -30,6 +30,11 @@ class QuantConfig:
         names ("features.0.*", "classifier"); values are a `LayerQuant`, or `None` to keep the
         layer in float. Name patterns win over types; among equals the later entry wins.
     learnable_scales: for QAT, train the scales (LSQ) instead of tracking weight ranges.
+    fusable_outputs: `quantize` also quantizes, with the input spec, the output of each layer
+        whose output reaches an op other than a quantized layer or an activation (a residual
+        Add, a pool, a concat), found by watching one forward pass. ONNX Runtime and TensorRT
+        run a conv / matmul in integer only when its output is quantized; without this such
+        layers stay float in the runtime (see docs/export.md). Layers with an output spec keep it.
     """
 
     weight: QuantSpec | None = None
@@ -39,6 +44,7 @@ class QuantConfig:
     calibrator_args: dict[str, Any] = field(default_factory=dict)
     overrides: dict[type[nn.Module] | str, LayerQuant | None] = field(default_factory=dict)
     learnable_scales: bool = False
+    fusable_outputs: bool = False
 
     def __post_init__(self) -> None:
         for key, value in self.overrides.items():

@@ -15,10 +15,16 @@ def int8(calibrator: str = "minmax") -> QuantConfig:
     return QuantConfig(weight=_INT8_WEIGHT, input=_INT8_ACT, calibrator=calibrator)
 
 
-def int8_asymmetric(calibrator: str = "minmax") -> QuantConfig:
-    """W8A8 as ONNX Runtime and TFLite: int8 per-channel weights, uint8 affine inputs."""
+def int8_asymmetric(calibrator: str = "minmax", fusable_outputs: bool = False) -> QuantConfig:
+    """W8A8 as ONNX Runtime and TFLite: int8 per-channel weights, uint8 affine inputs.
+
+    fusable_outputs=True also quantizes the layer outputs that feed residual Adds, pools and the
+    like (`QuantConfig.fusable_outputs`), so ONNX Runtime runs every conv as QLinearConv.
+    """
     act = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor())
-    return QuantConfig(weight=_INT8_WEIGHT, input=act, calibrator=calibrator)
+    return QuantConfig(
+        weight=_INT8_WEIGHT, input=act, calibrator=calibrator, fusable_outputs=fusable_outputs
+    )
 
 
 def weight_only(bits: int = 8, group_size: int | None = None) -> QuantConfig:

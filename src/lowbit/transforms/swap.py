@@ -143,6 +143,27 @@ def _wrap(
     return QuantModule(module, weight_q, input_q, output_q)
 
 
+def add_output_quantizers(
+    model: nn.Module,
+    names: list[str],
+    spec: QuantSpec,
+    make_quantizer: QuantizerFactory,
+    records: list[LayerRecord],
+) -> list[LayerRecord]:
+    """Give the named QuantModules that have none an output quantizer; return updated records."""
+    modules = dict(model.named_modules())
+    added = set()
+    for name in names:
+        m = modules[name]
+        if isinstance(m, QuantModule) and m.output_quantizer is None:
+            m.output_quantizer = make_quantizer(spec, "output")
+            added.add(name)
+    return [
+        LayerRecord(r.name, r.kind, r.quantized, _how(modules[r.name])) if r.name in added else r
+        for r in records
+    ]
+
+
 def _how(wrapped: QuantModule) -> str:
     parts = [f"{role[0].upper()} {describe(q.spec)}" for role, q in wrapped.quantizers().items()]
     return ", ".join(parts)

@@ -27,9 +27,12 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest
 
+# Each benchmark prints a table and writes benchmarks/results/<name>.json (see its docstring).
+BENCHMARKS := efficientnet_lite0 onnx_runtime kernels efficientnet_algorithms minilm minilm_dynamic
+
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
-	$(PY) benchmarks/run_all.py
+	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -3,9 +3,9 @@
 Models, all from the same float network and the same 64 calibration images (sorted file order):
 - fp32: `torch.onnx.export` of the float model;
 - lowbit int8_asymmetric / int8 (TensorRT-style): `lowbit.quantize` (min-max) + `export_onnx`;
-- lowbit int8_asymmetric+res: as int8_asymmetric, plus uint8 outputs of the residual-branch
-  (projection) convolutions, the tensors ORT quantizes and the preset leaves in float; also with
-  the MSE calibrator;
+- lowbit int8_asymmetric fusable: `int8_asymmetric(fusable_outputs=True)`, which also quantizes
+  the conv outputs that reach the residual Adds and the pool (14 projection convs and the head),
+  so ORT can run every conv as QLinearConv; also with the MSE calibrator;
 - ort quantize_static: `onnxruntime.quantization.quantize_static` of the fp32 file (QDQ,
   per_channel=True, uint8 activations, int8 weights), with its default MinMax calibration and
   with Percentile.
@@ -48,7 +48,6 @@ from torch import Tensor, nn
 
 from lowbit import presets
 from lowbit.api import quantize
-from lowbit.config import LayerQuant, QuantConfig
 from lowbit.export import export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,13 +74,6 @@ class Row:
     int8_convs: str = ""
     optimized_ops: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def with_residual_outputs(config: QuantConfig) -> QuantConfig:
-    """Also quantize the outputs of MBConv projection convs (they feed the residual Add)."""
-    projection = LayerQuant(weight=config.weight, input=config.input, output=config.input)
-    config.overrides["_blocks.*._project_conv"] = projection
-    return config
 
 
 def export_fp32(model: nn.Module, example: Tensor, path: Path) -> None:
@@ -230,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = load_model()
     lowbit_models = {
         "lowbit int8_asymmetric": presets.int8_asymmetric(),
-        "lowbit int8_asymmetric+res": with_residual_outputs(presets.int8_asymmetric()),
-        "lowbit int8_asymmetric+res mse": with_residual_outputs(presets.int8_asymmetric("mse")),
+        "lowbit int8_asymmetric fusable": presets.int8_asymmetric(fusable_outputs=True),
+        "lowbit int8_asymmetric fusable mse": presets.int8_asymmetric("mse", fusable_outputs=True),
         "lowbit int8 (TensorRT-style)": presets.int8(),
     }
     rows: list[Row] = []

@@ -6,7 +6,8 @@
    and the `torch._int_mm` route that non-VNNI CPUs run), vs
    torch.ao.quantization.quantize_dynamic (fbgemm, per-tensor activations) and FP32 F.linear, at
    (M, K, N) in (1,768,768), (128,768,3072), (4096,768,768), (1,4096,4096); output error of each
-   vs the float64 product.
+   vs the float64 product. The one-token shapes again through a stack of distinct layers holding
+   128 MB of int8 weights, as in decoding (weights from memory, not from cache).
 2. Weight-only int8 (`_weight_int8pack_mm`) and int4 group 128 (`_weight_int4pack_mm_for_cpu`)
    Linear at M=1, 4096x4096, vs FP32.
 3. EfficientNet-Lite0 at batch 32: lowbit.convert of lowbit.quantize(int8()) vs torchao PT2E +
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 THREADS = 1  # see --threads
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
 DYNAMIC_SHAPES = [(1, 768, 768), (128, 768, 3072), (4096, 768, 768), (1, 4096, 4096)]
+STACK_BYTES = 128 << 20  # int8 weights of the decode-stack rows: 4x a 32 MB last-level cache
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
@@ -84,7 +86,45 @@ def bench_dynamic(rounds: int) -> list[dict[str, Any]]:
         row = _bench_dynamic_shape(m, k, n, rounds)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    for m, k, n in DYNAMIC_SHAPES:
+        if m == 1:
+            row = _bench_decode_stack(k, n, rounds)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
+
+
+def _bench_decode_stack(k: int, n: int, rounds: int) -> dict[str, Any]:
+    """One token through a stack of distinct [k, n] layers holding STACK_BYTES of int8 weights
+    (more than the last-level cache), as when decoding: every weight comes from memory. The
+    per-shape rows above call one layer again and again, so its weight stays cached."""
+    torch.manual_seed(0)
+    depth = max(2, STACK_BYTES // (k * n))
+    layers = nn.ModuleList(nn.Linear(k, n) for _ in range(depth)).eval()
+    x = torch.randn(1, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fbgemm = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(layers), {nn.Linear}, dtype=torch.qint8
+        )
+    ours = lowbit.quantize_dynamic(layers)
+
+    def stack(model: nn.Module) -> Callable[[], None]:
+        return lambda: [layer(x) for layer in model]  # type: ignore[union-attr]
+
+    with torch.no_grad():
+        total = interleaved(
+            {"fp32": stack(layers), "fbgemm": stack(fbgemm), "lowbit": stack(ours)}, rounds
+        )
+    ms = {name: t / depth for name, t in total.items()}  # per layer
+    return {
+        "bench": "dynamic_stack",
+        "shape": [1, k, n],
+        "depth": depth,
+        "ms": ms,
+        "speedup_vs_fbgemm": ms["fbgemm"] / ms["lowbit"],
+        "speedup_vs_fp32": ms["fp32"] / ms["lowbit"],
+    }
 
 
 def _bench_dynamic_shape(m: int, k: int, n: int, rounds: int) -> dict[str, Any]:
@@ -302,6 +342,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             )
             err = ", ".join(f"{k} {v:.2e}" for k, v in r["rel_err"].items())
             case = "x".join(map(str, r["shape"])) + f" ({r['route']})"
+        elif r["bench"] == "dynamic_stack":
+            ratio = f"vs fbgemm {r['speedup_vs_fbgemm']:.2f}x, vs fp32 {r['speedup_vs_fp32']:.2f}x"
+            err = "as the per-shape row"
+            case = "x".join(map(str, r["shape"])) + f", {r['depth']} distinct layers, per layer"
         elif r["bench"] == "weight_only":
             ratio = (
                 f"int8 vs fp32 {r['int8_speedup_vs_fp32']:.2f}x, "

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit import presets
-from lowbit.api import quant_modules, quantize
+from lowbit.api import prepare_qat, quant_modules, quantize
 from lowbit.export import export_onnx
 
 
@@ -55,6 +56,18 @@ def test_finds_the_layers_whose_outputs_reach_unfusable_ops():
         assert q is not None and q.has_qparams and q.spec == presets.int8_asymmetric().input
     assert "O uint8 affine per-tensor" in str(qmodel.lowbit_summary)
     assert all(m.output_quantizer is None for m in quant_modules(_quantize(False)).values())
+
+
+def test_qat_gets_the_same_output_quantizers():
+    torch.manual_seed(0)
+    calib = [torch.randn(8, 3, 10, 10)]
+    config = presets.int8_asymmetric(fusable_outputs=True)
+    qat = prepare_qat(ResidualNet(), config, calib, progress=False)
+    with_output = {n for n, m in quant_modules(qat).items() if m.output_quantizer is not None}
+    assert with_output == {"stem", "project", "head"}
+    qat(torch.randn(2, 3, 10, 10)).sum().backward()  # trains through them
+    with pytest.raises(ValueError, match="calib_data"):
+        prepare_qat(ResidualNet(), config, progress=False)
 
 
 def _integer_convs(path: Path, tmp_path: Path) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from lowbit.transforms.fold_bn import fold_batchnorm
 from lowbit.transforms.fusable_outputs import layers_needing_output_quantizers
 from lowbit.transforms.swap import (
     LayerRecord,
+    QuantizerFactory,
     add_output_quantizers,
     qat_quantizers,
     static_quantizers,
@@ -83,7 +84,9 @@ def quantize(
         folded = fold_batchnorm(model, lambda m: run_batch(m, example, forward))
         records = swap_modules(model, config, static_quantizers(config))
         if config.fusable_outputs and config.input is not None:
-            records = _quantize_fusable_outputs(model, config, example, forward, records)
+            records = _quantize_fusable_outputs(
+                model, config, example, forward, records, static_quantizers(config)
+            )
         calibrate(model, calib_data, forward=forward, progress=progress)
     summary = QuantSummary(tuple(records), tuple(folded))
     _attach_summary(model, summary, progress)
@@ -96,6 +99,7 @@ def _quantize_fusable_outputs(
     example: Any,
     forward: Forward | None,
     records: list[LayerRecord],
+    make_quantizer: QuantizerFactory,
 ) -> list[LayerRecord]:
     """Output quantizers (input spec) for the layers whose outputs no runtime can fuse."""
     assert config.input is not None
@@ -108,7 +112,7 @@ def _quantize_fusable_outputs(
     finally:
         for q, mode in zip(quantizers, modes, strict=True):
             q.set_mode(mode)
-    return add_output_quantizers(model, names, config.input, static_quantizers(config), records)
+    return add_output_quantizers(model, names, config.input, make_quantizer, records)
 
 
 def calibrate(
@@ -183,6 +187,8 @@ def prepare_qat(
         )
     if config.learnable_scales and calib_data is None:
         raise ValueError("learnable scales start from calibrated ranges: pass calib_data")
+    if config.fusable_outputs and calib_data is None:
+        raise ValueError("fusable_outputs watches one forward pass: pass calib_data")
     if not inplace:
         model = copy.deepcopy(model)
     pairs: list[tuple[str, str]] = []
@@ -196,6 +202,11 @@ def prepare_qat(
     if calib_data is not None:
         was_training = model.training
         model.eval()
+        if config.fusable_outputs and config.input is not None:
+            with torch.no_grad():
+                records = _quantize_fusable_outputs(
+                    model, config, example, forward, records, qat_quantizers(config)
+                )
         calibrate(model, calib_data, forward=forward, progress=progress)
         model.train(was_training)
     model.lowbit_bn_pairs = pairs  # type: ignore[assignment]

@@ -30,7 +30,8 @@ class QuantConfig:
         names ("features.0.*", "classifier"); values are a `LayerQuant`, or `None` to keep the
         layer in float. Name patterns win over types; among equals the later entry wins.
     learnable_scales: for QAT, train the scales (LSQ) instead of tracking weight ranges.
-    fusable_outputs: `quantize` also quantizes, with the input spec, the output of each layer
+    fusable_outputs: `quantize` (and `prepare_qat`, given calib_data) also quantizes, with the
+        input spec, the output of each layer
         whose output reaches an op other than a quantized layer or an activation (a residual
         Add, a pool, a concat), found by watching one forward pass. ONNX Runtime and TensorRT
         run a conv / matmul in integer only when its output is quantized; without this such

@@ -37,7 +37,7 @@ from lowbit.nn.modules import QuantModule
 from lowbit.spec import PerTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imagenet_sample import default_data_dir, inception_pixels, load_sample, missing_reason
+from imagenet_sample import calib_eval_split, default_data_dir, missing_reason
 
 # lowbit.conversion and lowbit.io are new; the benchmark runs without them (simulated rows only).
 try:
@@ -256,14 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     t0 = time.perf_counter()
-    sample = load_sample(data_dir)
-    x = inception_pixels(sample.images)
-    labels = sample.labels
-    end = None if args.eval_limit is None else N_CALIB + args.eval_limit
-    calib, evals = x[:N_CALIB], (x[N_CALIB:end], labels[N_CALIB:end])
+    split = calib_eval_split(data_dir, N_CALIB, args.eval_limit)
+    calib, evals = split.calib, (split.evals, split.labels)
     print(
-        f"loaded {len(sample)} images in {time.perf_counter() - t0:.1f}s: calibrate on "
-        f"{N_CALIB}, evaluate on {len(evals[1])}; {THREADS} threads, batch {BATCH}"
+        f"loaded the sample in {time.perf_counter() - t0:.1f}s: calibrate on {N_CALIB}, "
+        f"evaluate on {len(evals[1])}; {THREADS} threads, batch {BATCH}"
     )
     if lowbit_convert is None or lowbit_save is None:
         print(

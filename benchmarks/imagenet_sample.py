@@ -96,3 +96,21 @@ def load_sample(data_dir: Path, crop: int = 224, resize_short: int | None = 256)
 def inception_pixels(images: Tensor) -> Tensor:
     """uint8 RGB to float in [-1, 1], the input EfficientNet-Lite was trained on."""
     return (images.float() - 127.5) / 127.5
+
+
+@dataclass(frozen=True)
+class PixelSplit:
+    """Inception-scaled pixels: calibration images, evaluation images and their labels."""
+
+    calib: Tensor
+    evals: Tensor
+    labels: Tensor
+
+
+def calib_eval_split(data_dir: Path, n_calib: int, eval_limit: int | None = None) -> PixelSplit:
+    """The first `n_calib` images (sorted file order) to calibrate on, the next `eval_limit`
+    (default: all the others) to evaluate on, as `inception_pixels`."""
+    sample = load_sample(data_dir)
+    x = inception_pixels(sample.images)
+    end = None if eval_limit is None else n_calib + eval_limit
+    return PixelSplit(x[:n_calib], x[n_calib:end], sample.labels[n_calib:end])

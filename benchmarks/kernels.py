@@ -206,17 +206,15 @@ def bench_weight_only(rounds: int) -> list[dict[str, Any]]:
 
 def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:
     from efficientnet_lite0 import load_model
-    from imagenet_sample import default_data_dir, inception_pixels, load_sample, missing_reason
+    from imagenet_sample import calib_eval_split, default_data_dir, missing_reason
 
     data_dir = default_data_dir()
     reason = missing_reason(data_dir)
     if reason:
         print(f"conv: skipped: {reason}")
         return []
-    sample = load_sample(data_dir)
-    images = inception_pixels(sample.images)
-    calib, rest = images[:64], images[64:]
-    labels = sample.labels[64:]
+    split = calib_eval_split(data_dir, 64)
+    calib, rest, labels = split.calib, split.evals, split.labels
     calib_batches = [calib[i : i + 32] for i in range(0, 64, 32)]
     model = load_model()
     x = rest[:32].contiguous()

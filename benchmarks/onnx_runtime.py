@@ -52,7 +52,7 @@ from lowbit.export import export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model
-from imagenet_sample import default_data_dir, inception_pixels, load_sample, missing_reason
+from imagenet_sample import calib_eval_split, default_data_dir, missing_reason
 
 N_CALIB = 64
 BATCH = 32
@@ -213,10 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
-    sample = load_sample(data_dir)
-    x = inception_pixels(sample.images)
-    end = None if args.eval_limit is None else N_CALIB + args.eval_limit
-    calib, evals, labels = x[:N_CALIB], x[N_CALIB:end], sample.labels[N_CALIB:end]
+    split = calib_eval_split(data_dir, N_CALIB, args.eval_limit)
+    calib, evals, labels = split.calib, split.evals, split.labels
     print(f"calibrate on {len(calib)} images, evaluate on {len(evals)}; {THREADS} threads")
 
     fp32 = load_model()

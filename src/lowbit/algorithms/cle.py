@@ -43,7 +43,12 @@ from lowbit.batches import Forward, check_batch, first_batch, run_batch, tensors
 from lowbit.config import QuantConfig, weight_spec_for
 from lowbit.nn.modules import QuantModule
 from lowbit.spec import PerChannel, PerGroup
-from lowbit.transforms.fold_bn import PRODUCER_TYPES, flatten_outputs, fold_batchnorm
+from lowbit.transforms.fold_bn import (
+    PRODUCER_TYPES,
+    flatten_outputs,
+    fold_batchnorm,
+    is_metadata,
+)
 
 __all__ = ["EqualizationReport", "EqualizedPair", "equalize"]
 
@@ -60,25 +65,6 @@ _PASS_THROUGH: tuple[type[nn.Module], ...] = (
 )
 _ACT_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh)
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
-_METADATA = frozenset(
-    {
-        "shape",
-        "dtype",
-        "device",
-        "ndim",
-        "layout",
-        "requires_grad",
-        "grad_fn",
-        "is_cuda",
-        "names",
-        "size",
-        "dim",
-        "numel",
-        "__len__",
-        "is_floating_point",
-        "stride",
-    }
-)
 # Largest rescaling allowed per step: keeps a dead channel (range ~0) from producing Inf.
 _MAX_SCALE = 1e6
 
@@ -489,9 +475,9 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         graph = self.graph
         name = getattr(func, "__name__", "")
-        if name == "__get__":
+        if name == "__get__":  # a property: name it by its owner (x.T -> "T")
             name = getattr(getattr(func, "__self__", None), "__name__", "")
-        record = graph.depth == 0 and graph.node_of and name not in _METADATA
+        record = graph.depth == 0 and graph.node_of and not is_metadata(func)
         act = _function_act(func, args, kwargs) if record else None
         first = args[0] if args else None
         source = graph.node_of.get(id(first)) if isinstance(first, Tensor) else None

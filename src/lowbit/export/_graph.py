@@ -198,7 +198,7 @@ def fold_zero_pad_into_conv(graph: Any) -> int:
     the dequantized float tensor and requantizes it, which costs more than the convolution.
     Subclassed convs that pad then convolve (EfficientNet's Conv2dStaticSamePadding) need it.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     inits = {t.name: t for t in graph.initializer}
     consumers = _consumers(graph)
@@ -208,7 +208,7 @@ def fold_zero_pad_into_conv(graph: Any) -> int:
         if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]:
             continue
         conv = users[0]
-        amounts = _zero_pad_amounts(pad, inits, numpy_helper)
+        amounts = _zero_pad_amounts(pad, inits)
         attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
         if amounts is None or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             continue
@@ -228,8 +228,10 @@ def fold_zero_pad_into_conv(graph: Any) -> int:
     return len(folded)
 
 
-def _zero_pad_amounts(pad: Any, inits: dict[str, Any], numpy_helper: Any) -> list[int] | None:
+def _zero_pad_amounts(pad: Any, inits: dict[str, Any]) -> list[int] | None:
     """The Pad's amounts when it pads spatial dimensions only, with zeros, by constant amounts."""
+    from onnx import numpy_helper
+
     mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
     if mode != "constant" or len(pad.input) < 2 or pad.input[1] not in inits:
         return None

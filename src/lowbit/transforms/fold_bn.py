@@ -143,7 +143,9 @@ class _Trace:
     bn_depth: int = 0
 
 
-def _is_metadata(func: Callable[..., Any]) -> bool:
+def is_metadata(func: Callable[..., Any]) -> bool:
+    """Whether a torch function seen by a TorchFunctionMode only reads a tensor's metadata
+    (x.shape, x.size(), ...): such a call does not consume the tensor's values."""
     name = getattr(func, "__name__", "")
     if name == "__get__":
         owner = getattr(func, "__self__", None)
@@ -167,7 +169,7 @@ class _UseRecorder(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         trace = self.trace
-        if trace.bn_depth == 0 and trace.outputs and not _is_metadata(func):
+        if trace.bn_depth == 0 and trace.outputs and not is_metadata(func):
             for t in tensors_of((args, kwargs)):
                 if id(t) in trace.outputs:
                     trace.function_users[id(t)] = trace.function_users.get(id(t), 0) + 1

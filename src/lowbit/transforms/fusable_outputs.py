@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
+from lowbit.batches import tensors_of
 from lowbit.nn.modules import QuantModule
+from lowbit.transforms.fold_bn import is_metadata
 
 # What a runtime fuses into the producing layer, or what leaves the values as they are: the
 # output flows on through these to its real consumer.
@@ -42,8 +43,6 @@ _PASS_THROUGH: set[Callable[..., Any]] = {
     F.dropout,
     torch.dropout,
 }
-# Reads of metadata (x.shape is a property: its getter arrives here as "__get__").
-_METADATA = {"__get__", "size", "dim", "numel", "is_floating_point"}
 
 
 class _Watch(TorchFunctionMode):
@@ -70,12 +69,10 @@ class _Watch(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if self.inside or getattr(func, "__name__", "") in _METADATA:
+        if self.inside or is_metadata(func):
             return result
         sources = {
-            self.producer[id(t)]
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, Tensor) and id(t) in self.producer
+            self.producer[id(t)] for t in tensors_of((args, kwargs)) if id(t) in self.producer
         }
         if not sources:
             return result

@@ -108,7 +108,7 @@ def _quantize_fusable_outputs(
     for q in quantizers:  # the watch pass needs no calibration and must not feed calibrators
         q.set_mode("off")
     try:
-        names = layers_needing_output_quantizers(model, lambda: run_batch(model, example, forward))
+        names = layers_needing_output_quantizers(model, example, forward)
     finally:
         for q, mode in zip(quantizers, modes, strict=True):
             q.set_mode(mode)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -27,6 +28,19 @@ def run_batch(model: nn.Module, batch: Any, forward: Forward | None = None) -> A
         f"cannot feed a batch of type {type(batch).__name__} to the model: pass a "
         "tensor, a tuple (inputs, ...), a dict of keyword inputs, or forward="
     )
+
+
+def run_hooked(
+    model: nn.Module, batch: Any, forward: Forward | None, handles: Iterable[RemovableHandle]
+) -> Any:
+    """One no-grad pass of `batch` through `model`, then remove `handles` (the hooks registered
+    to watch that pass), also when it raises."""
+    try:
+        with torch.no_grad():
+            return run_batch(model, batch, forward)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def check_batch(batch: Any) -> None:

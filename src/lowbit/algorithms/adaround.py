@@ -53,7 +53,7 @@ from lowbit.algorithms._sequential import (
     pick_rows,
     rows_at,
 )
-from lowbit.batches import Forward, run_batch
+from lowbit.batches import Forward, run_batch, run_hooked
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -184,12 +184,7 @@ def adaround(
             return hook
 
         handles = [qm.register_forward_pre_hook(make_hook(n)) for n, qm in targets.items()]
-        try:
-            with torch.no_grad():
-                run_batch(qmodel, batch, forward)
-        finally:
-            for h in handles:
-                h.remove()
+        run_hooked(qmodel, batch, forward, handles)
     never = [n for n in targets if n not in seen]
     skipped += [(n, "did not run on the calibration data") for n in never]
     if never:

@@ -26,24 +26,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lowbit.algorithms._sequential import check_qmodel, concat_batches, layer_progress
-from lowbit.batches import Forward, run_batch, tensors_of
+from lowbit.batches import Forward, run_hooked, tensors_of
+from lowbit.transforms.fold_bn import PRODUCER_TYPES
 
 __all__ = ["BiasCorrection", "LayerCorrection", "bias_correction"]
 
-_CORRECTABLE: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
 _MIN_SAMPLES = 4  # two per half for the held-out check
 
 
@@ -152,7 +143,7 @@ def bias_correction(
     targets = {
         n: m
         for n, m in layers.items()
-        if isinstance(m.module, _CORRECTABLE) and m.weight_quantizer is not None
+        if isinstance(m.module, PRODUCER_TYPES) and m.weight_quantizer is not None
     }
     if not targets:
         raise ValueError("qmodel has no Linear or Conv layer with quantized weights to correct")
@@ -197,12 +188,7 @@ def bias_correction(
             qm.module.register_forward_hook(correct(n, qm.module.weight), with_kwargs=True)
             for n, qm in targets.items()
         ]
-        try:
-            with torch.no_grad():
-                run_batch(qmodel, batch, forward)
-        finally:
-            for h in handles:
-                h.remove()
+        run_hooked(qmodel, batch, forward, handles)
     report = BiasCorrection(tuple(done), samples)
     qmodel.lowbit_bias_correction = report  # type: ignore[assignment]
     if progress:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowbit.batches import Forward, check_batch, first_batch, run_batch
+from lowbit.batches import Forward, check_batch, first_batch, run_batch, run_hooked
 
 __all__ = [
     "capture_batches",
@@ -147,10 +147,5 @@ def execution_order(
 
     for m in layers:
         handles.append(m.register_forward_pre_hook(make_hook(m)))
-    try:
-        with torch.no_grad():
-            run_batch(model, batch, forward)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batch, forward, handles)
     return order

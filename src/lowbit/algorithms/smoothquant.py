@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowbit.batches import Forward, check_batch, first_batch, run_batch, tensors_of
+from lowbit.batches import Forward, check_batch, first_batch, run_batch, run_hooked, tensors_of
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -150,12 +150,7 @@ def find_scale_groups(
     # QuantModules wrap their Linear: a quantized Linear is not a producer here
     for name, m in consumers:
         handles.append(m.register_forward_pre_hook(in_hook(name)))
-    try:
-        with torch.no_grad():
-            run_batch(model, batch, forward)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batch, forward, handles)
     groups: list[ScaleGroup] = []
     by_tensor: dict[int, ScaleGroup] = {}
     for name, m, x in received:

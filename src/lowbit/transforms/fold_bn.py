@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from lowbit.batches import tensors_of
 
-__all__ = ["PRODUCER_TYPES", "flatten_outputs", "fold_batchnorm", "fold_bn_into"]
+__all__ = ["PRODUCER_TYPES", "flatten_outputs", "fold_batchnorm", "fold_bn_into", "is_metadata"]
 
 _BN_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,

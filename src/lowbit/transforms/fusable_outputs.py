@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lowbit.batches import tensors_of
+from lowbit.batches import Forward, run_hooked, tensors_of
 from lowbit.nn.modules import QuantModule
 from lowbit.transforms.fold_bn import is_metadata
 
@@ -83,9 +83,11 @@ class _Watch(TorchFunctionMode):
         return result
 
 
-def layers_needing_output_quantizers(model: nn.Module, run: Callable[[], Any]) -> list[str]:
+def layers_needing_output_quantizers(
+    model: nn.Module, batch: Any, forward: Forward | None = None
+) -> list[str]:
     """Names of the QuantModules of `model` whose output reaches an op other than a quantized
-    layer or an activation / reshape during `run()` (one forward pass). Model outputs are not
+    layer or an activation / reshape in one forward pass of `batch`. Model outputs are not
     counted: quantizing the logits would only cost accuracy."""
     watch = _Watch()
     handles = []
@@ -93,12 +95,8 @@ def layers_needing_output_quantizers(model: nn.Module, run: Callable[[], Any]) -
         if isinstance(m, QuantModule):
             handles.append(m.register_forward_pre_hook(lambda *_: _enter(watch)))
             handles.append(m.register_forward_hook(_leave_hook(watch, name)))
-    try:
-        with watch:
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    with watch:
+        run_hooked(model, batch, forward, handles)
     return sorted(watch.flagged)
 
 

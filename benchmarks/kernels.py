@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/kernels.py [--only dynamic weight_only conv] [--rounds N]
 
 1. Dynamic int8 Linear, per-token activation scales (lowbit.quantize_dynamic, the route it picks,
-   and the `torch._int_mm` route that non-VNNI CPUs run), vs
+   the `torch._int_mm` route that non-VNNI CPUs run, and the eager form that runs where lowbit's
+   C++ ops could not be built), vs
    torch.ao.quantization.quantize_dynamic (fbgemm, per-tensor activations) and FP32 F.linear, at
    (M, K, N) in (1,768,768), (128,768,3072), (4096,768,768), (1,4096,4096); output error of each
    vs the float64 product. The one-token shapes again through a stack of distinct layers holding
@@ -40,7 +41,7 @@ import lowbit
 from lowbit import kernels, presets
 from lowbit.api import quantize
 from lowbit.conversion import convert
-from lowbit.kernels import dynamic
+from lowbit.kernels import dynamic, native
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -148,11 +149,19 @@ def _bench_dynamic_shape(m: int, k: int, n: int, rounds: int) -> dict[str, Any]:
     def int_mm() -> Tensor:
         return dynamic.dynamic_int8_linear(x, fallback)
 
+    def eager() -> Tensor:  # the same routes without lowbit's C++ ops (no compiler)
+        kernels.set_compile(False)
+        try:
+            return ours(x)
+        finally:
+            kernels.set_compile(True)
+
     cands = {
         "fp32": lambda: lin(x),
         "fbgemm": lambda: fbgemm(x),
         "lowbit": lambda: ours(x),
         "lowbit_int_mm": int_mm,
+        "lowbit_eager": eager,
     }
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -163,17 +172,19 @@ def _bench_dynamic_shape(m: int, k: int, n: int, rounds: int) -> dict[str, Any]:
             "fbgemm": rel_err(fbgemm(x), ref),
             "lowbit": rel_err(ours(x), ref),
             "lowbit_int_mm": rel_err(int_mm(), ref),
+            "lowbit_eager": rel_err(eager(), ref),
         }
     weights = layer._dynamic_weights
     assert weights is not None
     return {
         "bench": "dynamic",
         "shape": [m, k, n],
-        "route": dynamic.choose_route(m, k, n, weights.routes),
+        "route": dynamic.choose_route(m, k, n, weights.routes, native.ops() is not None),
         "ms": ms,
         "speedup_vs_fbgemm": ms["fbgemm"] / ms["lowbit"],
         "speedup_vs_fp32": ms["fp32"] / ms["lowbit"],
         "int_mm_speedup_vs_fbgemm": ms["fbgemm"] / ms["lowbit_int_mm"],
+        "eager_speedup_vs_fbgemm": ms["fbgemm"] / ms["lowbit_eager"],
         "rel_err": err,
         "first_call_s": first_call_s,
     }
@@ -336,7 +347,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r["bench"] == "dynamic":
             ratio = (
                 f"vs fbgemm {r['speedup_vs_fbgemm']:.2f}x, vs fp32 {r['speedup_vs_fp32']:.2f}x, "
-                f"int_mm route vs fbgemm {r['int_mm_speedup_vs_fbgemm']:.2f}x"
+                f"int_mm route vs fbgemm {r['int_mm_speedup_vs_fbgemm']:.2f}x, "
+                f"without the C++ ops vs fbgemm {r['eager_speedup_vs_fbgemm']:.2f}x"
             )
             err = ", ".join(f"{k} {v:.2e}" for k, v in r["rel_err"].items())
             case = "x".join(map(str, r["shape"])) + f" ({r['route']})"

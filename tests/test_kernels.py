@@ -1,6 +1,6 @@
-"""lowbit.kernels against the simulation: per-token dynamic Linear (every GEMM route, compiled and
-eager, the route choice and its non-VNNI fallback) and oneDNN int8 Conv2d, on odd shapes, a batch
-of one and empty batches. No timing here (benchmarks/)."""
+"""lowbit.kernels against the simulation: per-token dynamic Linear (every GEMM route, as a C++ op
+and as eager torch ops, the route choice and its non-VNNI fallback) and oneDNN int8 Conv2d, on
+odd shapes, a batch of one and empty batches. No timing here (benchmarks/)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lowbit import kernels, numerics, presets
 from lowbit.api import quantize
 from lowbit.conversion import convert, quantize_dynamic, quantize_weights
-from lowbit.kernels import dynamic
+from lowbit.kernels import dynamic, native
 from lowbit.nn.int_modules import IntConv
 from lowbit.spec import PerChannel, QuantSpec
 
@@ -80,13 +80,15 @@ def _near_ties(rows: int, k: int, seed: int) -> Tensor:
     return out
 
 
-ROUTES = [r for r in dynamic.ROUTES if dynamic.u8_gemm_safe() or r == "int_mm"]
+ROUTES = dynamic._default_routes()
 
 
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("route", [*ROUTES, None])
 def test_dynamic_int8_linear_matches_simulation(route, compiled, monkeypatch):
     monkeypatch.setitem(kernels.compile._state, "enabled", compiled)
+    if compiled and native.ops() is None:
+        pytest.skip("lowbit's C++ kernels did not build here")
     torch.manual_seed(0)
     k, n = 45, 19  # not multiples of 8 or 16
     lin = nn.Linear(k, n)
@@ -97,8 +99,8 @@ def test_dynamic_int8_linear_matches_simulation(route, compiled, monkeypatch):
     weights = dynamic.DynamicLinearWeights(codes, w_scale, lin.bias.detach())
     if route is not None:
         assert route in weights.routes
-    # empty, a batch of one, odd, around FUSE_MIN_TOKENS
-    for m in (0, 1, 2, 3, 17, dynamic.FUSE_MIN_TOKENS - 1, dynamic.FUSE_MIN_TOKENS, 45):
+    # empty, a batch of one, odd, each of the VNNI kernel's row counts, around ONEDNN_MIN_ROWS
+    for m in (0, 1, 2, 3, 4, 5, 7, 17, dynamic.ONEDNN_MIN_ROWS - 1, dynamic.ONEDNN_MIN_ROWS, 45):
         x = torch.randn(m, k) * torch.rand(m, 1) * 5
         if m > 2:
             x[1] = 0.0  # scale 1, codes 0
@@ -107,8 +109,13 @@ def test_dynamic_int8_linear_matches_simulation(route, compiled, monkeypatch):
         assert y.shape == (m, n) and y.dtype == torch.float32
         assert _rel(y, _dynamic_reference(x, lin, codes, w_scale)) < 1e-5, m
     for x in (_near_ties(1, k, 1), torch.zeros(1, k), torch.full((1, k), -1e-39)):
-        y = dynamic.dynamic_int8_linear(x, weights, route)  # one token: its own code path
+        y = dynamic.dynamic_int8_linear(x, weights, route)
         assert _rel(y, _dynamic_reference(x, lin, codes, w_scale)) < 1e-5
+    for m in (1, 3, 40):  # a row holding a NaN or an infinity: only that row is not finite
+        x = torch.randn(m, k)
+        x[-1, 3] = float("nan") if m != 3 else float("inf")
+        y = dynamic.dynamic_int8_linear(x, weights, route)
+        assert not y[-1].isfinite().any() and y[:-1].isfinite().all()
     for m in (1, 3, 40):  # an input that requires grad: the same numbers, no graph
         x = torch.randn(m, k, requires_grad=True)
         y = dynamic.dynamic_int8_linear(x, weights, route)
@@ -128,21 +135,26 @@ def test_dynamic_routes_without_vnni_use_int_mm(monkeypatch):
     monkeypatch.setattr(dynamic, "u8_gemm_safe", lambda: False)
     w = torch.randint(-127, 128, (4096, 4096), dtype=torch.int8)
     weights = dynamic.DynamicLinearWeights(w, torch.ones(4096), torch.zeros(4096))
-    assert weights.routes == ("int_mm",) and weights.one_token_route == "int_mm"
+    assert weights.routes == ("int_mm",)
     for m in (1, 8, 128, 4096):
-        assert dynamic.choose_route(m, 4096, 4096, weights.routes) == "int_mm"
+        assert dynamic.choose_route(m, 4096, 4096, weights.routes, True) == "int_mm"
     x = torch.randn(3, 4096)
     ref = (_sim_per_token(x)[0].double() @ w.double().t()) * _sim_per_token(x)[1].reshape(-1, 1)
     assert _rel(dynamic.dynamic_int8_linear(x, weights), ref) < 1e-5
 
 
 def test_dynamic_route_choice():
-    all_routes = dynamic.ROUTES
-    assert dynamic.choose_route(1, 768, 768, all_routes) == "int_mm"
-    assert dynamic.choose_route(1, 4096, 4096, all_routes) == "fbgemm"
-    assert dynamic.choose_route(8, 768, 768, all_routes) == "fbgemm"
-    assert dynamic.choose_route(128, 768, 3072, all_routes) == "onednn"
-    assert dynamic.choose_route(4096, 768, 768, ("int_mm", "fbgemm")) == "int_mm"
+    every = dynamic.ROUTES
+    for m, k, n, native_route, eager_route in [
+        (1, 768, 768, "vnni", "int_mm"),
+        (4, 4096, 4096, "vnni", "fbgemm"),
+        (8, 4096, 4096, "fbgemm", "fbgemm"),
+        (8, 768, 768, "vnni", "fbgemm"),
+        (128, 768, 3072, "onednn", "onednn"),
+    ]:
+        assert dynamic.choose_route(m, k, n, every, True) == native_route
+        assert dynamic.choose_route(m, k, n, every, False) == eager_route
+    assert dynamic.choose_route(4096, 768, 768, ("int_mm", "fbgemm"), True) == "int_mm"
 
 
 def test_vnni_detection(monkeypatch):
@@ -307,3 +319,65 @@ def test_weight_only_gemv_matches_dequantized_weight(bits, group):
         ref = F.linear(x.double(), layer.dequantized_weight().double(), layer.bias.double())
         with torch.no_grad():
             assert _rel(layer(x), ref) < 1e-5, lead
+
+
+@pytest.mark.skipif("vnni" not in ROUTES, reason="no VNNI on this CPU")
+def test_vnni_kernel_on_every_block_and_row_remainder(monkeypatch):
+    """Output blocks of 16 taken four at a time plus a remainder, rows four at a time plus 1-3,
+    K not a multiple of 4 (padded), and a NaN row that spoils only its own output row."""
+    monkeypatch.setitem(kernels.compile._state, "enabled", True)
+    ops = native.ops()
+    if ops is None:
+        pytest.skip("lowbit's C++ kernels did not build here")
+    g = torch.Generator().manual_seed(0)
+    for k, n in ((1, 1), (45, 83), (301, 16), (64, 130)):
+        codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        w_scale, bias = torch.rand(n, generator=g) / 50, torch.randn(n, generator=g)
+        weights = dynamic.DynamicLinearWeights(codes, w_scale, bias, routes=("vnni", "int_mm"))
+        for m in range(1, 10):
+            x = torch.randn(m, k, generator=g) * 3
+            q, s = _sim_per_token(x)
+            ref = (q.double() @ codes.double().t()) * s.double().reshape(-1, 1)
+            ref = ref * w_scale.double() + bias.double()
+            assert _rel(dynamic.dynamic_int8_linear(x, weights, "vnni"), ref) < 1e-5, (m, k, n)
+    x = torch.randn(3, k, generator=g)
+    x[1, 5] = float("nan")
+    y = dynamic.dynamic_int8_linear(x, weights, "vnni")
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+    with pytest.raises(RuntimeError, match="features"):
+        dynamic.dynamic_int8_linear(torch.randn(2, k + 4), weights, "vnni")
+    with pytest.raises(RuntimeError, match="overflows int32"):
+        ops.vnni_pack(torch.zeros(2, 65537, dtype=torch.int8))
+
+
+def test_compiled_quantize_dynamic_model_matches_eager():
+    """Under `torch.compile` dynamo traces the eager form of the kernels (the C++ ops are not
+    traced): same numbers."""
+    torch.manual_seed(0)
+    dyn = quantize_dynamic(nn.Sequential(nn.Linear(37, 50), nn.ReLU(), nn.Linear(50, 21)))
+    compiled = torch.compile(dyn)
+    for m in (1, 3, 40):
+        x = torch.randn(m, 37)
+        with torch.no_grad():
+            assert _rel(compiled(x), dyn(x)) < 1e-5, m
+
+
+def test_failed_native_build_warns_once_and_keeps_the_eager_kernels(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(kernels.compile._state, "enabled", True)
+    monkeypatch.setattr(native, "_state", {"ops": None, "tried": False})
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    dyn = quantize_dynamic(nn.Sequential(nn.Linear(37, 50)))
+    x = torch.randn(3, 37)
+    with pytest.warns(UserWarning, match="building the C.. kernels failed.*no C.. compiler"):
+        y = dyn(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        torch.testing.assert_close(dyn(x), y, rtol=0, atol=0)
+    assert native.ops() is None
+    monkeypatch.setitem(kernels.compile._state, "enabled", False)  # the eager kernels
+    torch.testing.assert_close(dyn(x), y, rtol=0, atol=0)

@@ -1,10 +1,13 @@
-"""When lowbit uses `torch.compile` for its small fused kernels, and the fallback when it fails.
+"""When lowbit compiles its kernels, and the fallback when that fails.
 
-Compiling is on by default on CPU (inductor's C++ backend, needs a C++ compiler). It is off when
-the environment sets `LOWBIT_COMPILE=0`, after `set_compile(False)`, and for good after a compile
-fails (one warning; the eager kernels compute the same codes). A function lowbit compiles is
-compiled once with dynamic shapes (`dynamic=True`): the first call pays the compile (seconds to
-tens of seconds, cached on disk by inductor afterwards), later shapes reuse it.
+Two kinds, both needing a C++ compiler: small fused kernels through `torch.compile` (inductor's
+C++ backend), and lowbit's own C++ kernels (`kernels.native`). Both are on by default on CPU and
+off when the environment sets `LOWBIT_COMPILE=0` or after `set_compile(False)`; either also stops
+for good after it fails (one warning; the eager kernels compute the same codes).
+
+A function lowbit `torch.compile`s is compiled once with dynamic shapes (`dynamic=True`): the
+first call pays the compile (seconds to tens of seconds, cached on disk by inductor afterwards),
+later shapes reuse it.
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ _state: dict[str, bool] = {"enabled": os.environ.get("LOWBIT_COMPILE", "1") != "
 
 
 def set_compile(enabled: bool) -> None:
-    """Use (True) or stop using (False) `torch.compile` for lowbit's fused kernels."""
+    """Use (True) or stop using (False) lowbit's compiled kernels (torch.compile and C++)."""
     _state["enabled"] = bool(enabled)
 
 
+def switched_on() -> bool:
+    """True unless compiling is switched off (`set_compile(False)`, `LOWBIT_COMPILE=0`)."""
+    return _state["enabled"]
+
+
 def compile_enabled() -> bool:
-    """True when the compiled kernels will be tried (switched on, and no compile has failed)."""
+    """True when `torch.compile`d kernels will be tried (switched on, and none has failed)."""
     return _state["enabled"] and not _state["broken"]
 
 

@@ -7,50 +7,53 @@
 
 The codes are those of `numerics.quantize` with the per-token qparams of `numerics.tensor_qparams`
 (same float32 division, never a multiplication by 1/s), so the result equals the simulation up
-to float rounding of the final rescale. Three GEMM routes compute `acc * w_scale`; which one runs
-depends on the shape (`choose_route`, measured in docs/kernels.md):
+to float rounding of the final rescale. Four GEMM routes compute `acc`; which one runs depends on
+the shape (`choose_route`, measured in docs/kernels.md):
 
-- "int_mm": `torch._int_mm` (oneDNN s8s8). Fastest for one token times a small weight; the
-  fallback everywhere (correct on every CPU).
+- "vnni": lowbit's own AVX-512 VNNI kernel (`kernels/csrc`), uint8 codes (q + 128) times the
+  int8 weight in its own layout, the offset removed exactly. Fastest for a few tokens (decoding).
+- "int_mm": `torch._int_mm` (oneDNN s8s8). The fallback everywhere (correct on every CPU).
 - "fbgemm": fbgemm's `linear_with_input_q_dq_qweight_dq_output_fp32` fed the codes as floats
   with input scale 1 and zero point 128, so its own quantization step is exact; the weight scale
-  is fused into its output. Fastest for a few tokens.
+  is fused into its output. Fastest for a few tokens times a large weight.
 - "onednn": oneDNN's `qlinear_pointwise` (the op inductor emits for int8 Linear) on uint8 codes
-  (q + 128, zero point 128), weight scale fused. Fastest from `FUSE_MIN_TOKENS` rows on.
+  (q + 128, zero point 128), weight scale fused. Fastest from `ONEDNN_MIN_ROWS` rows on.
 
-fbgemm and oneDNN multiply uint8 by int8; without VNNI (or AMX) their AVX2 / AVX-512 kernels add
-pairs of products in saturating int16 (255 * 127 * 2 overflows), so they are used only on CPUs
-with VNNI (`torch.cpu._is_vnni_supported`); elsewhere every call runs "int_mm". Their weights are
-prepacked once per layer (`DynamicLinearWeights`), lazily per route, and never saved.
+Each route is one fused C++ op of `kernels.native` (quantize pass, GEMM, rescale pass); where
+those are not built (no compiler, compiling switched off) the same routes run as eager torch ops,
+with the same codes, and "vnni" is replaced by the next best. Inside a graph that the user
+compiles, "int_mm" as torch ops, which inductor lowers and fuses.
 
-The per-row scale and the bias are one in-place pass over the output (`addcmul`). For one token
-the scale is a Python float and the quantization three eager ops; from `FUSE_MIN_TOKENS` rows the
-row max and the quantization are one `torch.compile`d pass.
+"vnni", fbgemm and oneDNN multiply uint8 by int8; without VNNI (or AMX) the AVX2 / AVX-512
+kernels of fbgemm and oneDNN add pairs of products in saturating int16 (255 * 127 * 2
+overflows), so they are used only on CPUs with VNNI (`torch.cpu._is_vnni_supported`); elsewhere
+every call runs "int_mm". Weights are prepacked once per layer and route
+(`DynamicLinearWeights`), lazily, and never saved.
 """
 
 from __future__ import annotations
 
-import struct
+import platform
 import warnings
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lowbit.kernels.compile import Compiled
+from lowbit.kernels import native
 
-Route = Literal["int_mm", "fbgemm", "onednn"]
-ROUTES: tuple[Route, ...] = ("int_mm", "fbgemm", "onednn")
+Route = Literal["vnni", "int_mm", "fbgemm", "onednn"]
+ROUTES: tuple[Route, ...] = ("vnni", "int_mm", "fbgemm", "onednn")
 
 _TINY = torch.finfo(torch.float32).tiny
-# From this many rows the compiled quantize pass and oneDNN pay off (below, a compiled call's
-# overhead exceeds the passes it saves, and fbgemm's small-M GEMM is faster); decoding one token
-# at a time never pays a compile.
-FUSE_MIN_TOKENS = 32
-# One token: `_int_mm`'s GEMV beats fbgemm's up to about this weight size (K * N), above it
-# fbgemm's is faster (GEMM alone, 1 thread: 768x768 `_int_mm` 9 us, fbgemm 24 us; 4096x4096
-# `_int_mm` 0.36-0.43 ms, fbgemm 0.27-0.29 ms).
-GEMV_MAX_WEIGHT = 1 << 22
+# From this many rows oneDNN's GEMM is the fastest (docs/kernels.md).
+ONEDNN_MIN_ROWS = 32
+# Below ONEDNN_MIN_ROWS, lowbit's VNNI kernel beats fbgemm up to this many rows for any weight,
+# and for every row count on weights of up to SMALL_WEIGHT elements (K * N); fbgemm is faster
+# for 5-31 rows times a large weight (1 thread: 1x4096x4096 1.53x torch.ao, 8x4096x4096 1.02x
+# against fbgemm's 1.11x).
+VNNI_ROWS = 4
+SMALL_WEIGHT = 1 << 22
 
 
 def u8_gemm_safe() -> bool:
@@ -59,11 +62,15 @@ def u8_gemm_safe() -> bool:
     return bool(is_vnni is not None and is_vnni())
 
 
-def choose_route(m: int, k: int, n: int, available: tuple[Route, ...]) -> Route:
-    """The fastest route for an [m, k] x [k, n] product among `available` ("int_mm" always is)."""
-    if m >= FUSE_MIN_TOKENS:
+def choose_route(m: int, k: int, n: int, available: tuple[Route, ...], native_ops: bool) -> Route:
+    """The fastest route for an [m, k] x [k, n] product among `available` ("int_mm" always is);
+    native_ops: whether the C++ kernels are built ("vnni" needs them)."""
+    small = k * n <= SMALL_WEIGHT
+    if m >= ONEDNN_MIN_ROWS:
         want: Route = "onednn"
-    elif m > 1 or k * n > GEMV_MAX_WEIGHT:
+    elif native_ops and "vnni" in available and (m <= VNNI_ROWS or small):
+        want = "vnni"
+    elif m > 1 or not small:
         want = "fbgemm"
     else:
         want = "int_mm"
@@ -77,39 +84,20 @@ def quantize_per_token(x: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
 
 
 def _float_codes(x: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    # No clamp: with s = max|x_row| / qmax every |x / s| rounds to at most qmax.
+    # No clamp: with s = max|x_row| / qmax every |x / s| rounds to at most qmax. A row holding
+    # a NaN or an infinity keeps a non-finite scale, so its output row is not finite either.
     top = x.abs().amax(-1, keepdim=True)
     scale = top / qmax
-    scale = torch.where(scale > _TINY, scale, 1.0)
+    scale = torch.where(scale <= _TINY, 1.0, scale)
     return torch.round(x / scale), scale
-
-
-def _uint8_codes(x: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    q, scale = _float_codes(x, qmax)
-    return (q + 128).to(torch.uint8), scale
-
-
-def _int_mm_rescale(x: Tensor, w_t: Tensor, w_scale: Tensor, bias: Tensor, qmax: int) -> Tensor:
-    q, scale = _float_codes(x, qmax)
-    acc = torch._int_mm(q.to(torch.int8), w_t)
-    return torch.addcmul(bias, acc.float().mul_(scale), w_scale)
-
-
-_compiled_int_mm = Compiled(_int_mm_rescale)
-_compiled_uint8_codes = Compiled(_uint8_codes)
-
-
-def _f32(v: float) -> float:
-    """`v` rounded to float32 (float32 division is the double one rounded once more)."""
-    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 class DynamicLinearWeights:
     """The int8 weight of one Linear in each route's layout, packed on first use, never saved.
 
     codes: [N, K] int8 weight codes; w_scale: [N] float32; bias: [N] float32; routes: the
-    routes this layer may use (default: "int_mm", plus fbgemm and oneDNN where `u8_gemm_safe`
-    and this torch has them).
+    routes this layer may use (default: "int_mm", plus "vnni", fbgemm and oneDNN where
+    `u8_gemm_safe` and this build has them).
     """
 
     def __init__(
@@ -127,12 +115,20 @@ class DynamicLinearWeights:
         self.w_zero = torch.zeros(self.w_scale.shape, dtype=torch.int64)
         self.qmax = qmax
         if routes is None:
-            routes = ROUTES if u8_gemm_safe() else ("int_mm",)
+            routes = _default_routes()
         self.routes = routes
-        k, n = self.w_t.shape
-        self.one_token_route = choose_route(1, k, n, routes)
+        self._vnni: list[Tensor] | None = None
         self._fbgemm: Any = None
         self._onednn: Tensor | None = None
+
+    def vnni(self, ops: Any) -> list[Tensor] | None:
+        """The VNNI kernel's packed weight and offsets; None where it cannot be built."""
+        if self._vnni is None and "vnni" in self.routes:
+            try:
+                self._vnni = ops.vnni_pack(self.codes)
+            except RuntimeError:  # K too large for int32 sums
+                self.routes = tuple(r for r in self.routes if r != "vnni")
+        return self._vnni
 
     def fbgemm(self) -> Any:
         """fbgemm's packed weight (per-channel qint8, no bias); None where it cannot be built."""
@@ -150,6 +146,13 @@ class DynamicLinearWeights:
             except (AttributeError, RuntimeError):
                 self.routes = tuple(r for r in self.routes if r != "onednn")
         return self._onednn
+
+
+def _default_routes() -> tuple[Route, ...]:
+    if not u8_gemm_safe():
+        return ("int_mm",)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return ROUTES if x86 else ("int_mm", "fbgemm", "onednn")
 
 
 def _fbgemm_pack(codes: Tensor, w_scale: Tensor) -> Any:
@@ -178,34 +181,52 @@ def dynamic_int8_linear(
 ) -> Tensor:
     """y = per-token-int8(x) @ w^T * scales + bias for 2-D float32 `x` [M, K] on the CPU.
 
-    route: force one route (tests run each); by default `choose_route` picks per shape.
+    route: force one route (tests run each); by default `choose_route` picks per shape. A route
+    this layer cannot run falls back to "int_mm".
     Not differentiable (integer codes): the output never requires grad.
     """
     if x.requires_grad:
         x = x.detach()
     m, k = x.shape
-    if m == 1 and route is None and k:  # decoding: the hot path
-        return _one_token(x, weights, weights.one_token_route)
     n = weights.codes.shape[0]
     if m == 0 or k == 0:
         return weights.bias.expand(m, n).clone()
-    if route is None:
-        route = choose_route(m, k, n, weights.routes)
-    if m == 1 and route != "onednn":
-        return _one_token(x, weights, route)
-    if route == "fbgemm" and (packed := weights.fbgemm()) is not None:
-        q, scale = _float_codes(x, weights.qmax)
-        y = _fbgemm_mm(q, packed)
-    elif route == "onednn" and (packed := weights.onednn()) is not None:
-        quantize = _compiled_uint8_codes if m >= FUSE_MIN_TOKENS else _uint8_codes
-        q, scale = quantize(x, weights.qmax)
+    if torch.compiler.is_compiling():
+        # Inside a graph the user compiles: inductor lowers `_int_mm` and fuses the passes
+        # around it (its oneDNN lowering needs frozen weights, fbgemm's packs are opaque).
+        return _eager(x, weights, "int_mm")
+    ops = native.ops()
+    if route is None or (route == "vnni" and ops is None):
+        route = choose_route(m, k, n, weights.routes, ops is not None)
+    if ops is not None:
+        return _native(ops, x, weights, route)
+    return _eager(x, weights, route)
+
+
+def _native(ops: Any, x: Tensor, w: DynamicLinearWeights, route: Route) -> Tensor:
+    if route == "vnni" and (vnni := w.vnni(ops)) is not None:
+        return ops.linear_vnni(x, vnni[0], vnni[1], w.w_scale, w.bias, w.qmax)
+    if route == "fbgemm" and (packed := w.fbgemm()) is not None:
+        return ops.linear_fbgemm(x, packed, w.bias, w.qmax)
+    if route == "onednn" and (packed := w.onednn()) is not None:
+        return ops.linear_onednn(x, packed, w.w_scale, w.w_zero, w.bias, w.qmax)
+    return ops.linear_int_mm(x, w.w_t, w.w_scale, w.bias, w.qmax)
+
+
+def _eager(x: Tensor, w: DynamicLinearWeights, route: Route) -> Tensor:
+    """The native ops' computation as torch ops (same codes; a few more passes over memory)."""
+    q, scale = _float_codes(x, w.qmax)
+    if route == "fbgemm" and (packed := w.fbgemm()) is not None:
+        # acc * w_scale from float codes: fbgemm quantizes them with scale 1, zero point 128
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128, packed)
+    elif route == "onednn" and (packed := w.onednn()) is not None:
         y = torch.ops.onednn.qlinear_pointwise(
-            q,
+            (q + 128).to(torch.uint8),
             1.0,
             128,
             packed,
-            weights.w_scale,
-            weights.w_zero,
+            w.w_scale,
+            w.w_zero,
             None,
             1.0,
             0,
@@ -214,27 +235,7 @@ def dynamic_int8_linear(
             [],
             "",
         )  # acc * w_scale from uint8 codes (q + 128, zero point 128)
-    elif m >= FUSE_MIN_TOKENS:
-        return _compiled_int_mm(x, weights.w_t, weights.w_scale, weights.bias, weights.qmax)
     else:
-        return _int_mm_rescale(x, weights.w_t, weights.w_scale, weights.bias, weights.qmax)
-    return torch.addcmul(weights.bias, y, scale, out=y)
-
-
-def _one_token(x: Tensor, weights: DynamicLinearWeights, route: Route) -> Tensor:
-    """One row: the scale as a Python float, so quantize + GEMM + rescale are 6-7 eager ops."""
-    lo, hi = torch.aminmax(x)  # one op fewer than x.abs().max()
-    s = _f32(max(-float(lo), float(hi)) / weights.qmax)
-    if not s > _TINY:
-        s = 1.0
-    q = (x / s).round_()  # true float32 division by s, as the simulation
-    if route == "fbgemm" and (packed := weights.fbgemm()) is not None:
-        y = _fbgemm_mm(q, packed)
-        return torch.add(weights.bias, y, alpha=s, out=y)
-    acc = torch._int_mm(q.to(torch.int8), weights.w_t)
-    return torch.addcmul(weights.bias, acc, weights.w_scale, value=s)
-
-
-def _fbgemm_mm(q: Tensor, packed: Any) -> Tensor:
-    """acc * w_scale from float codes: fbgemm quantizes them with scale 1, zero point 128."""
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128, packed)
+        acc = torch._int_mm(q.to(torch.int8), w.w_t)
+        return torch.addcmul(w.bias, acc.float().mul_(scale), w.w_scale)
+    return torch.addcmul(w.bias, y, scale, out=y)

@@ -1,0 +1,305 @@
+// Dynamic int8 Linear with one symmetric activation scale per token, each route one fused op.
+//
+//   s   = max|x_row| / qmax       (1 where that is not above the smallest normal float)
+//   q   = round_half_even(x / s)  true float32 division, as lowbit.numerics.quantize
+//   y   = (q @ w_q^T) * s * w_scale + bias
+//
+// Every op quantizes the rows in one pass (row max and codes), runs the integer product and
+// rescales its output in place: one call from Python instead of six or seven eager ops, which is
+// most of the cost of a one-token call. A row holding a NaN or an infinity gives a NaN row.
+//
+// Routes (lowbit/kernels/dynamic.py picks one per shape):
+//   linear_vnni    lowbit's own AVX-512 VNNI kernel for a few rows (decoding): uint8 codes
+//                  (q + 128) times the int8 weight packed by vnni_pack, 128 * column sums
+//                  subtracted, so the int32 sums are exact.
+//   linear_int_mm  torch._int_mm on int8 codes (correct on every CPU).
+//   linear_fbgemm  fbgemm's packed GEMM fed the codes as floats with scale 1, zero point 128,
+//                  so its own quantization is exact; the weight scale is fused in its output.
+//   linear_onednn  oneDNN's qlinear_pointwise on uint8 codes (zero point 128).
+// The uint8 x int8 routes need VNNI (without it the CPU adds products in saturating int16);
+// Python checks that before choosing them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/quantized/PackedParams.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LOWBIT_X86 1
+// One build runs on any x86-64 CPU; the elementwise loops get AVX-512 / AVX2 clones.
+#define LOWBIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#include <immintrin.h>
+#else
+#define LOWBIT_X86 0
+#define LOWBIT_CLONES
+#endif
+
+namespace lowbit {
+namespace {
+
+constexpr int64_t kRowGrain = 16;  // rows per parallel task: one-token calls stay on this thread
+constexpr int64_t kCols = 16;      // VNNI layout: outputs per 512-bit accumulator
+constexpr int64_t kDepth = 4;      // VNNI layout: uint8 x int8 products per int32 lane
+
+LOWBIT_CLONES float row_scale(const float* x, int64_t k, int64_t qmax) {
+  float top = 0.f, probe = 0.f;
+#pragma omp simd reduction(max : top) reduction(+ : probe)
+  for (int64_t i = 0; i < k; ++i) {
+    top = std::max(top, std::fabs(x[i]));
+    probe += x[i] * 0.f;  // NaN once the row holds a NaN or an infinity
+  }
+  if (probe != 0.f) return std::numeric_limits<float>::quiet_NaN();
+  const float s = top / static_cast<float>(qmax);
+  return s > std::numeric_limits<float>::min() ? s : 1.f;
+}
+
+template <typename T>
+LOWBIT_CLONES void row_codes(const float* x, int64_t k, float s, float offset, T* q) {
+#pragma omp simd
+  for (int64_t i = 0; i < k; ++i) q[i] = static_cast<T>(std::nearbyint(x[i] / s) + offset);
+}
+
+// Codes [M, width] of `dtype` (width >= K; the columns past K hold `offset`) and scales [M].
+template <typename T>
+std::pair<at::Tensor, at::Tensor> quantize_rows(
+    const at::Tensor& x, int64_t qmax, at::ScalarType dtype, float offset, int64_t width) {
+  const int64_t m = x.size(0), k = x.size(1);
+  auto q = at::empty({m, width}, x.options().dtype(dtype));
+  auto scale = at::empty({m}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  T* qp = q.mutable_data_ptr<T>();
+  float* sp = scale.mutable_data_ptr<float>();
+  const T fill = static_cast<T>(offset);
+  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = row_scale(xp + r * k, k, qmax);
+      sp[r] = s;
+      T* row = qp + r * width;
+      if (std::isnan(s)) {
+        std::fill(row, row + width, fill);
+      } else {
+        row_codes<T>(xp + r * k, k, s, offset, row);
+        std::fill(row + k, row + width, fill);
+      }
+    }
+  });
+  return {q, scale};
+}
+
+LOWBIT_CLONES void rescale_row(float* y, int64_t n, float s, const float* w_scale,
+                               const float* bias) {
+  if (w_scale != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] = y[j] * s * w_scale[j] + bias[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] = y[j] * s + bias[j];
+  }
+}
+
+// y[r, :] = y[r, :] * s[r] (* w_scale) + bias, in place.
+void rescale(at::Tensor& y, const at::Tensor& scale, const float* w_scale, const at::Tensor& bias) {
+  const int64_t m = y.size(0), n = y.size(1);
+  float* yp = y.mutable_data_ptr<float>();
+  const float* sp = scale.const_data_ptr<float>();
+  const float* bp = bias.const_data_ptr<float>();
+  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) rescale_row(yp + r * n, n, sp[r], w_scale, bp);
+  });
+}
+
+// k: the weight's input features, or -1 where the packed weight checks them itself.
+void check_input(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "lowbit dynamic linear: x must be a 2-D float32 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(k < 0 || x.size(1) == k, "lowbit dynamic linear: x has ", x.size(1),
+              " features, the weight ", k);
+}
+
+// --- lowbit's VNNI kernel --------------------------------------------------------------------
+
+// [N, K] int8 -> [ceil(N/16), ceil(K/4), 16, 4] (zero padded), and 128 * each output's code sum
+// (the uint8 codes carry an offset of 128 that this removes).
+std::vector<at::Tensor> vnni_pack(const at::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar,
+              "vnni_pack: expects a 2-D int8 weight, got ", codes.sizes(), " ",
+              codes.scalar_type());
+  const int64_t n = codes.size(0), k = codes.size(1);
+  // 255 * 127 * K must fit in int32
+  TORCH_CHECK(k <= 65536, "vnni_pack: K = ", k, " overflows int32 sums (at most 65536)");
+  const int64_t blocks = (n + kCols - 1) / kCols, groups = (k + kDepth - 1) / kDepth;
+  auto w = codes.contiguous();
+  auto packed = at::zeros({blocks, groups, kCols, kDepth}, codes.options());
+  const int8_t* src = w.const_data_ptr<int8_t>();
+  int8_t* dst = packed.mutable_data_ptr<int8_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    int8_t* block = dst + (r / kCols) * groups * kCols * kDepth + (r % kCols) * kDepth;
+    for (int64_t c = 0; c < k; ++c)
+      block[(c / kDepth) * kCols * kDepth + c % kDepth] = src[r * k + c];
+  }
+  auto offset = w.sum(1, false, at::kInt).mul_(128);
+  return {packed, offset};
+}
+
+#if LOWBIT_X86
+// out[r, b*16 : b*16+16] = sum over K of a[r, k] * w[b*16 + j, k], for R rows and the output
+// blocks [b0, b1): four blocks at a time, so R * 4 independent accumulators hide the latency.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_blocks(
+    const uint8_t* a, int64_t a_stride, const int8_t* w, int64_t groups, int64_t b0, int64_t b1,
+    int32_t* out, int64_t out_stride) {
+  constexpr int B = 4;
+  const int64_t block_bytes = groups * kCols * kDepth;
+  int64_t b = b0;
+  for (; b < b1; b += B) {
+    const int nb = static_cast<int>(std::min<int64_t>(B, b1 - b));
+    __m512i acc[R][B];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < B; ++j) acc[r][j] = _mm512_setzero_si512();
+    const int8_t* wb = w + b * block_bytes;
+    if (nb == B) {
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512i wv[B];
+        for (int j = 0; j < B; ++j) wv[j] = _mm512_loadu_si512(wb + j * block_bytes + g * 64);
+        for (int r = 0; r < R; ++r) {
+          int32_t a4;
+          std::memcpy(&a4, a + r * a_stride + g * kDepth, sizeof(a4));
+          const __m512i av = _mm512_set1_epi32(a4);
+          for (int j = 0; j < B; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, wv[j]);
+        }
+      }
+    } else {
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int r = 0; r < R; ++r) {
+          int32_t a4;
+          std::memcpy(&a4, a + r * a_stride + g * kDepth, sizeof(a4));
+          const __m512i av = _mm512_set1_epi32(a4);
+          for (int j = 0; j < nb; ++j)
+            acc[r][j] = _mm512_dpbusd_epi32(
+                acc[r][j], av, _mm512_loadu_si512(wb + j * block_bytes + g * 64));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < nb; ++j)
+        _mm512_storeu_si512(out + r * out_stride + (b + j) * kCols, acc[r][j]);
+  }
+}
+#endif
+
+at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& offset,
+                       const at::Tensor& w_scale, const at::Tensor& bias, int64_t qmax) {
+#if LOWBIT_X86
+  const int64_t n = w_scale.size(0), blocks = packed.size(0), groups = packed.size(1);
+  const int64_t width = groups * kDepth;
+  check_input(x, -1);
+  TORCH_CHECK(width - x.size(1) >= 0 && width - x.size(1) < kDepth, "linear_vnni: x has ",
+              x.size(1), " features, the packed weight ", width - kDepth + 1, "-", width);
+  const int64_t m = x.size(0);
+  auto [q, scale] = quantize_rows<uint8_t>(x.contiguous(), qmax, at::kByte, 128.f, width);
+  auto acc = at::empty({m, blocks * kCols}, x.options().dtype(at::kInt));
+  const uint8_t* qp = q.const_data_ptr<uint8_t>();
+  const int8_t* wp = packed.const_data_ptr<int8_t>();
+  int32_t* ap = acc.mutable_data_ptr<int32_t>();
+  const int64_t stride = blocks * kCols;
+  // Parallel over output blocks; within a task, rows four at a time share each weight load.
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4)
+      vnni_blocks<4>(qp + r * width, width, wp, groups, b0, b1, ap + r * stride, stride);
+    const int64_t rest = m - r;
+    const uint8_t* qr = qp + r * width;
+    int32_t* ar = ap + r * stride;
+    if (rest == 3) vnni_blocks<3>(qr, width, wp, groups, b0, b1, ar, stride);
+    if (rest == 2) vnni_blocks<2>(qr, width, wp, groups, b0, b1, ar, stride);
+    if (rest == 1) vnni_blocks<1>(qr, width, wp, groups, b0, b1, ar, stride);
+  });
+  auto y = at::empty({m, n}, x.options());
+  float* yp = y.mutable_data_ptr<float>();
+  const int32_t* op = offset.const_data_ptr<int32_t>();
+  const float* sp = scale.const_data_ptr<float>();
+  const float* ws = w_scale.const_data_ptr<float>();
+  const float* bp = bias.const_data_ptr<float>();
+  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int32_t* row = ap + r * stride;
+      float* out = yp + r * n;
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(row[j] - op[j]);
+      rescale_row(out, n, sp[r], ws, bp);
+    }
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "linear_vnni: this build has no x86 VNNI kernel");
+#endif
+}
+
+// --- routes through torch's kernels ------------------------------------------------------------
+
+at::Tensor linear_int_mm(const at::Tensor& x, const at::Tensor& w_t, const at::Tensor& w_scale,
+                         const at::Tensor& bias, int64_t qmax) {
+  check_input(x, w_t.size(0));
+  auto [q, scale] = quantize_rows<int8_t>(x.contiguous(), qmax, at::kChar, 0.f, x.size(1));
+  auto y = at::_int_mm(q, w_t).to(at::kFloat);
+  rescale(y, scale, w_scale.const_data_ptr<float>(), bias);
+  return y;
+}
+
+at::Tensor linear_fbgemm(const at::Tensor& x,
+                         const c10::intrusive_ptr<LinearPackedParamsBase>& packed,
+                         const at::Tensor& bias, int64_t qmax) {
+  check_input(x, -1);
+  auto [q, scale] = quantize_rows<float>(x.contiguous(), qmax, at::kFloat, 0.f, x.size(1));
+  auto y = packed->apply_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128);
+  rescale(y, scale, nullptr, bias);
+  return y;
+}
+
+at::Tensor linear_onednn(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
+                         const at::Tensor& w_zero, const at::Tensor& bias, int64_t qmax) {
+  using Args = c10::List<std::optional<at::Scalar>>;
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("onednn::qlinear_pointwise", "")
+          .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
+                            std::optional<at::Tensor>, double, int64_t,
+                            std::optional<at::ScalarType>, c10::string_view, Args,
+                            c10::string_view)>();
+  check_input(x, -1);
+  auto [q, scale] = quantize_rows<uint8_t>(x.contiguous(), qmax, at::kByte, 128.f, x.size(1));
+  auto y = op.call(q, 1.0, 128, packed, w_scale, w_zero, std::nullopt, 1.0, 0, at::kFloat, "none",
+                   Args(), "");
+  rescale(y, scale, nullptr, bias);
+  return y;
+}
+
+}  // namespace
+}  // namespace lowbit
+
+TORCH_LIBRARY(lowbit, m) {
+  m.def("vnni_pack(Tensor codes) -> Tensor[]", &lowbit::vnni_pack);
+  m.def(
+      "linear_vnni(Tensor x, Tensor packed, Tensor offset, Tensor w_scale, Tensor bias, int qmax)"
+      " -> Tensor",
+      &lowbit::linear_vnni);
+  m.def("linear_int_mm(Tensor x, Tensor w_t, Tensor w_scale, Tensor bias, int qmax) -> Tensor",
+        &lowbit::linear_int_mm);
+  m.def(
+      "linear_fbgemm(Tensor x, __torch__.torch.classes.quantized.LinearPackedParamsBase packed,"
+      " Tensor bias, int qmax) -> Tensor",
+      &lowbit::linear_fbgemm);
+  m.def(
+      "linear_onednn(Tensor x, Tensor packed, Tensor w_scale, Tensor w_zero, Tensor bias, "
+      "int qmax) -> Tensor",
+      &lowbit::linear_onednn);
+}

@@ -1,0 +1,73 @@
+"""lowbit's C++ kernels (`kernels/csrc/`), built for this machine on first use.
+
+They are compiled with `torch.utils.cpp_extension` (needs a C++ compiler with OpenMP, and ninja,
+a dependency of lowbit) the first time a kernel needs them: about 15-30 s once, after which torch
+keeps the build in its extension cache (`TORCH_EXTENSIONS_DIR`, default
+`~/.cache/torch_extensions`) and rebuilds only when the source changes. They register
+`torch.ops.lowbit.*`.
+
+The same switch as `torch.compile` turns them off (`set_compile(False)`, env `LOWBIT_COMPILE=0`);
+a failed build warns once and leaves the eager kernels, which compute the same codes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.kernels.compile import switched_on
+
+SOURCES = [Path(__file__).with_name("csrc") / "dynamic_linear.cpp"]
+_EXTENSION = "lowbit_kernels"
+_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"ops": None, "tried": False}
+
+
+def ops() -> Any | None:
+    """`torch.ops.lowbit` once built and loaded; None where switched off or the build failed."""
+    if not switched_on() or torch.compiler.is_compiling():
+        return None
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _state["ops"] = _build()
+                _state["tried"] = True
+    return _state["ops"]
+
+
+def _build() -> Any | None:
+    path = os.environ.get("PATH", "")
+    try:
+        from torch.utils.cpp_extension import load
+
+        # torch runs `ninja` from PATH; the pip package's binary is not there when the
+        # environment was not activated.
+        if shutil.which("ninja") is None:
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+        load(
+            name=_EXTENSION,
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=_FLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
+        return torch.ops.lowbit
+    except Exception as error:  # no compiler, no ninja, an unwritable cache...
+        warnings.warn(
+            f"lowbit: building the C++ kernels failed ({type(error).__name__}: "
+            f"{str(error)[:300]}); using the eager kernels (set LOWBIT_COMPILE=0 to skip)",
+            stacklevel=3,
+        )
+        return None
+    finally:
+        os.environ["PATH"] = path

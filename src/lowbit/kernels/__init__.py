@@ -1,11 +1,13 @@
 """Integer kernels behind the converted modules of `lowbit.nn.int_modules`.
 
 - `dynamic`: int8 Linear with per-token activation scales: exact per-row codes, then the GEMM by
-  the fastest route for the shape (`torch._int_mm`, fbgemm or oneDNN on VNNI CPUs), then one
-  rescale pass; the quantize pass is compiled by `torch.compile` for many rows.
+  the fastest route for the shape (lowbit's VNNI kernel, fbgemm or oneDNN on VNNI CPUs,
+  `torch._int_mm` everywhere), then one rescale pass; each route one C++ op.
+- `native`: builds lowbit's C++ kernels (`csrc/`) on first use.
 - `weight_only`: compiled int8 / int4 GEMVs for one to a few rows (LLM decoding).
 - `conv`: static int8 convolution through oneDNN (`torch.ops.onednn.qconv_pointwise`).
-- `compile`: the switch for `torch.compile` (`set_compile`, env `LOWBIT_COMPILE=0`).
+- `compile`: the switch for compiled kernels, C++ and `torch.compile` (`set_compile`, env
+  `LOWBIT_COMPILE=0`).
 
 docs/kernels.md says which kernel runs when, and what it measured.
 """

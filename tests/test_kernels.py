@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lowbit import kernels, numerics, presets
 from lowbit.api import quantize
 from lowbit.conversion import convert, quantize_dynamic, quantize_weights
-from lowbit.kernels import dynamic, native
+from lowbit.kernels import dynamic, native, weight_only
 from lowbit.nn.int_modules import IntConv
 from lowbit.spec import PerChannel, QuantSpec
 
@@ -305,17 +305,23 @@ def test_conv_without_kernel_keeps_the_fallback():
         assert _rel(int_model(x), sim(x)) < 1e-5
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, None)])
-def test_weight_only_gemv_matches_dequantized_weight(bits, group):
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("bits,group,k", [(8, None, 96), (8, None, 45), (4, 32, 96), (4, None, 96)])
+def test_weight_only_gemv_matches_dequantized_weight(bits, group, k, compiled, monkeypatch):
+    """The C++ GEMV (<= 4 tokens; int8 with K not a multiple of 16) and the aten kernels."""
+    monkeypatch.setitem(kernels.compile._state, "enabled", compiled)
+    if compiled and not (native.ops() is not None and weight_only._avx512()):
+        pytest.skip("no C++ kernels or no AVX-512 here")
     torch.manual_seed(0)
-    k, n = 96, 48  # the int4 kernels need N % 16 == 0 and an even K
+    n = 48  # the int4 kernels need N % 16 == 0 and an even K
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = quantize_weights(nn.Sequential(nn.Linear(k, n)), bits=bits, group_size=group)
     layer = q[0]
     assert layer.kernel == ("int8pack" if bits == 8 else "int4pack")
-    for lead in ((1,), (1, 3), (0,), (9,)):  # GEMV for <= 4 tokens, aten kernels above
+    for lead in ((1,), (1, 3), (2, 2), (0,), (9,)):  # GEMV for <= 4 tokens, aten kernels above
         x = torch.randn(*lead, k)
+        assert weight_only.gemv_applies(x.reshape(-1, k)) == (compiled and 0 < x.numel() <= 4 * k)
         ref = F.linear(x.double(), layer.dequantized_weight().double(), layer.bias.double())
         with torch.no_grad():
             assert _rel(layer(x), ref) < 1e-5, lead

@@ -23,7 +23,9 @@ import torch
 
 from lowbit.kernels.compile import switched_on
 
-SOURCES = [Path(__file__).with_name("csrc") / "dynamic_linear.cpp"]
+SOURCES = [
+    Path(__file__).with_name("csrc") / name for name in ("dynamic_linear.cpp", "weight_only.cpp")
+]
 _EXTENSION = "lowbit_kernels"
 _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 
@@ -65,7 +67,7 @@ def _build() -> Any | None:
     except Exception as error:  # no compiler, no ninja, an unwritable cache...
         warnings.warn(
             f"lowbit: building the C++ kernels failed ({type(error).__name__}: "
-            f"{str(error)[:300]}); using the eager kernels (set LOWBIT_COMPILE=0 to skip)",
+            f"...{str(error)[-400:]}); using the eager kernels (set LOWBIT_COMPILE=0 to skip)",
             stacklevel=3,
         )
         return None

@@ -11,10 +11,11 @@ Kernels (`module.kernel` says which one a module uses):
   dynamic per-token) times symmetric int8 weights (per-tensor or per output channel). The input
   zero point is taken out with precomputed weight row sums, so the accumulator is exact.
   Per-token dynamic inputs run `lowbit.kernels.dynamic_int8_linear`: quantize, an int8 GEMM
-  (`_int_mm`, fbgemm or oneDNN, by shape and CPU), rescale; its packed weights are a cache.
+  (lowbit's VNNI kernel, `_int_mm`, fbgemm or oneDNN, by shape and CPU), rescale, in one C++
+  op; its packed weights are a cache.
 - "int8pack": `aten._weight_int8pack_mm`, float inputs times int8 per-channel weights.
 - "int4pack": `aten._weight_int4pack_mm_for_cpu`, float inputs times int4 group-wise weights.
-  With at most `kernels.weight_only.GEMV_MAX_TOKENS` rows, both run a compiled GEMV instead
+  With at most `kernels.weight_only.GEMV_MAX_TOKENS` rows, both run lowbit's C++ GEMV instead
   (`lowbit.kernels.weight_only`), which reads the int8 / packed int4 weight once.
 - "onednn_qconv": Conv2d with static per-tensor int8 inputs and symmetric int8 weights:
   oneDNN's quantized convolution (`lowbit.kernels.qconv2d`), float32 output, channels_last.
@@ -480,7 +481,7 @@ class IntLinear(IntModule):
         return self._cached("zero_bias", lambda: torch.zeros(self.out_features, device=x.device))
 
     def _forward_gemv(self, x: Tensor) -> Tensor:
-        """A few tokens, weight-only: `kernels.weight_only` compiled GEMV, bias included."""
+        """A few tokens, weight-only: `kernels.weight_only` C++ GEMV, bias included."""
         bias = self._bias_or_zeros(x)
         xf = x.float().contiguous()
         if self.kernel == "int8pack":

@@ -86,7 +86,6 @@ LOWBIT_AVX512 void int4_outputs(const float* xe, const float* xo, const float* x
                                 const float* center, int64_t groups, const float* bias,
                                 int64_t n0, int64_t n1, float* y, int64_t n_total) {
   const int64_t group_bytes = half_k / groups;  // a multiple of 16 (checked by the caller)
-  const __m128i low = _mm_set1_epi8(0x0F);
   // u - 8 as floats, looked up by one permute instead of a convert and a subtract
   const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t n = n0; n + NB <= n1; n += NB) {
@@ -100,11 +99,11 @@ LOWBIT_AVX512 void int4_outputs(const float* xe, const float* xo, const float* x
       for (int64_t c = g * group_bytes; c < (g + 1) * group_bytes; c += 16) {
         __m512 lo[NB], hi[NB];
         for (int j = 0; j < NB; ++j) {
-          const __m128i b = _mm_loadu_si128(
-              reinterpret_cast<const __m128i*>(packed + (n + j) * half_k + c));
-          lo[j] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)), table);
-          hi[j] = _mm512_permutexvar_ps(
-              _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)), table);
+          // one byte per lane; the permute reads only an index's low 4 bits: the low nibble
+          const __m512i b = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (n + j) * half_k + c)));
+          lo[j] = _mm512_permutexvar_ps(b, table);
+          hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
         }
         for (int r = 0; r < R; ++r) {
           const __m512 ev = _mm512_loadu_ps(xe + r * half_k + c);

@@ -9,8 +9,8 @@
    (M, K, N) in (1,768,768), (128,768,3072), (4096,768,768), (1,4096,4096); output error of each
    vs the float64 product. The one-token shapes again through a stack of distinct layers holding
    128 MB of int8 weights, as in decoding (weights from memory, not from cache).
-2. Weight-only int8 (`_weight_int8pack_mm`) and int4 group 128 (`_weight_int4pack_mm_for_cpu`)
-   Linear at M=1, 4096x4096, vs FP32.
+2. Weight-only int8 and int4 group 128 Linear (lowbit.quantize_weights: lowbit's C++ GEMV at
+   M=1) at 4096x4096 vs FP32, once per layer and once through distinct layers from memory.
 3. EfficientNet-Lite0 at batch 32: lowbit.convert of lowbit.quantize(int8()) vs torchao PT2E +
    X86InductorQuantizer compiled with inductor, compiled FP32 and eager FP32; top-1 agreement of
    the converted model with the simulation (needs the ImageNet sample, see imagenet_sample.py).
@@ -95,33 +95,41 @@ def bench_dynamic(rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _bench_decode_stack(k: int, n: int, rounds: int) -> dict[str, Any]:
-    """One token through a stack of distinct [k, n] layers holding STACK_BYTES of int8 weights
-    (more than the last-level cache), as when decoding: every weight comes from memory. The
-    per-shape rows above call one layer again and again, so its weight stays cached."""
+def _distinct_layers(k: int, n: int) -> nn.ModuleList:
+    """Distinct [k, n] Linear layers holding STACK_BYTES of int8 weights (more than the
+    last-level cache), for decode-like timings: every weight comes from memory. The per-shape
+    rows call one layer again and again, so its weight stays cached."""
     torch.manual_seed(0)
     depth = max(2, STACK_BYTES // (k * n))
-    layers = nn.ModuleList(nn.Linear(k, n) for _ in range(depth)).eval()
-    x = torch.randn(1, k)
+    return nn.ModuleList(nn.Linear(k, n) for _ in range(depth)).eval()
+
+
+def _stack_ms(models: dict[str, nn.Module], x: Tensor, rounds: int) -> dict[str, float]:
+    """Median ms per layer of one token through each model's layers in turn (interleaved)."""
+
+    def stack(model: nn.Module) -> Callable[[], None]:
+        return lambda: [layer(x) for layer in model]  # type: ignore[union-attr]
+
+    depth = len(next(iter(models.values())))  # type: ignore[arg-type]
+    with torch.no_grad():
+        total = interleaved({name: stack(model) for name, model in models.items()}, rounds)
+    return {name: t / depth for name, t in total.items()}
+
+
+def _bench_decode_stack(k: int, n: int, rounds: int) -> dict[str, Any]:
+    """Dynamic int8: one token through `_distinct_layers`, lowbit vs fbgemm vs FP32."""
+    layers = _distinct_layers(k, n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fbgemm = torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(layers), {nn.Linear}, dtype=torch.qint8
         )
     ours = lowbit.quantize_dynamic(layers)
-
-    def stack(model: nn.Module) -> Callable[[], None]:
-        return lambda: [layer(x) for layer in model]  # type: ignore[union-attr]
-
-    with torch.no_grad():
-        total = interleaved(
-            {"fp32": stack(layers), "fbgemm": stack(fbgemm), "lowbit": stack(ours)}, rounds
-        )
-    ms = {name: t / depth for name, t in total.items()}  # per layer
+    ms = _stack_ms({"fp32": layers, "fbgemm": fbgemm, "lowbit": ours}, torch.randn(1, k), rounds)
     return {
         "bench": "dynamic_stack",
         "shape": [1, k, n],
-        "depth": depth,
+        "depth": len(layers),
         "ms": ms,
         "speedup_vs_fbgemm": ms["fbgemm"] / ms["lowbit"],
         "speedup_vs_fp32": ms["fp32"] / ms["lowbit"],
@@ -212,7 +220,23 @@ def bench_weight_only(rounds: int) -> list[dict[str, Any]]:
         "rel_err": err,
     }
     print(json.dumps(row), flush=True)
-    return [row]
+    layers = _distinct_layers(4096, 4096)
+    stacked = {
+        "fp32": layers,
+        "int8": lowbit.quantize_weights(layers, bits=8),
+        "int4": lowbit.quantize_weights(layers, bits=4, group_size=128),
+    }
+    ms = _stack_ms(stacked, x, rounds)
+    stack_row = {
+        "bench": "weight_only_stack",
+        "shape": [1, 4096, 4096],
+        "depth": len(layers),
+        "ms": ms,
+        "int8_speedup_vs_fp32": ms["fp32"] / ms["int8"],
+        "int4_speedup_vs_fp32": ms["fp32"] / ms["int4"],
+    }
+    print(json.dumps(stack_row), flush=True)
+    return [row, stack_row]
 
 
 def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:
@@ -356,13 +380,17 @@ def table(rows: list[dict[str, Any]]) -> str:
             ratio = f"vs fbgemm {r['speedup_vs_fbgemm']:.2f}x, vs fp32 {r['speedup_vs_fp32']:.2f}x"
             err = "as the per-shape row"
             case = "x".join(map(str, r["shape"])) + f", {r['depth']} distinct layers, per layer"
-        elif r["bench"] == "weight_only":
+        elif r["bench"] in ("weight_only", "weight_only_stack"):
             ratio = (
                 f"int8 vs fp32 {r['int8_speedup_vs_fp32']:.2f}x, "
                 f"int4 vs fp32 {r['int4_speedup_vs_fp32']:.2f}x"
             )
-            err = ", ".join(f"{k} {v:.2e}" for k, v in r["rel_err"].items())
-            case = "x".join(map(str, r["shape"]))
+            if r["bench"] == "weight_only":
+                err = ", ".join(f"{k} {v:.2e}" for k, v in r["rel_err"].items())
+                case = "x".join(map(str, r["shape"]))
+            else:
+                err = "as the per-shape row"
+                case = "x".join(map(str, r["shape"])) + f", {r['depth']} distinct layers, per layer"
         else:
             parts = [
                 f"vs fp32 {r['speedup_vs_fp32']:.2f}x",

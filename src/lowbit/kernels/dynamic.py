@@ -148,11 +148,15 @@ class DynamicLinearWeights:
         return self._onednn
 
 
+def vnni_kernel_cpu() -> bool:
+    """True when lowbit's own VNNI kernel (`kernels/csrc`) can run here: x86 with VNNI."""
+    return u8_gemm_safe() and platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _default_routes() -> tuple[Route, ...]:
     if not u8_gemm_safe():
         return ("int_mm",)
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return ROUTES if x86 else ("int_mm", "fbgemm", "onednn")
+    return ROUTES if vnni_kernel_cpu() else ("int_mm", "fbgemm", "onednn")
 
 
 def _fbgemm_pack(codes: Tensor, w_scale: Tensor) -> Any:

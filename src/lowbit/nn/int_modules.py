@@ -313,6 +313,7 @@ class IntLinear(IntModule):
         self.kernel = self._choose_kernel()
         self._per_token = self.kernel == "int_mm" and self._per_token_spec()
         self._dynamic_weights: dynamic.DynamicLinearWeights | None = None
+        self._vnni_weight: list[Tensor] | None = None  # weight-only int8, VNNI layout
 
     # -- kernel selection ---------------------------------------------------------------------
     def _int8_weight_ok(self) -> bool:
@@ -446,16 +447,21 @@ class IntLinear(IntModule):
 
     # The packed weights are a cache of the buffers: dropped when they move or are reloaded,
     # and never copied or pickled (oneDNN's packed tensors cannot be).
-    def _apply(self, fn: Any, recurse: bool = True) -> IntLinear:
+    def _drop_packed(self) -> None:
+        self._cache = {}
         self._dynamic_weights = None
+        self._vnni_weight = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> IntLinear:
+        self._drop_packed()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._dynamic_weights = None
+        self._drop_packed()
         super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(super().__getstate__(), _dynamic_weights=None)
+        return dict(super().__getstate__(), _cache={}, _dynamic_weights=None, _vnni_weight=None)
 
     def _forward_int_mm(self, x: Tensor) -> Tensor:
         spec = self.input_spec
@@ -490,7 +496,9 @@ class IntLinear(IntModule):
                 "weight_scale_n",
                 lambda: self.weight_scale.float().expand(self.out_features).contiguous(),
             )
-            return weight_only.gemv_int8(xf, w, scale, bias).to(x.dtype)
+            if self._vnni_weight is None:
+                self._vnni_weight = weight_only.vnni_pack(w)
+            return weight_only.gemv_int8(xf, w, scale, bias, self._vnni_weight).to(x.dtype)
         packed = self._cached("int4_rows", self._int4_rows)
         scale = self._cached("int4_row_scale", lambda: self._int4_groups()[0])
         center = self._cached("int4_row_center", lambda: self._int4_groups()[1])

@@ -197,17 +197,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_blocks(
 }
 #endif
 
-at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& offset,
-                       const at::Tensor& w_scale, const at::Tensor& bias, int64_t qmax) {
 #if LOWBIT_X86
-  const int64_t n = w_scale.size(0), blocks = packed.size(0), groups = packed.size(1);
-  const int64_t width = groups * kDepth;
-  check_input(x, -1);
-  TORCH_CHECK(width - x.size(1) >= 0 && width - x.size(1) < kDepth, "linear_vnni: x has ",
-              x.size(1), " features, the packed weight ", width - kDepth + 1, "-", width);
-  const int64_t m = x.size(0);
-  auto [q, scale] = quantize_rows<uint8_t>(x.contiguous(), qmax, at::kByte, 128.f, width);
-  auto acc = at::empty({m, blocks * kCols}, x.options().dtype(at::kInt));
+// int32 [rows, blocks * 16] = uint8 rows q [rows, width] times the packed weight.
+at::Tensor vnni_accumulate(const at::Tensor& q, const at::Tensor& packed) {
+  const int64_t rows = q.size(0), width = q.size(1);
+  const int64_t blocks = packed.size(0), groups = packed.size(1);
+  auto acc = at::empty({rows, blocks * kCols}, q.options().dtype(at::kInt));
   const uint8_t* qp = q.const_data_ptr<uint8_t>();
   const int8_t* wp = packed.const_data_ptr<int8_t>();
   int32_t* ap = acc.mutable_data_ptr<int32_t>();
@@ -215,17 +210,38 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::
   // Parallel over output blocks; within a task, rows four at a time share each weight load.
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     int64_t r = 0;
-    for (; r + 4 <= m; r += 4)
+    for (; r + 4 <= rows; r += 4)
       vnni_blocks<4>(qp + r * width, width, wp, groups, b0, b1, ap + r * stride, stride);
-    const int64_t rest = m - r;
+    const int64_t rest = rows - r;
     const uint8_t* qr = qp + r * width;
     int32_t* ar = ap + r * stride;
     if (rest == 3) vnni_blocks<3>(qr, width, wp, groups, b0, b1, ar, stride);
     if (rest == 2) vnni_blocks<2>(qr, width, wp, groups, b0, b1, ar, stride);
     if (rest == 1) vnni_blocks<1>(qr, width, wp, groups, b0, b1, ar, stride);
   });
+  return acc;
+}
+#endif
+
+int64_t vnni_width(const at::Tensor& x, const at::Tensor& packed, const char* op) {
+  const int64_t width = packed.size(1) * kDepth;
+  check_input(x, -1);
+  TORCH_CHECK(width - x.size(1) >= 0 && width - x.size(1) < kDepth, op, ": x has ", x.size(1),
+              " features, the packed weight ", width - kDepth + 1, "-", width);
+  return width;
+}
+
+at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& offset,
+                       const at::Tensor& w_scale, const at::Tensor& bias, int64_t qmax) {
+#if LOWBIT_X86
+  const int64_t width = vnni_width(x, packed, "linear_vnni");
+  const int64_t m = x.size(0), n = w_scale.size(0);
+  auto [q, scale] = quantize_rows<uint8_t>(x.contiguous(), qmax, at::kByte, 128.f, width);
+  auto acc = vnni_accumulate(q, packed);
+  const int64_t stride = acc.size(1);
   auto y = at::empty({m, n}, x.options());
   float* yp = y.mutable_data_ptr<float>();
+  const int32_t* ap = acc.const_data_ptr<int32_t>();
   const int32_t* op = offset.const_data_ptr<int32_t>();
   const float* sp = scale.const_data_ptr<float>();
   const float* ws = w_scale.const_data_ptr<float>();
@@ -241,6 +257,71 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::
   return y;
 #else
   TORCH_CHECK(false, "linear_vnni: this build has no x86 VNNI kernel");
+#endif
+}
+
+// Weight-only int8 through the same kernel: each float row x becomes a 24-bit fixed-point copy,
+// x_int = round(x / s) with s = max|x_row| / (2^23 - 1) (float32's own precision relative to
+// the row's largest element), written as three uint8 digit rows of X = x_int + 2^23 =
+// d2 * 2^16 + d1 * 2^8 + d0. Then sum_k w_k x_int_k = sum_d 2^(8d) (d_row . w) - 2^23 * colsum(w)
+// exactly (int64), and y = that * s * w_scale + bias. Three uint8 x int8 products per weight
+// cost less than widening each int8 weight to float (docs/kernels.md).
+at::Tensor linear_vnni_float(const at::Tensor& x, const at::Tensor& packed,
+                             const at::Tensor& offset, const at::Tensor& w_scale,
+                             const at::Tensor& bias) {
+#if LOWBIT_X86
+  const int64_t width = vnni_width(x, packed, "linear_vnni_float");
+  constexpr int64_t kFixed = (1 << 23) - 1;
+  const int64_t m = x.size(0), k = x.size(1), n = w_scale.size(0);
+  auto xc = x.contiguous();
+  auto digits = at::empty({m, 3, width}, x.options().dtype(at::kByte));
+  auto scale = at::empty({m}, x.options());
+  const float* xp = xc.const_data_ptr<float>();
+  uint8_t* dp = digits.mutable_data_ptr<uint8_t>();
+  float* sp = scale.mutable_data_ptr<float>();
+  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = row_scale(xp + r * k, k, kFixed);
+      sp[r] = s;
+      uint8_t* d = dp + r * 3 * width;
+      for (int64_t i = 0; i < width; ++i) {
+        // the clamp: max|x| / s can round up to 2^23 (s itself is rounded)
+        const float fixed =
+            i < k && !std::isnan(s)
+                ? std::clamp(std::nearbyint(xp[r * k + i] / s), -float(kFixed), float(kFixed))
+                : 0.f;
+        const int32_t big = static_cast<int32_t>(fixed) + (1 << 23);
+        d[i] = static_cast<uint8_t>(big);
+        d[width + i] = static_cast<uint8_t>(big >> 8);
+        d[2 * width + i] = static_cast<uint8_t>(big >> 16);
+      }
+    }
+  });
+  auto acc = vnni_accumulate(digits.view({3 * m, width}), packed);
+  const int64_t stride = acc.size(1);
+  auto y = at::empty({m, n}, x.options());
+  float* yp = y.mutable_data_ptr<float>();
+  const int32_t* ap = acc.const_data_ptr<int32_t>();
+  const int32_t* op = offset.const_data_ptr<int32_t>();  // 128 * colsum
+  const float* ws = w_scale.const_data_ptr<float>();
+  const float* bp = bias.const_data_ptr<float>();
+  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int32_t* a0 = ap + 3 * r * stride;
+      const int32_t* a1 = a0 + stride;
+      const int32_t* a2 = a1 + stride;
+      const double s = sp[r];
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t dot = (static_cast<int64_t>(a2[j]) << 16) +
+                            (static_cast<int64_t>(a1[j]) << 8) + a0[j] -
+                            (static_cast<int64_t>(op[j]) << 16);
+        yp[r * n + j] = static_cast<float>(static_cast<double>(dot) * s) * ws[j] + bp[j];
+      }
+    }
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "linear_vnni_float: this build has no x86 VNNI kernel");
 #endif
 }
 
@@ -292,6 +373,10 @@ TORCH_LIBRARY(lowbit, m) {
       "linear_vnni(Tensor x, Tensor packed, Tensor offset, Tensor w_scale, Tensor bias, int qmax)"
       " -> Tensor",
       &lowbit::linear_vnni);
+  m.def(
+      "linear_vnni_float(Tensor x, Tensor packed, Tensor offset, Tensor w_scale, Tensor bias)"
+      " -> Tensor",
+      &lowbit::linear_vnni_float);
   m.def("linear_int_mm(Tensor x, Tensor w_t, Tensor w_scale, Tensor bias, int qmax) -> Tensor",
         &lowbit::linear_int_mm);
   m.def(

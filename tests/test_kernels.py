@@ -317,13 +317,19 @@ def test_conv_without_kernel_keeps_the_fallback():
         assert _rel(int_model(x), sim(x)) < 1e-5
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("kernel", ["aten", "vnni", "avx512"])
 @pytest.mark.parametrize("bits,group,k", [(8, None, 96), (8, None, 45), (4, 32, 96), (4, None, 96)])
-def test_weight_only_gemv_matches_dequantized_weight(bits, group, k, compiled, monkeypatch):
-    """The C++ GEMV (<= 4 tokens; int8 with K not a multiple of 16) and the aten kernels."""
+def test_weight_only_gemv_matches_dequantized_weight(bits, group, k, kernel, monkeypatch):
+    """The C++ GEMVs for <= 4 tokens, through VNNI and through AVX-512 floats (int8 with K not a
+    multiple of 16), and the aten kernels."""
+    compiled = kernel != "aten"
     monkeypatch.setitem(kernels.compile._state, "enabled", compiled)
     if compiled and not (native.ops() is not None and weight_only._avx512()):
         pytest.skip("no C++ kernels or no AVX-512 here")
+    if kernel == "vnni" and not dynamic.vnni_kernel_cpu():
+        pytest.skip("no VNNI here")
+    if kernel == "avx512":
+        monkeypatch.setattr(dynamic, "vnni_kernel_cpu", lambda: False)
     torch.manual_seed(0)
     n = 48  # the int4 kernels need N % 16 == 0 and an even K
     with warnings.catch_warnings():
@@ -331,6 +337,9 @@ def test_weight_only_gemv_matches_dequantized_weight(bits, group, k, compiled, m
         q = quantize_weights(nn.Sequential(nn.Linear(k, n)), bits=bits, group_size=group)
     layer = q[0]
     assert layer.kernel == ("int8pack" if bits == 8 else "int4pack")
+    with torch.no_grad():
+        layer(torch.randn(1, k))
+    assert bool(layer._vnni_weight) == (kernel == "vnni")
     # GEMV for <= 4 tokens, aten kernels above; many draws, so some rows' largest element
     # rounds up to the 24-bit fixed-point limit of the VNNI route (once a wrong code)
     for lead in [(1,), (1, 3), (0,), (9,)] + [(2, 2)] * 30:

@@ -54,17 +54,15 @@ def gemv_applies(x: Tensor) -> bool:
     )
 
 
-def vnni_pack(w: Tensor) -> list[Tensor] | None:
-    """The VNNI layout of int8 codes w [N, K] for `gemv_int8`; None where the CPU has no VNNI."""
-    return _ops().vnni_pack(w) if dynamic.vnni_kernel_cpu() else None
+def vnni_pack(w: Tensor) -> list[Tensor]:
+    """The VNNI layout of int8 codes w [N, K] for `gemv_int8`; [] where the CPU has no VNNI."""
+    return _ops().vnni_pack(w) if dynamic.vnni_kernel_cpu() else []
 
 
-def gemv_int8(
-    x: Tensor, w: Tensor, scale: Tensor, bias: Tensor, packed: list[Tensor] | None
-) -> Tensor:
+def gemv_int8(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor, packed: list[Tensor]) -> Tensor:
     """x [M, K] float32 times int8 codes w [N, K] with scale [N], plus bias [N]; packed: from
-    `vnni_pack` (24-bit fixed-point x through the VNNI kernel), or None (AVX-512 floats)."""
-    if packed is not None:
+    `vnni_pack` (24-bit fixed-point x through the VNNI kernel), or [] (AVX-512 floats)."""
+    if packed:
         return _ops().linear_vnni_float(x, packed[0], packed[1], scale, bias)
     return _ops().gemv_int8(x, w, scale, bias)
 
@@ -75,7 +73,35 @@ def pack_int4_rows(u: Tensor) -> Tensor:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
-def gemv_int4(x: Tensor, packed: Tensor, scale: Tensor, center: Tensor, bias: Tensor) -> Tensor:
-    """x [M, K] float32 times packed 4-bit codes [N, K / 2]; scale, center [N, groups], groups of
-    a multiple of 32 weights."""
+def vnni_pack_int4(u: Tensor, scale: Tensor, center: Tensor) -> list[Tensor]:
+    """Codes 0..15 u [N, K] and scale, center [N, groups] in the layout of the VNNI int4 kernel:
+    [N / 16, K / 8, 16, 4] bytes (byte t of output j in octet o: u[8o + t] in the low nibble,
+    u[8o + 4 + t] in the high one) and [N / 16, groups, 16] floats; [] where the CPU has no VNNI
+    or the shape does not fit (N % 16, groups of a multiple of 8 weights)."""
+    n, k = u.shape
+    groups = scale.shape[1]
+    if not dynamic.vnni_kernel_cpu() or n % 16 or k % 8 or (k // 8) % groups:
+        return []
+    q = u.to(torch.uint8).reshape(n // 16, 16, k // 8, 2, 4)
+    packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+
+    def per_block(t: Tensor) -> Tensor:
+        return t.float().reshape(n // 16, 16, groups).permute(0, 2, 1).contiguous()
+
+    return [packed, per_block(scale), per_block(center)]
+
+
+def gemv_int4(
+    x: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    center: Tensor,
+    bias: Tensor,
+    vnni: list[Tensor],
+) -> Tensor:
+    """x [M, K] float32 times packed 4-bit codes [N, K / 2] (`pack_int4_rows`); scale, center
+    [N, groups], groups of a multiple of 32 weights; vnni: from `vnni_pack_int4` (23-bit
+    fixed-point x through VNNI), or [] (AVX-512 floats)."""
+    if vnni:
+        return _ops().linear_vnni_int4(x, vnni[0], vnni[1], vnni[2], bias)
     return _ops().gemv_int4(x, packed, scale, center, bias)

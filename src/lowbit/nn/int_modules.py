@@ -313,7 +313,8 @@ class IntLinear(IntModule):
         self.kernel = self._choose_kernel()
         self._per_token = self.kernel == "int_mm" and self._per_token_spec()
         self._dynamic_weights: dynamic.DynamicLinearWeights | None = None
-        self._vnni_weight: list[Tensor] | None = None  # weight-only int8, VNNI layout
+        # weight-only: the VNNI layout ([] where it does not apply), built on first use
+        self._vnni_weight: list[Tensor] | None = None
 
     # -- kernel selection ---------------------------------------------------------------------
     def _int8_weight_ok(self) -> bool:
@@ -502,7 +503,11 @@ class IntLinear(IntModule):
         packed = self._cached("int4_rows", self._int4_rows)
         scale = self._cached("int4_row_scale", lambda: self._int4_groups()[0])
         center = self._cached("int4_row_center", lambda: self._int4_groups()[1])
-        return weight_only.gemv_int4(xf, packed, scale, center, bias).to(x.dtype)
+        if self._vnni_weight is None:
+            u = self.weight_codes() + (8 if self.weight_spec.signed else 0)
+            self._vnni_weight = weight_only.vnni_pack_int4(u, scale, center)
+        y = weight_only.gemv_int4(xf, packed, scale, center, bias, self._vnni_weight)
+        return y.to(x.dtype)
 
     def _params_per_span(self) -> tuple[Tensor, Tensor]:
         """Weight scale (float) and zero point per (row, span of inputs): [N, K / span]."""

@@ -325,6 +325,121 @@ at::Tensor linear_vnni_float(const at::Tensor& x, const at::Tensor& packed,
 #endif
 }
 
+#if LOWBIT_X86
+// Weight-only int4 through VNNI, for one token row and the output blocks [b0, b1), B at a time.
+// w: [blocks, K / 8, 16, 4] bytes, byte t of output j in octet o holding u[k = 8o + t] in its
+// low nibble and u[8o + 4 + t] in its high one (u in 0..15, unsigned: the uint8 operand).
+// e: the row's three balanced digits [3, K] (int8, the signed operand); xsum: [groups] sums of
+// the row's fixed-point values per group; scale, center: [blocks, groups, 16].
+template <int B>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4_blocks(
+    const int8_t* e, int64_t k, const float* xsum, const uint8_t* w, const float* scale,
+    const float* center, int64_t groups, int64_t b0, int64_t b1, float* out) {
+  const int64_t octets = k / 8, group_octets = octets / groups;
+  const int64_t block_bytes = octets * 64;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = b0; b + B <= b1; b += B) {
+    __m512 total[B];
+    for (int j = 0; j < B; ++j) total[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i acc[3][B];
+      for (int d = 0; d < 3; ++d)
+        for (int j = 0; j < B; ++j) acc[d][j] = _mm512_setzero_si512();
+      for (int64_t o = g * group_octets; o < (g + 1) * group_octets; ++o) {
+        __m512i lo[B], hi[B];
+        for (int j = 0; j < B; ++j) {
+          const __m512i v = _mm512_loadu_si512(w + (b + j) * block_bytes + o * 64);
+          lo[j] = _mm512_and_si512(v, low);
+          hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        for (int d = 0; d < 3; ++d) {
+          int32_t q0, q1;
+          std::memcpy(&q0, e + d * k + o * 8, 4);
+          std::memcpy(&q1, e + d * k + o * 8 + 4, 4);
+          const __m512i e0 = _mm512_set1_epi32(q0), e1 = _mm512_set1_epi32(q1);
+          for (int j = 0; j < B; ++j) {
+            acc[d][j] = _mm512_dpbusd_epi32(acc[d][j], lo[j], e0);
+            acc[d][j] = _mm512_dpbusd_epi32(acc[d][j], hi[j], e1);
+          }
+        }
+      }
+      const __m512 xs = _mm512_set1_ps(xsum[g]);
+      for (int j = 0; j < B; ++j) {
+        // sum_k u x = digits recombined; minus center * sum_k x; times the group's scale
+        __m512 dot = _mm512_cvtepi32_ps(acc[0][j]);
+        dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[1][j]), _mm512_set1_ps(256.f), dot);
+        dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[2][j]), _mm512_set1_ps(65536.f), dot);
+        const int64_t at = ((b + j) * groups + g) * kCols;
+        dot = _mm512_fnmadd_ps(_mm512_loadu_ps(center + at), xs, dot);
+        total[j] = _mm512_fmadd_ps(_mm512_loadu_ps(scale + at), dot, total[j]);
+      }
+    }
+    for (int j = 0; j < B; ++j) _mm512_storeu_ps(out + (b + j) * kCols, total[j]);
+  }
+}
+#endif
+
+// Weight-only int4 (one token row at a time): x as a 23-bit fixed-point copy, x_int =
+// round(x / s) with s = max|x_row| / (2^22 - 1), written as three balanced int8 digits
+// (x_int = e2 * 2^16 + e1 * 2^8 + e0, each in [-128, 127]) so no offset is needed; the int32
+// sums per group are exact and recombined in float. y = sum_g scale * (sum u x_int -
+// center * sum x_int) * s + bias.
+at::Tensor linear_vnni_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                            const at::Tensor& center, const at::Tensor& bias) {
+#if LOWBIT_X86
+  check_input(x, packed.size(1) * 8);
+  const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), groups = scale.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(2) == kCols && packed.size(3) == 4,
+              "linear_vnni_int4: packed must be contiguous uint8 [N / 16, K / 8, 16, 4]");
+  TORCH_CHECK(groups > 0 && (k / 8) % groups == 0 && scale.size(0) == blocks &&
+                  scale.sizes() == center.sizes() && scale.is_contiguous() &&
+                  center.is_contiguous(),
+              "linear_vnni_int4: scale and center must be contiguous [N / 16, groups, 16], "
+              "groups of a multiple of 8 weights");
+  constexpr int64_t kFixed = (1 << 22) - 1;  // keeps the top digit within [-128, 127]
+  auto xc = x.contiguous();
+  auto y = at::empty({m, blocks * kCols}, x.options());
+  const float* xp = xc.const_data_ptr<float>();
+  const uint8_t* wp = packed.const_data_ptr<uint8_t>();
+  const float* sp = scale.const_data_ptr<float>();
+  const float* cp = center.const_data_ptr<float>();
+  const float* bp = bias.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  std::vector<int8_t> digits(3 * k);
+  std::vector<float> xsum(groups);
+  const int64_t group_len = k / groups;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = xp + r * k;
+    const float s = row_scale(row, k, kFixed);
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t sum = 0;
+      for (int64_t i = g * group_len; i < (g + 1) * group_len; ++i) {
+        const float v = std::isnan(s) ? 0.f : std::nearbyint(row[i] / s);
+        int32_t rest = static_cast<int32_t>(std::clamp(v, -float(kFixed), float(kFixed)));
+        sum += rest;
+        for (int d = 0; d < 3; ++d) {
+          const int32_t digit = ((rest + 128) & 255) - 128;
+          digits[d * k + i] = static_cast<int8_t>(digit);
+          rest = (rest - digit) / 256;
+        }
+      }
+      xsum[g] = static_cast<float>(sum);
+    }
+    float* out = yp + r * blocks * kCols;
+    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+      const int64_t split = b0 + (b1 - b0) / 4 * 4;
+      int4_blocks<4>(digits.data(), k, xsum.data(), wp, sp, cp, groups, b0, split, out);
+      int4_blocks<1>(digits.data(), k, xsum.data(), wp, sp, cp, groups, split, b1, out);
+    });
+    for (int64_t j = 0; j < blocks * kCols; ++j) out[j] = out[j] * s + bp[j];
+  }
+  return y;
+#else
+  TORCH_CHECK(false, "linear_vnni_int4: this build has no x86 VNNI kernel");
+#endif
+}
+
 // --- routes through torch's kernels ------------------------------------------------------------
 
 at::Tensor linear_int_mm(const at::Tensor& x, const at::Tensor& w_t, const at::Tensor& w_scale,
@@ -377,6 +492,10 @@ TORCH_LIBRARY(lowbit, m) {
       "linear_vnni_float(Tensor x, Tensor packed, Tensor offset, Tensor w_scale, Tensor bias)"
       " -> Tensor",
       &lowbit::linear_vnni_float);
+  m.def(
+      "linear_vnni_int4(Tensor x, Tensor packed, Tensor scale, Tensor center, Tensor bias)"
+      " -> Tensor",
+      &lowbit::linear_vnni_int4);
   m.def("linear_int_mm(Tensor x, Tensor w_t, Tensor w_scale, Tensor bias, int qmax) -> Tensor",
         &lowbit::linear_int_mm);
   m.def(

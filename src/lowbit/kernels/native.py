@@ -23,9 +23,8 @@ import torch
 
 from lowbit.kernels.compile import switched_on
 
-SOURCES = [
-    Path(__file__).with_name("csrc") / name for name in ("dynamic_linear.cpp", "weight_only.cpp")
-]
+_CSRC = Path(__file__).with_name("csrc")
+SOURCES = [_CSRC / "linear.cpp", _CSRC / "float_gemv.cpp"]
 _EXTENSION = "lowbit_kernels"
 _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 

@@ -1,25 +1,25 @@
-"""Weight-only int8 / int4 Linear for a few tokens (the LLM decode case): lowbit's C++ GEMV.
-
-At M = 1 a Linear should be bound by reading its weight. PyTorch's `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu` measured slower than FP32 `F.linear` there (0.26x and 0.12x at
-4096 x 4096, one thread), so for M <= `GEMV_MAX_TOKENS` lowbit runs its own kernels, which read
-the int8 (or packed 4-bit) weight once:
-
-- int8 on VNNI CPUs: the dynamic Linear's VNNI kernel on a 24-bit fixed-point copy of x (one
-  scale per row, max|x| / (2^23 - 1): float32's own precision relative to the row's largest
-  element), split into three uint8 digits; the int32 sums are exact, so the only difference from
-  float math is that 24-bit rounding of x (`kernels/csrc/dynamic_linear.cpp`). Three uint8 x
-  int8 products per weight are cheaper than widening each weight to float (measured 0.48 ms
-  against 0.86 ms at 4096 x 4096, 1 thread).
-- otherwise AVX-512 loops that widen the weight to float in registers
-  (`kernels/csrc/weight_only.cpp`):
+"""Weight-only int8 / int4 Linear for a few tokens (the LLM decode case): lowbit's C++ GEMVs.
 
     int8: y[m, n] = sum_k w[n, k] * x[m, k] * s[n] + b[n]
     int4: y[m, n] = sum_g s[n, g] * sum_{k in g} (u[n, k] - c[n, g]) * x[m, k] + b[n]
 
-with u the 4-bit codes offset into 0..15 and packed two per byte (even k in the low nibble), and
-c = offset + zero point per group. Larger M, CPUs without AVX-512, or no C++ kernels (compiling
-off, no compiler, inside a graph the user compiles) use the aten kernels.
+with u the 4-bit codes offset into 0..15 and c = offset + zero point per group. At M = 1 a
+Linear should be bound by reading its weight; PyTorch's `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu` measured slower than FP32 `F.linear` there (0.26x and 0.12x at
+4096 x 4096, one thread), so for M <= `GEMV_MAX_TOKENS` lowbit runs its own kernels:
+
+- CPUs with VNNI (`kernels/csrc/linear.cpp`): x becomes a fixed-point copy with one scale per
+  row (24 bits for int8, 23 for int4, relative to the row's largest element: float32's own
+  precision) split into three 8-bit digits, and the products run on the dynamic Linear's VNNI
+  kernel with exact int32 sums; the only difference from float math is that rounding of x.
+  Measured at 4096 x 4096, 1 thread: int8 0.48 ms, int4 0.34 ms, against 0.86 / 1.19 ms for
+  the float loops below.
+- other AVX-512 CPUs (`kernels/csrc/float_gemv.cpp`): loops that widen each weight to float in
+  registers (int4: two per byte, even k in the low nibble, `pack_int4_rows`).
+
+Larger M, CPUs without AVX-512, or no C++ kernels (compiling off, no compiler, inside a graph
+the user compiles) use the aten kernels. The packed layouts are caches of the module, never
+saved.
 """
 
 from __future__ import annotations

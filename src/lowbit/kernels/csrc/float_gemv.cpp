@@ -7,7 +7,8 @@
 //
 // u: 4-bit codes offset into 0..15, two per byte (even k in the low nibble); c: offset + zero
 // point per group. At one token a Linear is bound by reading its weight: these read 1 (int8) or
-// 1/2 (int4) byte per weight against FP32's 4. AVX-512 only (Python checks the CPU first).
+// 1/2 (int4) byte per weight against FP32's 4. AVX-512 only (Python checks the CPU first); on
+// CPUs with VNNI the fixed-point ops of linear.cpp are faster and run instead.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -1,4 +1,7 @@
-// Dynamic int8 Linear with one symmetric activation scale per token, each route one fused op.
+// Integer Linear kernels: lowbit's AVX-512 VNNI kernel, and the ops built on it and on torch's
+// integer GEMMs. Each op is one call from Python.
+//
+// 1. Dynamic int8 Linear with one symmetric activation scale per token, each route one fused op:
 //
 //   s   = max|x_row| / qmax       (1 where that is not above the smallest normal float)
 //   q   = round_half_even(x / s)  true float32 division, as lowbit.numerics.quantize
@@ -18,6 +21,10 @@
 //   linear_onednn  oneDNN's qlinear_pointwise on uint8 codes (zero point 128).
 // The uint8 x int8 routes need VNNI (without it the CPU adds products in saturating int16);
 // Python checks that before choosing them.
+//
+// 2. Weight-only int8 and int4 for a few tokens (linear_vnni_float, linear_vnni_int4): the float
+// input as a 24- / 23-bit fixed-point copy split into three 8-bit digits, so the products run
+// on the VNNI kernel with exact int32 sums (see each op).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

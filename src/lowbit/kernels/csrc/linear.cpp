@@ -127,9 +127,9 @@ void rescale(at::Tensor& y, const at::Tensor& scale, const float* w_scale, const
 // k: the weight's input features, or -1 where the packed weight checks them itself.
 void check_input(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "lowbit dynamic linear: x must be a 2-D float32 CPU tensor, got ", x.sizes(), " ",
+              "lowbit linear: x must be a 2-D float32 CPU tensor, got ", x.sizes(), " ",
               x.scalar_type(), " on ", x.device());
-  TORCH_CHECK(k < 0 || x.size(1) == k, "lowbit dynamic linear: x has ", x.size(1),
+  TORCH_CHECK(k < 0 || x.size(1) == k, "lowbit linear: x has ", x.size(1),
               " features, the weight ", k);
 }
 

@@ -9,8 +9,9 @@
    (M, K, N) in (1,768,768), (128,768,3072), (4096,768,768), (1,4096,4096); output error of each
    vs the float64 product. The one-token shapes again through a stack of distinct layers holding
    128 MB of int8 weights, as in decoding (weights from memory, not from cache).
-2. Weight-only int8 and int4 group 128 Linear (lowbit.quantize_weights: lowbit's C++ GEMV at
-   M=1) at 4096x4096 vs FP32, once per layer and once through distinct layers from memory.
+2. Weight-only int8 and int4 group 128 Linear (lowbit.quantize_weights: lowbit's C++ kernels)
+   at 4096x4096 vs FP32, at M=1 (decoding) and M=64 (a prompt), and at M=1 through distinct
+   layers from memory.
 3. EfficientNet-Lite0 at batch 32: lowbit.convert of lowbit.quantize(int8()) vs torchao PT2E +
    X86InductorQuantizer compiled with inductor, compiled FP32 and eager FP32; top-1 agreement of
    the converted model with the simulation (needs the ImageNet sample, see imagenet_sample.py).
@@ -30,6 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 THREADS = 1  # see --threads
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
 DYNAMIC_SHAPES = [(1, 768, 768), (128, 768, 3072), (4096, 768, 768), (1, 4096, 4096)]
+WEIGHT_ONLY_TOKENS = (1, 64)
 STACK_BYTES = 128 << 20  # int8 weights of the decode-stack rows: 4x a 32 MB last-level cache
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -201,25 +204,28 @@ def _bench_dynamic_shape(m: int, k: int, n: int, rounds: int) -> dict[str, Any]:
 def bench_weight_only(rounds: int) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     lin = nn.Linear(4096, 4096).eval()
-    x = torch.randn(1, 4096)
-    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
     w8 = lowbit.quantize_weights(nn.Sequential(lin), bits=8)
     w4 = lowbit.quantize_weights(nn.Sequential(lin), bits=4, group_size=128)
     assert w8[0].kernel == "int8pack" and w4[0].kernel == "int4pack"
-    with torch.no_grad():
-        ms = interleaved(
-            {"fp32": lambda: lin(x), "int8": lambda: w8(x), "int4": lambda: w4(x)}, rounds, 5
-        )
-        err = {"int8": rel_err(w8(x), ref), "int4": rel_err(w4(x), ref)}
-    row = {
-        "bench": "weight_only",
-        "shape": [1, 4096, 4096],
-        "ms": ms,
-        "int8_speedup_vs_fp32": ms["fp32"] / ms["int8"],
-        "int4_speedup_vs_fp32": ms["fp32"] / ms["int4"],
-        "rel_err": err,
-    }
-    print(json.dumps(row), flush=True)
+    rows = []
+    for m in WEIGHT_ONLY_TOKENS:  # decoding, and a prompt
+        x = torch.randn(m, 4096)
+        ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+        models = {"fp32": lin, "int8": w8, "int4": w4}
+        with torch.no_grad():
+            ms = interleaved({name: partial(model, x) for name, model in models.items()}, rounds, 5)
+            err = {"int8": rel_err(w8(x), ref), "int4": rel_err(w4(x), ref)}
+        row = {
+            "bench": "weight_only",
+            "shape": [m, 4096, 4096],
+            "ms": ms,
+            "int8_speedup_vs_fp32": ms["fp32"] / ms["int8"],
+            "int4_speedup_vs_fp32": ms["fp32"] / ms["int4"],
+            "rel_err": err,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    x = torch.randn(1, 4096)
     layers = _distinct_layers(4096, 4096)
     stacked = {
         "fp32": layers,
@@ -236,7 +242,7 @@ def bench_weight_only(rounds: int) -> list[dict[str, Any]]:
         "int4_speedup_vs_fp32": ms["fp32"] / ms["int4"],
     }
     print(json.dumps(stack_row), flush=True)
-    return [row, stack_row]
+    return [*rows, stack_row]
 
 
 def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ import torch
 from lowbit.kernels.compile import switched_on
 
 _CSRC = Path(__file__).with_name("csrc")
-SOURCES = [_CSRC / "linear.cpp", _CSRC / "float_gemv.cpp"]
+SOURCES = [_CSRC / "linear.cpp", _CSRC / "float_linear.cpp"]
 _EXTENSION = "lowbit_kernels"
 _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 

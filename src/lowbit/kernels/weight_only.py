@@ -1,25 +1,26 @@
-"""Weight-only int8 / int4 Linear for a few tokens (the LLM decode case): lowbit's C++ GEMVs.
+"""Weight-only int8 / int4 Linear: lowbit's C++ kernels, for one token (LLM decoding) and more.
 
     int8: y[m, n] = sum_k w[n, k] * x[m, k] * s[n] + b[n]
     int4: y[m, n] = sum_g s[n, g] * sum_{k in g} (u[n, k] - c[n, g]) * x[m, k] + b[n]
 
 with u the 4-bit codes offset into 0..15 and c = offset + zero point per group. At M = 1 a
-Linear should be bound by reading its weight; PyTorch's `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu` measured slower than FP32 `F.linear` there (0.26x and 0.12x at
-4096 x 4096, one thread), so for M <= `GEMV_MAX_TOKENS` lowbit runs its own kernels:
+Linear should be bound by reading its weight. PyTorch's `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu` measured far slower than FP32 `F.linear` (4096 x 4096, one thread:
+0.26x and 0.12x at M = 1, 0.03x and 0.02x at M = 64), so lowbit runs its own kernels for every
+M:
 
 - CPUs with VNNI (`kernels/csrc/linear.cpp`): x becomes a fixed-point copy with one scale per
   row (24 bits for int8, 23 for int4, relative to the row's largest element: float32's own
   precision) split into three 8-bit digits, and the products run on the dynamic Linear's VNNI
   kernel with exact int32 sums; the only difference from float math is that rounding of x.
-  Measured at 4096 x 4096, 1 thread: int8 0.48 ms, int4 0.34 ms, against 0.86 / 1.19 ms for
-  the float loops below.
-- other AVX-512 CPUs (`kernels/csrc/float_gemv.cpp`): loops that widen each weight to float in
-  registers (int4: two per byte, even k in the low nibble, `pack_int4_rows`).
+  Measured at 4096 x 4096, 1 thread, against FP32: M = 1 int8 5.6x, int4 8.9x; M = 64 1.7x /
+  1.9x; M = 256 1.3x / 1.5x.
+- other AVX-512 CPUs (`kernels/csrc/float_linear.cpp`): loops that widen each weight to float in
+  registers, four token rows per weight load (int4: two per byte, even k in the low nibble,
+  `pack_int4_rows`). M = 1: int8 4.1x, int4 3.6x FP32; M = 64: 1.3x / 0.9x; M = 256: 0.9x / 0.7x.
 
-Larger M, CPUs without AVX-512, or no C++ kernels (compiling off, no compiler, inside a graph
-the user compiles) use the aten kernels. The packed layouts are caches of the module, never
-saved.
+CPUs without AVX-512, or no C++ kernels (compiling off, no compiler, inside a graph the user
+compiles) use the aten kernels. The packed layouts are caches of the module, never saved.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from torch import Tensor
 
 from lowbit.kernels import dynamic, native
 
-GEMV_MAX_TOKENS = 4
-
 
 def _avx512() -> bool:
     return "AVX512" in torch.backends.cpu.get_cpu_capability()
@@ -40,31 +39,26 @@ def _avx512() -> bool:
 
 def _ops() -> Any:
     ops = native.ops()
-    assert ops is not None, "call gemv_applies first"
+    assert ops is not None, "call applies first"
     return ops
 
 
-def gemv_applies(x: Tensor) -> bool:
-    """True when the C++ GEMV should run for this (2-D, CPU, float) input."""
-    return (
-        x.device.type == "cpu"
-        and 0 < x.shape[0] <= GEMV_MAX_TOKENS
-        and _avx512()
-        and native.ops() is not None
-    )
+def applies(x: Tensor) -> bool:
+    """True when the C++ kernels should run for this (2-D, CPU, float) input."""
+    return x.device.type == "cpu" and x.shape[0] > 0 and _avx512() and native.ops() is not None
 
 
 def vnni_pack(w: Tensor) -> list[Tensor]:
-    """The VNNI layout of int8 codes w [N, K] for `gemv_int8`; [] where the CPU has no VNNI."""
+    """The VNNI layout of int8 codes w [N, K] for `linear_int8`; [] where the CPU has no VNNI."""
     return _ops().vnni_pack(w) if dynamic.vnni_kernel_cpu() else []
 
 
-def gemv_int8(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor, packed: list[Tensor]) -> Tensor:
+def linear_int8(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor, packed: list[Tensor]) -> Tensor:
     """x [M, K] float32 times int8 codes w [N, K] with scale [N], plus bias [N]; packed: from
     `vnni_pack` (24-bit fixed-point x through the VNNI kernel), or [] (AVX-512 floats)."""
     if packed:
-        return _ops().linear_vnni_float(x, packed[0], packed[1], scale, bias)
-    return _ops().gemv_int8(x, w, scale, bias)
+        return _ops().weight_only_vnni_int8(x, packed[0], packed[1], scale, bias)
+    return _ops().weight_only_float_int8(x, w, scale, bias)
 
 
 def pack_int4_rows(u: Tensor) -> Tensor:
@@ -91,7 +85,7 @@ def vnni_pack_int4(u: Tensor, scale: Tensor, center: Tensor) -> list[Tensor]:
     return [packed, per_block(scale), per_block(center)]
 
 
-def gemv_int4(
+def linear_int4(
     x: Tensor,
     packed: Tensor,
     scale: Tensor,
@@ -103,5 +97,5 @@ def gemv_int4(
     [N, groups], groups of a multiple of 32 weights; vnni: from `vnni_pack_int4` (23-bit
     fixed-point x through VNNI), or [] (AVX-512 floats)."""
     if vnni:
-        return _ops().linear_vnni_int4(x, vnni[0], vnni[1], vnni[2], bias)
-    return _ops().gemv_int4(x, packed, scale, center, bias)
+        return _ops().weight_only_vnni_int4(x, vnni[0], vnni[1], vnni[2], bias)
+    return _ops().weight_only_float_int4(x, packed, scale, center, bias)

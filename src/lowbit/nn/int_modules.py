@@ -15,8 +15,8 @@ Kernels (`module.kernel` says which one a module uses):
   op; its packed weights are a cache.
 - "int8pack": `aten._weight_int8pack_mm`, float inputs times int8 per-channel weights.
 - "int4pack": `aten._weight_int4pack_mm_for_cpu`, float inputs times int4 group-wise weights.
-  With at most `kernels.weight_only.GEMV_MAX_TOKENS` rows, both run lowbit's C++ GEMV instead
-  (`lowbit.kernels.weight_only`), which reads the int8 / packed int4 weight once.
+  Where lowbit's C++ kernels are built (AVX-512 CPUs), both run those instead
+  (`lowbit.kernels.weight_only`): far faster for one token and for many.
 - "onednn_qconv": Conv2d with static per-tensor int8 inputs and symmetric int8 weights:
   oneDNN's quantized convolution (`lowbit.kernels.qconv2d`), float32 output, channels_last.
 - "dequantize": dequantize the weight and run the layer's float forward (with the input
@@ -413,8 +413,8 @@ class IntLinear(IntModule):
             return y.reshape(*shape[:-1], self.out_features)
         if kernel == "int_mm":
             y = self._forward_int_mm(flat)
-        elif kernel in ("int8pack", "int4pack") and weight_only.gemv_applies(flat):
-            y = self._forward_gemv(flat)
+        elif kernel in ("int8pack", "int4pack") and weight_only.applies(flat):
+            y = self._forward_weight_only(flat)
             return self._fake_quant("output", y.reshape(*shape[:-1], self.out_features))
         elif kernel == "int8pack":
             y = self._forward_int8pack(flat)
@@ -487,8 +487,8 @@ class IntLinear(IntModule):
             return self.bias.float()
         return self._cached("zero_bias", lambda: torch.zeros(self.out_features, device=x.device))
 
-    def _forward_gemv(self, x: Tensor) -> Tensor:
-        """A few tokens, weight-only: `kernels.weight_only` C++ GEMV, bias included."""
+    def _forward_weight_only(self, x: Tensor) -> Tensor:
+        """Weight-only through `kernels.weight_only`'s C++ kernels, bias included."""
         bias = self._bias_or_zeros(x)
         xf = x.float().contiguous()
         if self.kernel == "int8pack":
@@ -499,14 +499,14 @@ class IntLinear(IntModule):
             )
             if self._vnni_weight is None:
                 self._vnni_weight = weight_only.vnni_pack(w)
-            return weight_only.gemv_int8(xf, w, scale, bias, self._vnni_weight).to(x.dtype)
+            return weight_only.linear_int8(xf, w, scale, bias, self._vnni_weight).to(x.dtype)
         packed = self._cached("int4_rows", self._int4_rows)
         scale = self._cached("int4_row_scale", lambda: self._int4_groups()[0])
         center = self._cached("int4_row_center", lambda: self._int4_groups()[1])
         if self._vnni_weight is None:
             u = self.weight_codes() + (8 if self.weight_spec.signed else 0)
             self._vnni_weight = weight_only.vnni_pack_int4(u, scale, center)
-        y = weight_only.gemv_int4(xf, packed, scale, center, bias, self._vnni_weight)
+        y = weight_only.linear_int4(xf, packed, scale, center, bias, self._vnni_weight)
         return y.to(x.dtype)
 
     def _params_per_span(self) -> tuple[Tensor, Tensor]:

@@ -22,9 +22,9 @@
 // The uint8 x int8 routes need VNNI (without it the CPU adds products in saturating int16);
 // Python checks that before choosing them.
 //
-// 2. Weight-only int8 and int4 for a few tokens (linear_vnni_float, linear_vnni_int4): the float
-// input as a 24- / 23-bit fixed-point copy split into three 8-bit digits, so the products run
-// on the VNNI kernel with exact int32 sums (see each op).
+// 2. Weight-only int8 and int4 (weight_only_vnni_int8, weight_only_vnni_int4): the float input
+// as a 24- / 23-bit fixed-point copy split into three 8-bit digits, so the products run on the
+// VNNI kernel with exact int32 sums (see each op).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -273,11 +273,11 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::
 // d2 * 2^16 + d1 * 2^8 + d0. Then sum_k w_k x_int_k = sum_d 2^(8d) (d_row . w) - 2^23 * colsum(w)
 // exactly (int64), and y = that * s * w_scale + bias. Three uint8 x int8 products per weight
 // cost less than widening each int8 weight to float (docs/kernels.md).
-at::Tensor linear_vnni_float(const at::Tensor& x, const at::Tensor& packed,
-                             const at::Tensor& offset, const at::Tensor& w_scale,
-                             const at::Tensor& bias) {
+at::Tensor weight_only_vnni_int8(const at::Tensor& x, const at::Tensor& packed,
+                                 const at::Tensor& offset, const at::Tensor& w_scale,
+                                 const at::Tensor& bias) {
 #if LOWBIT_X86
-  const int64_t width = vnni_width(x, packed, "linear_vnni_float");
+  const int64_t width = vnni_width(x, packed, "weight_only_vnni_int8");
   constexpr int64_t kFixed = (1 << 23) - 1;
   const int64_t m = x.size(0), k = x.size(1), n = w_scale.size(0);
   auto xc = x.contiguous();
@@ -328,7 +328,7 @@ at::Tensor linear_vnni_float(const at::Tensor& x, const at::Tensor& packed,
   });
   return y;
 #else
-  TORCH_CHECK(false, "linear_vnni_float: this build has no x86 VNNI kernel");
+  TORCH_CHECK(false, "weight_only_vnni_int8: this build has no x86 VNNI kernel");
 #endif
 }
 
@@ -391,18 +391,19 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4_blocks(
 // (x_int = e2 * 2^16 + e1 * 2^8 + e0, each in [-128, 127]) so no offset is needed; the int32
 // sums per group are exact and recombined in float. y = sum_g scale * (sum u x_int -
 // center * sum x_int) * s + bias.
-at::Tensor linear_vnni_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                            const at::Tensor& center, const at::Tensor& bias) {
+at::Tensor weight_only_vnni_int4(const at::Tensor& x, const at::Tensor& packed,
+                                 const at::Tensor& scale, const at::Tensor& center,
+                                 const at::Tensor& bias) {
 #if LOWBIT_X86
   check_input(x, packed.size(1) * 8);
   const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), groups = scale.size(1);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.size(2) == kCols && packed.size(3) == 4,
-              "linear_vnni_int4: packed must be contiguous uint8 [N / 16, K / 8, 16, 4]");
+              "weight_only_vnni_int4: packed must be contiguous uint8 [N / 16, K / 8, 16, 4]");
   TORCH_CHECK(groups > 0 && (k / 8) % groups == 0 && scale.size(0) == blocks &&
                   scale.sizes() == center.sizes() && scale.is_contiguous() &&
                   center.is_contiguous(),
-              "linear_vnni_int4: scale and center must be contiguous [N / 16, groups, 16], "
+              "weight_only_vnni_int4: scale and center must be contiguous [N / 16, groups, 16], "
               "groups of a multiple of 8 weights");
   constexpr int64_t kFixed = (1 << 22) - 1;  // keeps the top digit within [-128, 127]
   auto xc = x.contiguous();
@@ -443,7 +444,7 @@ at::Tensor linear_vnni_int4(const at::Tensor& x, const at::Tensor& packed, const
   }
   return y;
 #else
-  TORCH_CHECK(false, "linear_vnni_int4: this build has no x86 VNNI kernel");
+  TORCH_CHECK(false, "weight_only_vnni_int4: this build has no x86 VNNI kernel");
 #endif
 }
 
@@ -496,13 +497,13 @@ TORCH_LIBRARY(lowbit, m) {
       " -> Tensor",
       &lowbit::linear_vnni);
   m.def(
-      "linear_vnni_float(Tensor x, Tensor packed, Tensor offset, Tensor w_scale, Tensor bias)"
+      "weight_only_vnni_int8(Tensor x, Tensor packed, Tensor offset, Tensor w_scale, Tensor bias)"
       " -> Tensor",
-      &lowbit::linear_vnni_float);
+      &lowbit::weight_only_vnni_int8);
   m.def(
-      "linear_vnni_int4(Tensor x, Tensor packed, Tensor scale, Tensor center, Tensor bias)"
+      "weight_only_vnni_int4(Tensor x, Tensor packed, Tensor scale, Tensor center, Tensor bias)"
       " -> Tensor",
-      &lowbit::linear_vnni_int4);
+      &lowbit::weight_only_vnni_int4);
   m.def("linear_int_mm(Tensor x, Tensor w_t, Tensor w_scale, Tensor bias, int qmax) -> Tensor",
         &lowbit::linear_int_mm);
   m.def(

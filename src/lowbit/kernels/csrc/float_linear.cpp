@@ -1,9 +1,9 @@
-// Weight-only int8 / int4 Linear for a few tokens (LLM decoding): float activations times integer
-// weights, read once from memory and widened to float in registers.
+// Weight-only int8 / int4 Linear on AVX-512 CPUs without VNNI: float activations times integer
+// weights widened to float in registers, each weight load shared by up to four token rows.
 //
-//   gemv_int8: y[m, n] = sum_k w[n, k] * x[m, k] * s[n] + b[n]
-//   gemv_int4: y[m, n] = sum_g s[n, g] * (sum_{k in g} (u[n, k] - 8) * x[m, k]
-//                                         - (c[n, g] - 8) * sum_{k in g} x[m, k]) + b[n]
+//   weight_only_float_int8: y[m, n] = sum_k w[n, k] * x[m, k] * s[n] + b[n]
+//   weight_only_float_int4: y[m, n] = sum_g s[n, g] * (sum_{k in g} (u[n, k] - 8) * x[m, k]
+//                                     - (c[n, g] - 8) * sum_{k in g} x[m, k]) + b[n]
 //
 // u: 4-bit codes offset into 0..15, two per byte (even k in the low nibble); c: offset + zero
 // point per group. At one token a Linear is bound by reading its weight: these read 1 (int8) or
@@ -36,7 +36,8 @@ void check_rows(const at::Tensor& x, int64_t k, const char* op) {
               op, ": x must be a 2-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(x.size(1) == k, op, ": x has ", x.size(1), " features, the weight ", k);
 #if LOWBIT_X86
-  TORCH_CHECK(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"), op, " needs AVX-512");
+  TORCH_CHECK(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"), op,
+              " needs AVX-512");
 #else
   TORCH_CHECK(false, op, " needs an x86 CPU with AVX-512");
 #endif
@@ -144,12 +145,12 @@ void over_row_chunks(int64_t m, F rows) {
 }
 #endif
 
-at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const at::Tensor& bias) {
+at::Tensor weight_only_float_int8(const at::Tensor& x, const at::Tensor& w,
+                                  const at::Tensor& scale, const at::Tensor& bias) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "gemv_int8: w must be a contiguous 2-D int8 tensor");
+              "weight_only_float_int8: w must be a contiguous 2-D int8 tensor");
   const int64_t n = w.size(0), k = w.size(1);
-  check_rows(x, k, "gemv_int8");
+  check_rows(x, k, "weight_only_float_int8");
   auto xc = x.contiguous();
   const int64_t m = xc.size(0);
   auto y = at::empty({m, n}, x.options());
@@ -172,21 +173,22 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                     const at::Tensor& center, const at::Tensor& bias) {
+at::Tensor weight_only_float_int4(const at::Tensor& x, const at::Tensor& packed,
+                                  const at::Tensor& scale, const at::Tensor& center,
+                                  const at::Tensor& bias) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "gemv_int4: packed must be a contiguous 2-D uint8 tensor");
+              "weight_only_float_int4: packed must be a contiguous 2-D uint8 tensor");
   const int64_t n = packed.size(0), half_k = packed.size(1), groups = scale.size(1);
   TORCH_CHECK(groups > 0 && half_k % groups == 0 && (half_k / groups) % 16 == 0,
-              "gemv_int4: groups of ", 2 * half_k / std::max<int64_t>(groups, 1),
+              "weight_only_float_int4: groups of ", 2 * half_k / std::max<int64_t>(groups, 1),
               " weights; the kernel needs a multiple of 32");
-  check_rows(x, 2 * half_k, "gemv_int4");
+  check_rows(x, 2 * half_k, "weight_only_float_int4");
   const int64_t m = x.size(0);
   auto pairs = x.reshape({m, half_k, 2});
   auto xe = pairs.select(2, 0).contiguous(), xo = pairs.select(2, 1).contiguous();
   auto xsum = x.reshape({m, groups, -1}).sum(-1).contiguous();
   TORCH_CHECK(scale.is_contiguous() && center.is_contiguous() && center.sizes() == scale.sizes(),
-              "gemv_int4: scale and center must be contiguous [N, groups]");
+              "weight_only_float_int4: scale and center must be contiguous [N, groups]");
   auto y = at::empty({m, n}, x.options());
 #if LOWBIT_X86
   const float* ep = xe.const_data_ptr<float>();
@@ -217,8 +219,10 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
 }  // namespace lowbit
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
-  m.def("gemv_int8(Tensor x, Tensor w, Tensor scale, Tensor bias) -> Tensor", &lowbit::gemv_int8);
+  m.def("weight_only_float_int8(Tensor x, Tensor w, Tensor scale, Tensor bias) -> Tensor",
+        &lowbit::weight_only_float_int8);
   m.def(
-      "gemv_int4(Tensor x, Tensor packed, Tensor scale, Tensor center, Tensor bias) -> Tensor",
-      &lowbit::gemv_int4);
+      "weight_only_float_int4(Tensor x, Tensor packed, Tensor scale, Tensor center, "
+      "Tensor bias) -> Tensor",
+      &lowbit::weight_only_float_int4);
 }

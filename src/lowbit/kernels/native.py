@@ -13,6 +13,7 @@ a failed build warns once and leaves the eager kernels, which compute the same c
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -25,7 +26,9 @@ from lowbit.kernels.compile import switched_on
 
 _CSRC = Path(__file__).with_name("csrc")
 SOURCES = [_CSRC / "linear.cpp", _CSRC / "float_linear.cpp"]
-_EXTENSION = "lowbit_kernels"
+# torch rebuilds when the sources or flags change, not when torch does: the version in the name
+# keeps a build for one torch from being loaded by another.
+_EXTENSION = "lowbit_kernels_" + re.sub(r"\W", "_", torch.__version__)
 _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 
 _lock = threading.Lock()

@@ -11,11 +11,12 @@ to float rounding of the final rescale. Four GEMM routes compute `acc`; which on
 the shape (`choose_route`, measured in docs/kernels.md):
 
 - "vnni": lowbit's own AVX-512 VNNI kernel (`kernels/csrc`), uint8 codes (q + 128) times the
-  int8 weight in its own layout, the offset removed exactly. Fastest for a few tokens (decoding).
+  int8 weight in its own layout, the offset removed exactly. Fastest below `ONEDNN_MIN_ROWS`
+  tokens (decoding, short batches).
 - "int_mm": `torch._int_mm` (oneDNN s8s8). The fallback everywhere (correct on every CPU).
 - "fbgemm": fbgemm's `linear_with_input_q_dq_qweight_dq_output_fp32` fed the codes as floats
   with input scale 1 and zero point 128, so its own quantization step is exact; the weight scale
-  is fused into its output. Fastest for a few tokens times a large weight.
+  is fused into its output. For 2-31 tokens where the VNNI kernel is not built.
 - "onednn": oneDNN's `qlinear_pointwise` (the op inductor emits for int8 Linear) on uint8 codes
   (q + 128, zero point 128), weight scale fused. Fastest from `ONEDNN_MIN_ROWS` rows on.
 
@@ -46,13 +47,10 @@ Route = Literal["vnni", "int_mm", "fbgemm", "onednn"]
 ROUTES: tuple[Route, ...] = ("vnni", "int_mm", "fbgemm", "onednn")
 
 _TINY = torch.finfo(torch.float32).tiny
-# From this many rows oneDNN's GEMM is the fastest (docs/kernels.md).
+# From this many rows oneDNN's GEMM is the fastest; below, lowbit's VNNI kernel (docs/kernels.md).
 ONEDNN_MIN_ROWS = 32
-# Below ONEDNN_MIN_ROWS, lowbit's VNNI kernel beats fbgemm up to this many rows for any weight,
-# and for every row count on weights of up to SMALL_WEIGHT elements (K * N); fbgemm is faster
-# for 5-31 rows times a large weight (1 thread: 1x4096x4096 1.53x torch.ao, 8x4096x4096 1.02x
-# against fbgemm's 1.11x).
-VNNI_ROWS = 4
+# Without the VNNI kernel: one token times a weight of up to this many elements (K * N) runs
+# `_int_mm`, larger ones and 2-31 tokens fbgemm.
 SMALL_WEIGHT = 1 << 22
 
 
@@ -65,12 +63,11 @@ def u8_gemm_safe() -> bool:
 def choose_route(m: int, k: int, n: int, available: tuple[Route, ...], native_ops: bool) -> Route:
     """The fastest route for an [m, k] x [k, n] product among `available` ("int_mm" always is);
     native_ops: whether the C++ kernels are built ("vnni" needs them)."""
-    small = k * n <= SMALL_WEIGHT
     if m >= ONEDNN_MIN_ROWS:
         want: Route = "onednn"
-    elif native_ops and "vnni" in available and (m <= VNNI_ROWS or small):
+    elif native_ops and "vnni" in available:
         want = "vnni"
-    elif m > 1 or not small:
+    elif m > 1 or k * n > SMALL_WEIGHT:
         want = "fbgemm"
     else:
         want = "int_mm"

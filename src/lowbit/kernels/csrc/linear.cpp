@@ -214,17 +214,21 @@ at::Tensor vnni_accumulate(const at::Tensor& q, const at::Tensor& packed) {
   const int8_t* wp = packed.const_data_ptr<int8_t>();
   int32_t* ap = acc.mutable_data_ptr<int32_t>();
   const int64_t stride = blocks * kCols;
-  // Parallel over output blocks; within a task, rows four at a time share each weight load.
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4)
-      vnni_blocks<4>(qp + r * width, width, wp, groups, b0, b1, ap + r * stride, stride);
-    const int64_t rest = rows - r;
-    const uint8_t* qr = qp + r * width;
-    int32_t* ar = ap + r * stride;
-    if (rest == 3) vnni_blocks<3>(qr, width, wp, groups, b0, b1, ar, stride);
-    if (rest == 2) vnni_blocks<2>(qr, width, wp, groups, b0, b1, ar, stride);
-    if (rest == 1) vnni_blocks<1>(qr, width, wp, groups, b0, b1, ar, stride);
+  // Parallel over output blocks. Within a task, four blocks at a time (their weights stay in
+  // L2) go through every row, four rows at a time sharing each weight load.
+  at::parallel_for(0, blocks, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t b0 = t0; b0 < t1; b0 += 4) {
+      const int64_t b1 = std::min(b0 + 4, t1);
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4)
+        vnni_blocks<4>(qp + r * width, width, wp, groups, b0, b1, ap + r * stride, stride);
+      const int64_t rest = rows - r;
+      const uint8_t* qr = qp + r * width;
+      int32_t* ar = ap + r * stride;
+      if (rest == 3) vnni_blocks<3>(qr, width, wp, groups, b0, b1, ar, stride);
+      if (rest == 2) vnni_blocks<2>(qr, width, wp, groups, b0, b1, ar, stride);
+      if (rest == 1) vnni_blocks<1>(qr, width, wp, groups, b0, b1, ar, stride);
+    }
   });
   return acc;
 }

@@ -25,6 +25,7 @@ compiles) use the aten kernels. The packed layouts are caches of the module, nev
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from torch import Tensor
 from lowbit.kernels import dynamic, native
 
 
+@functools.cache
 def _avx512() -> bool:
     return "AVX512" in torch.backends.cpu.get_cpu_capability()
 

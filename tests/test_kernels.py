@@ -212,6 +212,17 @@ def test_packed_weights_are_a_cache_not_state():
         assert dyn[0]._dynamic_weights is None
 
 
+def test_weight_only_int8_too_deep_for_vnni_runs_the_float_loop(monkeypatch):
+    monkeypatch.setitem(kernels.compile._state, "enabled", True)
+    if native.ops() is None or not dynamic.vnni_kernel_cpu():
+        pytest.skip("no C++ kernels or no VNNI here")
+    w = torch.ones(16, 65537, dtype=torch.int8)
+    assert weight_only.vnni_pack(w) == []  # 255 * 127 * K would overflow int32
+    x = torch.ones(1, 65537)
+    y = weight_only.linear_int8(x, w, torch.ones(16), torch.zeros(16), [])
+    torch.testing.assert_close(y, torch.full((1, 16), 65537.0))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_weight_only_packs_are_dropped_on_reload(bits, monkeypatch):
     monkeypatch.setitem(kernels.compile._state, "enabled", True)

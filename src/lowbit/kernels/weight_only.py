@@ -51,8 +51,14 @@ def applies(x: Tensor) -> bool:
 
 
 def vnni_pack(w: Tensor) -> list[Tensor]:
-    """The VNNI layout of int8 codes w [N, K] for `linear_int8`; [] where the CPU has no VNNI."""
-    return _ops().vnni_pack(w) if dynamic.vnni_kernel_cpu() else []
+    """The VNNI layout of int8 codes w [N, K] for `linear_int8`; [] where the CPU has no VNNI or
+    K is too large for int32 sums."""
+    if not dynamic.vnni_kernel_cpu():
+        return []
+    try:
+        return list(_ops().vnni_pack(w))
+    except RuntimeError:  # K > 65536
+        return []
 
 
 def linear_int8(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor, packed: list[Tensor]) -> Tensor:
@@ -69,16 +75,17 @@ def pack_int4_rows(u: Tensor) -> Tensor:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
-def vnni_pack_int4(u: Tensor, scale: Tensor, center: Tensor) -> list[Tensor]:
-    """Codes 0..15 u [N, K] and scale, center [N, groups] in the layout of the VNNI int4 kernel:
-    [N / 16, K / 8, 16, 4] bytes (byte t of output j in octet o: u[8o + t] in the low nibble,
-    u[8o + 4 + t] in the high one) and [N / 16, groups, 16] floats; [] where the CPU has no VNNI
-    or the shape does not fit (N % 16, groups of a multiple of 8 weights)."""
-    n, k = u.shape
+def vnni_pack_int4(rows: Tensor, scale: Tensor, center: Tensor) -> list[Tensor]:
+    """`pack_int4_rows` codes [N, K / 2] and scale, center [N, groups] in the layout of the VNNI
+    int4 kernel: [N / 16, K / 8, 16, 4] bytes (byte t of output j in octet o: u[8o + t] in the
+    low nibble, u[8o + 4 + t] in the high one) and [N / 16, groups, 16] floats; [] where the CPU
+    has no VNNI or the shape does not fit (N % 16, groups of a multiple of 8 weights)."""
+    n, k = rows.shape[0], 2 * rows.shape[1]
     groups = scale.shape[1]
     if not dynamic.vnni_kernel_cpu() or n % 16 or k % 8 or (k // 8) % groups:
         return []
-    q = u.to(torch.uint8).reshape(n // 16, 16, k // 8, 2, 4)
+    u = torch.stack([rows & 15, rows >> 4], -1).reshape(n, k)
+    q = u.reshape(n // 16, 16, k // 8, 2, 4)
     packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
 
     def per_block(t: Tensor) -> Tensor:

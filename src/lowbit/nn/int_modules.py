@@ -504,8 +504,7 @@ class IntLinear(IntModule):
         scale = self._cached("int4_row_scale", lambda: self._int4_groups()[0])
         center = self._cached("int4_row_center", lambda: self._int4_groups()[1])
         if self._vnni_weight is None:
-            u = self.weight_codes() + (8 if self.weight_spec.signed else 0)
-            self._vnni_weight = weight_only.vnni_pack_int4(u, scale, center)
+            self._vnni_weight = weight_only.vnni_pack_int4(packed, scale, center)
         y = weight_only.linear_int4(xf, packed, scale, center, bias, self._vnni_weight)
         return y.to(x.dtype)
 

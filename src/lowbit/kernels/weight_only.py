@@ -84,8 +84,7 @@ def vnni_pack_int4(rows: Tensor, scale: Tensor, center: Tensor) -> list[Tensor]:
     groups = scale.shape[1]
     if not dynamic.vnni_kernel_cpu() or n % 16 or k % 8 or (k // 8) % groups:
         return []
-    u = torch.stack([rows & 15, rows >> 4], -1).reshape(n, k)
-    q = u.reshape(n // 16, 16, k // 8, 2, 4)
+    q = torch.stack([rows & 15, rows >> 4], -1).reshape(n // 16, 16, k // 8, 2, 4)  # u[n, k]
     packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
 
     def per_block(t: Tensor) -> Tensor:

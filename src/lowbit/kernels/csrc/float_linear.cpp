@@ -16,14 +16,11 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LOWBIT_X86 1
-#include <immintrin.h>
+#include "common.h"
+
+#if LOWBIT_X86
 #define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#else
-#define LOWBIT_X86 0
 #endif
 
 namespace lowbit {
@@ -31,10 +28,9 @@ namespace {
 
 constexpr int64_t kOutGrain = 64;  // outputs per parallel task
 
+// check_input, and a CPU these loops run on.
 void check_rows(const at::Tensor& x, int64_t k, const char* op) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              op, ": x must be a 2-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(x.size(1) == k, op, ": x has ", x.size(1), " features, the weight ", k);
+  check_input(x, k, op);
 #if LOWBIT_X86
   TORCH_CHECK(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"), op,
               " needs AVX-512");
@@ -134,15 +130,6 @@ LOWBIT_AVX512 void int4_outputs(const float* xe, const float* xo, const float* x
   }
 }
 
-// Runs `rows(r0, R)` over the token rows four at a time, then the 1-3 left.
-template <typename F>
-void over_row_chunks(int64_t m, F rows) {
-  int64_t r = 0;
-  for (; r + 4 <= m; r += 4) rows(r, std::integral_constant<int, 4>{});
-  if (m - r == 3) rows(r, std::integral_constant<int, 3>{});
-  if (m - r == 2) rows(r, std::integral_constant<int, 2>{});
-  if (m - r == 1) rows(r, std::integral_constant<int, 1>{});
-}
 #endif
 
 at::Tensor weight_only_float_int8(const at::Tensor& x, const at::Tensor& w,

@@ -40,13 +40,12 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LOWBIT_X86 1
+#include "common.h"
+
+#if LOWBIT_X86
 // One build runs on any x86-64 CPU; the elementwise loops get AVX-512 / AVX2 clones.
 #define LOWBIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#include <immintrin.h>
 #else
-#define LOWBIT_X86 0
 #define LOWBIT_CLONES
 #endif
 
@@ -122,15 +121,6 @@ void rescale(at::Tensor& y, const at::Tensor& scale, const float* w_scale, const
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) rescale_row(yp + r * n, n, sp[r], w_scale, bp);
   });
-}
-
-// k: the weight's input features, or -1 where the packed weight checks them itself.
-void check_input(const at::Tensor& x, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "lowbit linear: x must be a 2-D float32 CPU tensor, got ", x.sizes(), " ",
-              x.scalar_type(), " on ", x.device());
-  TORCH_CHECK(k < 0 || x.size(1) == k, "lowbit linear: x has ", x.size(1),
-              " features, the weight ", k);
 }
 
 // --- lowbit's VNNI kernel --------------------------------------------------------------------
@@ -219,15 +209,10 @@ at::Tensor vnni_accumulate(const at::Tensor& q, const at::Tensor& packed) {
   at::parallel_for(0, blocks, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t b0 = t0; b0 < t1; b0 += 4) {
       const int64_t b1 = std::min(b0 + 4, t1);
-      int64_t r = 0;
-      for (; r + 4 <= rows; r += 4)
-        vnni_blocks<4>(qp + r * width, width, wp, groups, b0, b1, ap + r * stride, stride);
-      const int64_t rest = rows - r;
-      const uint8_t* qr = qp + r * width;
-      int32_t* ar = ap + r * stride;
-      if (rest == 3) vnni_blocks<3>(qr, width, wp, groups, b0, b1, ar, stride);
-      if (rest == 2) vnni_blocks<2>(qr, width, wp, groups, b0, b1, ar, stride);
-      if (rest == 1) vnni_blocks<1>(qr, width, wp, groups, b0, b1, ar, stride);
+      over_row_chunks(rows, [&](int64_t r, auto chunk) {
+        vnni_blocks<decltype(chunk)::value>(qp + r * width, width, wp, groups, b0, b1,
+                                            ap + r * stride, stride);
+      });
     }
   });
   return acc;
@@ -236,7 +221,7 @@ at::Tensor vnni_accumulate(const at::Tensor& q, const at::Tensor& packed) {
 
 int64_t vnni_width(const at::Tensor& x, const at::Tensor& packed, const char* op) {
   const int64_t width = packed.size(1) * kDepth;
-  check_input(x, -1);
+  check_input(x, -1, op);
   TORCH_CHECK(width - x.size(1) >= 0 && width - x.size(1) < kDepth, op, ": x has ", x.size(1),
               " features, the packed weight ", width - kDepth + 1, "-", width);
   return width;
@@ -271,6 +256,13 @@ at::Tensor linear_vnni(const at::Tensor& x, const at::Tensor& packed, const at::
 #endif
 }
 
+// round(x / s) within [-limit, limit] (0 for a NaN scale): the weight-only ops' fixed-point
+// copy of x. The clamp matters: max|x| / s can round up to limit + 1, since s itself is rounded.
+inline int32_t fixed_point(float x, float s, int32_t limit) {
+  if (std::isnan(s)) return 0;
+  return static_cast<int32_t>(std::clamp(std::nearbyint(x / s), -float(limit), float(limit)));
+}
+
 // Weight-only int8 through the same kernel: each float row x becomes a 24-bit fixed-point copy,
 // x_int = round(x / s) with s = max|x_row| / (2^23 - 1) (float32's own precision relative to
 // the row's largest element), written as three uint8 digit rows of X = x_int + 2^23 =
@@ -282,7 +274,7 @@ at::Tensor weight_only_vnni_int8(const at::Tensor& x, const at::Tensor& packed,
                                  const at::Tensor& bias) {
 #if LOWBIT_X86
   const int64_t width = vnni_width(x, packed, "weight_only_vnni_int8");
-  constexpr int64_t kFixed = (1 << 23) - 1;
+  constexpr int32_t kFixed = (1 << 23) - 1;
   const int64_t m = x.size(0), k = x.size(1), n = w_scale.size(0);
   auto xc = x.contiguous();
   auto digits = at::empty({m, 3, width}, x.options().dtype(at::kByte));
@@ -296,12 +288,7 @@ at::Tensor weight_only_vnni_int8(const at::Tensor& x, const at::Tensor& packed,
       sp[r] = s;
       uint8_t* d = dp + r * 3 * width;
       for (int64_t i = 0; i < width; ++i) {
-        // the clamp: max|x| / s can round up to 2^23 (s itself is rounded)
-        const float fixed =
-            i < k && !std::isnan(s)
-                ? std::clamp(std::nearbyint(xp[r * k + i] / s), -float(kFixed), float(kFixed))
-                : 0.f;
-        const int32_t big = static_cast<int32_t>(fixed) + (1 << 23);
+        const int32_t big = (i < k ? fixed_point(xp[r * k + i], s, kFixed) : 0) + (1 << 23);
         d[i] = static_cast<uint8_t>(big);
         d[width + i] = static_cast<uint8_t>(big >> 8);
         d[2 * width + i] = static_cast<uint8_t>(big >> 16);
@@ -399,7 +386,7 @@ at::Tensor weight_only_vnni_int4(const at::Tensor& x, const at::Tensor& packed,
                                  const at::Tensor& scale, const at::Tensor& center,
                                  const at::Tensor& bias) {
 #if LOWBIT_X86
-  check_input(x, packed.size(1) * 8);
+  check_input(x, packed.size(1) * 8, "weight_only_vnni_int4");
   const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), groups = scale.size(1);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.size(2) == kCols && packed.size(3) == 4,
@@ -409,7 +396,7 @@ at::Tensor weight_only_vnni_int4(const at::Tensor& x, const at::Tensor& packed,
                   center.is_contiguous(),
               "weight_only_vnni_int4: scale and center must be contiguous [N / 16, groups, 16], "
               "groups of a multiple of 8 weights");
-  constexpr int64_t kFixed = (1 << 22) - 1;  // keeps the top digit within [-128, 127]
+  constexpr int32_t kFixed = (1 << 22) - 1;  // keeps the top digit within [-128, 127]
   auto xc = x.contiguous();
   auto y = at::empty({m, blocks * kCols}, x.options());
   const float* xp = xc.const_data_ptr<float>();
@@ -427,8 +414,7 @@ at::Tensor weight_only_vnni_int4(const at::Tensor& x, const at::Tensor& packed,
     for (int64_t g = 0; g < groups; ++g) {
       int64_t sum = 0;
       for (int64_t i = g * group_len; i < (g + 1) * group_len; ++i) {
-        const float v = std::isnan(s) ? 0.f : std::nearbyint(row[i] / s);
-        int32_t rest = static_cast<int32_t>(std::clamp(v, -float(kFixed), float(kFixed)));
+        int32_t rest = fixed_point(row[i], s, kFixed);
         sum += rest;
         for (int d = 0; d < 3; ++d) {
           const int32_t digit = ((rest + 128) & 255) - 128;
@@ -456,7 +442,7 @@ at::Tensor weight_only_vnni_int4(const at::Tensor& x, const at::Tensor& packed,
 
 at::Tensor linear_int_mm(const at::Tensor& x, const at::Tensor& w_t, const at::Tensor& w_scale,
                          const at::Tensor& bias, int64_t qmax) {
-  check_input(x, w_t.size(0));
+  check_input(x, w_t.size(0), "linear_int_mm");
   auto [q, scale] = quantize_rows<int8_t>(x.contiguous(), qmax, at::kChar, 0.f, x.size(1));
   auto y = at::_int_mm(q, w_t).to(at::kFloat);
   rescale(y, scale, w_scale.const_data_ptr<float>(), bias);
@@ -466,7 +452,7 @@ at::Tensor linear_int_mm(const at::Tensor& x, const at::Tensor& w_t, const at::T
 at::Tensor linear_fbgemm(const at::Tensor& x,
                          const c10::intrusive_ptr<LinearPackedParamsBase>& packed,
                          const at::Tensor& bias, int64_t qmax) {
-  check_input(x, -1);
+  check_input(x, -1, "linear_fbgemm");
   auto [q, scale] = quantize_rows<float>(x.contiguous(), qmax, at::kFloat, 0.f, x.size(1));
   auto y = packed->apply_with_input_q_dq_qweight_dq_output_fp32(q, 1.0, 128);
   rescale(y, scale, nullptr, bias);
@@ -483,7 +469,7 @@ at::Tensor linear_onednn(const at::Tensor& x, const at::Tensor& packed, const at
                             std::optional<at::Tensor>, double, int64_t,
                             std::optional<at::ScalarType>, c10::string_view, Args,
                             c10::string_view)>();
-  check_input(x, -1);
+  check_input(x, -1, "linear_onednn");
   auto [q, scale] = quantize_rows<uint8_t>(x.contiguous(), qmax, at::kByte, 128.f, x.size(1));
   auto y = op.call(q, 1.0, 128, packed, w_scale, w_zero, std::nullopt, 1.0, 0, at::kFloat, "none",
                    Args(), "");

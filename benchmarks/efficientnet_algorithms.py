@@ -39,7 +39,7 @@ from lowbit.spec import PerChannel, PerTensor, QuantSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model
-from imagenet_sample import calib_eval_split, default_data_dir, missing_reason
+from imagenet_sample import calib_eval_split, find_data_dir
 
 N_CALIB = 128
 BATCH = 32
@@ -109,10 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=None, help="AdaRound iterations")
     args = parser.parse_args(argv)
 
-    data_dir = args.data or default_data_dir()
-    reason = missing_reason(data_dir)
-    if reason:
-        print(f"skipping efficientnet_algorithms benchmark: {reason}")
+    data_dir = find_data_dir(args.data, "efficientnet_algorithms benchmark")
+    if data_dir is None:
         return 0
     torch.set_num_threads(THREADS)
     start = time.perf_counter()

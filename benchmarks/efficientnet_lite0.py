@@ -37,7 +37,7 @@ from lowbit.nn.modules import QuantModule
 from lowbit.spec import PerTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imagenet_sample import calib_eval_split, default_data_dir, missing_reason
+from imagenet_sample import calib_eval_split, find_data_dir
 
 # lowbit.conversion and lowbit.io are new; the benchmark runs without them (simulated rows only).
 try:
@@ -247,10 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-limit", type=int, default=None, help="smoke runs: fewer images")
     args = parser.parse_args(argv)
 
-    data_dir = args.data or default_data_dir()
-    reason = missing_reason(data_dir)
-    if reason:
-        print(f"skipping efficientnet_lite0 benchmark: {reason}")
+    data_dir = find_data_dir(args.data, "efficientnet_lite0 benchmark")
+    if data_dir is None:
         return 0
     torch.set_num_threads(THREADS)
     start = time.perf_counter()

@@ -37,6 +37,16 @@ def missing_reason(data_dir: Path) -> str | None:
     return None
 
 
+def find_data_dir(data: Path | None, bench: str) -> Path | None:
+    """`data` or `default_data_dir()`; None, after saying why `bench` is skipped, if unusable."""
+    data_dir = data or default_data_dir()
+    reason = missing_reason(data_dir)
+    if reason:
+        print(f"skipping {bench}: {reason}")
+        return None
+    return data_dir
+
+
 @dataclass(frozen=True)
 class ImageSample:
     """Center-cropped RGB images as uint8 [N, 3, crop, crop], their labels and file names."""

@@ -247,12 +247,10 @@ def bench_weight_only(rounds: int) -> list[dict[str, Any]]:
 
 def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:
     from efficientnet_lite0 import load_model
-    from imagenet_sample import calib_eval_split, default_data_dir, missing_reason
+    from imagenet_sample import calib_eval_split, find_data_dir
 
-    data_dir = default_data_dir()
-    reason = missing_reason(data_dir)
-    if reason:
-        print(f"conv: skipped: {reason}")
+    data_dir = find_data_dir(None, "conv rows")
+    if data_dir is None:
         return []
     split = calib_eval_split(data_dir, 64)
     calib, rest, labels = split.calib, split.evals, split.labels

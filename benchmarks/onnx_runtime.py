@@ -52,7 +52,7 @@ from lowbit.export import export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model
-from imagenet_sample import calib_eval_split, default_data_dir, missing_reason
+from imagenet_sample import calib_eval_split, find_data_dir
 
 N_CALIB = 64
 BATCH = 32
@@ -206,10 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--float64-control", action="store_true", help="see the docstring")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    data_dir = args.data or default_data_dir()
-    reason = missing_reason(data_dir)
-    if reason:
-        print(f"skipping onnx_runtime benchmark: {reason}")
+    data_dir = find_data_dir(args.data, "onnx_runtime benchmark")
+    if data_dir is None:
         return 0
     torch.set_num_threads(THREADS)
     start = time.perf_counter()

@@ -330,7 +330,7 @@ def test_conv_without_kernel_keeps_the_fallback():
 
 @pytest.mark.parametrize("kernel", ["aten", "vnni", "avx512"])
 @pytest.mark.parametrize("bits,group,k", [(8, None, 96), (8, None, 45), (4, 32, 96), (4, None, 96)])
-def test_weight_only_gemv_matches_dequantized_weight(bits, group, k, kernel, monkeypatch):
+def test_weight_only_kernels_match_dequantized_weight(bits, group, k, kernel, monkeypatch):
     """The C++ kernels, through VNNI and through AVX-512 floats (int8 with K not a multiple of
     16), and the aten kernels."""
     compiled = kernel != "aten"

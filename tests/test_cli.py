@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -396,6 +397,32 @@ def test_demo_command_is_registered() -> None:
 
     args = build_parser().parse_args(["demo", "--calibrator", "entropy"])
     assert args.run.__name__ == "_demo" and args.calibrator == "entropy"
+
+
+def test_demo_without_scikit_learn_names_the_extra(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
+    assert "pip install 'lowbit[cli]'" in run_fails(capsys, "demo")
+
+
+def test_every_extra_named_in_messages_and_docs_exists() -> None:
+    """`pip install 'lowbit[x]'` in an error message or a page must name a real extra."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    files = [root / "README.md", *(root / "docs").glob("*.md"), *(root / "src").rglob("*.py")]
+    named = {
+        (path.name, extra.strip())
+        for path in files
+        for group in re.findall(r"lowbit\[([\w,\s-]+)\]", path.read_text())
+        for extra in group.split(",")
+    }
+    assert {name for _, name in named} >= {"cli", "report"}  # the search finds them
+    assert [(path, name) for path, name in sorted(named) if name not in extras] == []
 
 
 # ---------------------------------------------------------------- data

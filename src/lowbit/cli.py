@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _plain_warnings(), _threads(getattr(args, "threads", None)):
             return int(args.run(args))
-    except (ValueError, TypeError, OSError, NotImplementedError) as error:
+    except (ValueError, TypeError, OSError, NotImplementedError, ImportError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"lowbit: error: {message}", file=sys.stderr)
         return 2

@@ -50,7 +50,7 @@ def load_digits(seed: int = 0) -> Digits:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as error:  # pragma: no cover - depends on the install
-        raise ImportError("the demo needs scikit-learn: pip install 'lowbit[demo]'") from error
+        raise ImportError("the demo needs scikit-learn: pip install 'lowbit[cli]'") from error
     data = sklearn_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)

@@ -264,6 +264,63 @@ def test_random_calibration_warns(workspace: Workspace, capsys: pytest.CaptureFi
     assert "--input-shape" in message
 
 
+NOISY_SOURCE = """
+import warnings
+
+import torch
+from torch import nn
+
+
+class Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 3)
+        self.unused = nn.Linear(4, 4)  # never runs: lowbit warns that it stays in float
+
+    def forward(self, x):
+        warnings.warn("old_api is deprecated", UserWarning)  # another library's, every call
+        warnings.warn("the default will change", FutureWarning)
+        return self.conv(x).mean((2, 3))
+
+
+def make():
+    torch.manual_seed(0)
+    return Noisy().eval()
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_warnings_show_once_and_lowbits_own_always(
+    workspace: Workspace, capsys: pytest.CaptureFixture, verbose: bool
+) -> None:
+    (workspace.root / "lowbit_cli_noisy.py").write_text(NOISY_SOURCE)
+    out = workspace.root / "noisy.lowbit"
+    argv = ["quantize", "lowbit_cli_noisy:make", "--calib", str(workspace.calib_npy), "-o"]
+    code = main([*argv, str(out), "--batch-size", "8", *THREADS, *["--verbose"] * verbose])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "lowbit: quantized 2 of 2 layers" in stdout  # the CLI prints the library's summary
+    lines = err.splitlines()
+    own = [line for line in lines if "saw no calibration data" in line]
+    assert len(own) == 1 and own[0].startswith("lowbit: warning: 1 quantizer(s)")
+    noise = [line for line in lines if "old_api is deprecated" in line]
+    assert noise == [
+        "lowbit: warning: old_api is deprecated (UserWarning from a library lowbit uses)"
+    ]  # raised on every one of the forward passes, shown once
+    deprecations = [line for line in lines if "the default will change" in line]
+    assert len(deprecations) == verbose
+
+
+def test_lowbit_warnings_have_their_own_category() -> None:
+    import lowbit
+
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 4), "unused": torch.nn.Linear(4, 4)})
+    calib = [torch.randn(2, 4)]
+    with pytest.warns(lowbit.LowbitWarning, match="saw no calibration data"):
+        lowbit.quantize(model, lowbit.presets.int8(), calib, forward=lambda m, x: m["used"](x))
+    assert issubclass(lowbit.LowbitWarning, UserWarning)
+
+
 def test_eval_image_folders(workspace: Workspace, capsys: pytest.CaptureFixture) -> None:
     by_synset = run_json(
         capsys, "eval", FACTORY, "--data", str(workspace.images), "--size", str(SIZE)

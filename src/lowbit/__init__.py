@@ -9,6 +9,7 @@ from lowbit.auto import auto_quantize
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.evaluate import analyze
+from lowbit.exceptions import LowbitWarning
 from lowbit.export import export_onnx
 from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LayerQuant",
+    "LowbitWarning",
     "PerChannel",
     "PerGroup",
     "PerTensor",

@@ -13,6 +13,7 @@ from torch import nn
 
 from lowbit.batches import Forward, check_batch, first_batch, run_batch
 from lowbit.config import QuantConfig
+from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
@@ -30,7 +31,7 @@ from lowbit.transforms.swap import (
 
 @dataclass(frozen=True)
 class QuantSummary:
-    """What `quantize` did to each layer with weights; printed at the end, kept on the model."""
+    """What `quantize` did to each layer with weights, kept on the model; `str()` is a table."""
 
     layers: tuple[LayerRecord, ...]
     folded_batchnorms: tuple[tuple[str, str], ...] = ()
@@ -88,8 +89,7 @@ def quantize(
                 model, config, example, forward, records, static_quantizers(config)
             )
         calibrate(model, calib_data, forward=forward, progress=progress)
-    summary = QuantSummary(tuple(records), tuple(folded))
-    _attach_summary(model, summary, progress)
+    model.lowbit_summary = QuantSummary(tuple(records), tuple(folded))  # type: ignore[assignment]
     return model
 
 
@@ -148,6 +148,7 @@ def calibrate(
         names = [n for n, m in model.named_modules() if any(m is q for q in unused)]
         warnings.warn(
             f"{len(unused)} quantizer(s) saw no calibration data and stay in float: {names}",
+            LowbitWarning,
             stacklevel=3,
         )
 
@@ -155,12 +156,6 @@ def calibrate(
 def quant_modules(model: nn.Module) -> dict[str, QuantModule]:
     """The quantized layers of a model by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
-
-
-def _attach_summary(model: nn.Module, summary: QuantSummary, show: bool) -> None:
-    model.lowbit_summary = summary  # type: ignore[assignment]
-    if show:
-        print(summary)
 
 
 def prepare_qat(
@@ -210,5 +205,5 @@ def prepare_qat(
         calibrate(model, calib_data, forward=forward, progress=progress)
         model.train(was_training)
     model.lowbit_bn_pairs = pairs  # type: ignore[assignment]
-    _attach_summary(model, QuantSummary(tuple(records)), progress)
+    model.lowbit_summary = QuantSummary(tuple(records))  # type: ignore[assignment]
     return model

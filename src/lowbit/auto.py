@@ -32,7 +32,9 @@ from torch import Tensor, nn
 from lowbit.api import quantize
 from lowbit.batches import Forward, first_batch, run_batch
 from lowbit.config import LayerQuant, QuantConfig
+from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule
+from lowbit.progress import progress_bar, progress_line
 from lowbit.spec import PerChannel, QuantSpec
 from lowbit.transforms.fold_bn import flatten_outputs
 from lowbit.transforms.swap import describe
@@ -162,12 +164,11 @@ def auto_quantize(
     def record(kept: tuple[str, ...], what: str, acc: float) -> AutoStep:
         step = AutoStep(kept, what, acc, float_acc - acc, float_acc - acc <= max_drop)
         steps.append(step)
-        if progress:
-            print(f"auto_quantize: {len(kept)} kept ({what}): {acc:.2f}%", flush=True)
+        progress_line(f"auto_quantize: {len(kept)} kept ({what}): {acc:.2f}%", enabled=progress)
         return step
 
     if record((), "none", evaluate(low)).meets_budget or not names:
-        return _finish(low, {}, float_acc, max_drop, steps, (), len(names), progress)
+        return _finish(low, {}, float_acc, max_drop, steps, (), len(names))
 
     ranking: tuple[tuple[str, float], ...] = ()
     best: tuple[float, nn.Module, dict[str, str]] = (steps[0].accuracy, low, {})
@@ -238,14 +239,14 @@ def auto_quantize(
             steps,
             ranking,
             len(names),
-            progress,
         )
     warnings.warn(
         f"auto_quantize: no candidate met the budget of {max_drop:g} pt; returning the best "
         f"model found ({best[0]:.2f}% vs float {float_acc:.2f}%)",
+        LowbitWarning,
         stacklevel=2,
     )
-    return _finish(best[1], best[2], float_acc, max_drop, steps, ranking, len(names), progress)
+    return _finish(best[1], best[2], float_acc, max_drop, steps, ranking, len(names))
 
 
 def describe_layer(candidate: LayerQuant | None) -> str:
@@ -281,7 +282,6 @@ def _finish(
     steps: list[AutoStep],
     ranking: tuple[tuple[str, float], ...],
     n_layers: int,
-    progress: bool,
 ) -> nn.Module:
     final = next(
         (s for s in reversed(steps) if set(s.kept) == set(kept)),
@@ -298,8 +298,6 @@ def _finish(
         quantized_layers=n_layers,
     )
     model.lowbit_auto = summary  # type: ignore[assignment]
-    if progress:
-        print(summary)
     return model
 
 
@@ -351,8 +349,6 @@ def _rank(
     progress: bool,
 ) -> tuple[tuple[str, float], ...]:
     """Layers with their sensitivity, most sensitive first."""
-    from lowbit.progress import progress_bar
-
     scores: dict[str, float] = {}
     batches = _samples(calib_data, n_samples)
     if sensitivity == "local":

@@ -197,7 +197,7 @@ def _quantize(args: argparse.Namespace) -> int:
             }
         )
     else:
-        if args.preset == "dynamic" and summary is not None:
+        if summary is not None:
             print(summary)
         print(
             f"wrote {out} ({args.preset}, {variant.name}): weights {float_bytes / 1024:.1f} KiB "
@@ -421,8 +421,17 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--batch-size", type=int, default=32, help="default: 32")
     g.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
+    _add_verbose(g)
     g.add_argument(
         "--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's own choice)"
+    )
+
+
+def _add_verbose(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' deprecation warnings (each once)",
     )
 
 
@@ -517,21 +526,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="quantize a CNN trained on the bundled digits")
     demo.add_argument("--calibrator", default="minmax", choices=list(CALIBRATOR_CHOICES))
     demo.add_argument("--seed", type=int, default=0)
+    _add_verbose(demo)
     demo.set_defaults(run=_demo, json=False)
     return parser
 
 
-@contextmanager
-def _plain_warnings() -> Iterator[None]:
-    """Library warnings as one `lowbit: warning:` line each, not file:line noise."""
+# Other libraries' notes to the developers who call them (lowbit's), not to lowbit's users.
+_DEVELOPER_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
-    def show(message: Any, category: Any, *_args: Any, **_kwargs: Any) -> None:
-        _warn(str(message).splitlines()[0])
+
+@contextmanager
+def _plain_warnings(verbose: bool) -> Iterator[None]:
+    """Warnings as one line each, each distinct warning once (see docs/cli.md).
+
+    lowbit's own (`LowbitWarning`) always show; other libraries' warnings are marked as theirs,
+    and their deprecation notes show only with --verbose.
+    """
+    from lowbit.exceptions import LowbitWarning
+
+    seen: set[tuple[type[Warning], str]] = set()
+
+    def show(message: Any, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
+        text = (str(message).splitlines() or [category.__name__])[0]
+        if (category, text) in seen:
+            return
+        seen.add((category, text))
+        if issubclass(category, LowbitWarning):
+            _warn(text)
+        elif verbose or not issubclass(category, _DEVELOPER_WARNINGS):
+            _warn(f"{text} ({category.__name__} from a library lowbit uses)")
 
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.simplefilter("ignore", DeprecationWarning)  # third-party (onnx2torch) noise
-        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("always")  # every one reaches `show`, which keeps the first
         warnings.showwarning = show
         yield
 
@@ -560,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lowbit: error: --{option.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
     try:
-        with _plain_warnings(), _threads(getattr(args, "threads", None)):
+        with _plain_warnings(args.verbose), _threads(getattr(args, "threads", None)):
             return int(args.run(args))
     except (ValueError, TypeError, OSError, NotImplementedError, ImportError) as error:
         message = " ".join(str(error).split()) or type(error).__name__

@@ -118,12 +118,10 @@ def make_variant(
 
     config = preset_config(preset, calibrator, per_tensor=per_tensor, exclude=exclude)
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # layers left float are in the summary
-        if config is None:
-            qmodel = quantize_dynamic(model)
-        else:
-            qmodel = quantize(model, config, calib, progress=progress)
+    if config is None:
+        qmodel = quantize_dynamic(model)
+    else:
+        qmodel = quantize(model, config, calib, progress=progress)
     took = time.perf_counter() - start
     name = variant_name(preset, calibrator, per_tensor)
     return Variant(name, qmodel.eval(), preset, calibrator if preset in CALIBRATED else None, took)

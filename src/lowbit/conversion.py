@@ -15,6 +15,7 @@ from torch import nn
 
 from lowbit import presets
 from lowbit.config import LayerQuant, QuantConfig
+from lowbit.exceptions import LowbitWarning
 from lowbit.nn.int_modules import IntModule, PerTokenQuantizer, int_module_from_quant
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
@@ -68,6 +69,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         warnings.warn(
             f"lowbit.convert: no integer kernel for {len(fallbacks)} layer(s); computed as "
             f"dequantize-then-float: {', '.join(fallbacks)}",
+            LowbitWarning,
             stacklevel=2,
         )
     return model

@@ -23,6 +23,7 @@ from lowbit import numerics
 from lowbit.batches import check_batch, first_batch, tensors_of
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.progress import stderr_console
 from lowbit.spec import Granularity, PerGroup
 
 __all__ = [
@@ -270,7 +271,7 @@ def layer_progress(description: str, total: int, enabled: bool) -> Iterator[Call
         return
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, console=stderr_console()) as bar:
         task = bar.add_task(description, total=total)
 
         def advance(name: str) -> None:

@@ -54,6 +54,7 @@ from lowbit.algorithms._sequential import (
     rows_at,
 )
 from lowbit.batches import Forward, run_batch, run_hooked
+from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -190,12 +191,11 @@ def adaround(
     if never:
         warnings.warn(
             f"AdaRound: {len(never)} layer(s) never ran and keep rounding to nearest: {never[:5]}",
+            LowbitWarning,
             stacklevel=2,
         )
     report = AdaRoundReport(tuple(done), tuple(skipped), time.perf_counter() - start)
     qmodel.lowbit_adaround = report  # type: ignore[assignment]
-    if progress:
-        print(f"lowbit: AdaRound of {len(done)} layer(s) in {report.seconds:.0f}s")
     return qmodel
 
 

@@ -191,8 +191,6 @@ def bias_correction(
         run_hooked(qmodel, batch, forward, handles)
     report = BiasCorrection(tuple(done), samples)
     qmodel.lowbit_bias_correction = report  # type: ignore[assignment]
-    if progress:
-        print(report)
     return qmodel
 
 

@@ -237,8 +237,6 @@ def equalize(
         folded_batchnorms=tuple(folded),
     )
     model.lowbit_equalization = report  # type: ignore[assignment]
-    if progress:
-        print(report)
     return model
 
 

@@ -28,6 +28,7 @@ from lowbit import numerics
 from lowbit.algorithms.capture import execution_order, iter_layer_inputs
 from lowbit.api import quant_modules
 from lowbit.batches import Forward, first_batch
+from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import Mode, TensorQuantizer
 from lowbit.progress import progress_bar
@@ -133,6 +134,7 @@ def _eligible(qmodel: nn.Module, algorithm: str) -> list[tuple[str, QuantModule]
     if skipped:
         warnings.warn(
             f"{algorithm} leaves {len(skipped)} layer(s) as they are: " + "; ".join(skipped),
+            LowbitWarning,
             stacklevel=3,
         )
     return ok

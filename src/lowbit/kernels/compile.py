@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from lowbit.exceptions import LowbitWarning
+
 _state: dict[str, bool] = {"enabled": os.environ.get("LOWBIT_COMPILE", "1") != "0", "broken": False}
 
 
@@ -62,6 +64,7 @@ class Compiled:
             warnings.warn(
                 f"lowbit: torch.compile of {self.fn.__name__} failed ({type(error).__name__}: "
                 f"{str(error)[:200]}); using the eager kernels (set LOWBIT_COMPILE=0 to skip)",
+                LowbitWarning,
                 stacklevel=3,
             )
             return self.fn(*args)

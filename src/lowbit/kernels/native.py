@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lowbit.exceptions import LowbitWarning
 from lowbit.kernels.compile import switched_on
 
 _CSRC = Path(__file__).with_name("csrc")
@@ -70,6 +71,7 @@ def _build() -> Any | None:
         warnings.warn(
             f"lowbit: building the C++ kernels failed ({type(error).__name__}: "
             f"...{str(error)[-400:]}); using the eager kernels (set LOWBIT_COMPILE=0 to skip)",
+            LowbitWarning,
             stacklevel=3,
         )
         return None

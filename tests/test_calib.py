@@ -377,3 +377,30 @@ def test_bad_merge_and_state() -> None:
         Entropy().load_state_dict(Entropy(num_bins=8).state_dict())
     with pytest.raises(ValueError, match="state must hold"):
         MinMax().load_state_dict({"min": torch.tensor(0.0)})
+
+
+# ---------------------------------------------------------------- what calibration saw
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "moving_average", "percentile", "entropy", "mse"])
+def test_layer_calibrated_on_zeros_stays_float_with_a_warning(calibrator: str) -> None:
+    """A zero range has no scale (the old fallback, 1.0, rounded inputs to whole numbers): the
+    quantizer stays off, so the layer sees its float input, and a warning names it."""
+    import lowbit
+    from lowbit import presets
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].bias.uniform_(0.5, 1.0)  # layer 2 sees relu(bias) > 0 from zero inputs
+    calib = [torch.zeros(4, 4) for _ in range(3)]
+    with pytest.warns(lowbit.LowbitWarning, match=r"0\.input_quantizer observed only zeros over 3"):
+        qmodel = lowbit.quantize(model, presets.int8(calibrator), calib, progress=False)
+    first, second = qmodel[0], qmodel[2]
+    assert first.input_quantizer.mode == "off" and second.input_quantizer.mode == "quantize"
+    x = torch.randn(16, 4) * 0.3
+    w = first.weight_quantizer
+    expected = torch.nn.functional.linear(
+        x, fake_quantize(model[0].weight, w.scale, w.zero_point, w.spec), model[0].bias
+    )
+    assert torch.equal(first(x), expected)  # the float input, not x rounded to whole numbers

@@ -227,3 +227,53 @@ def test_efficientnet_lite0_all_bns_folded() -> None:
     assert ("_conv_stem", "_bn0") in pairs and ("_conv_head", "_bn1") in pairs
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert _rel_err(ref, model(x)) < 1e-4
+
+
+# ---------------------------------------------------------------- user batches that do not fit
+
+
+def _conv_bn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize(
+    ("batches", "error", "message"),
+    [
+        pytest.param(
+            [torch.randn(2, 5, 9, 9)],
+            ValueError,
+            r"calib_data batch 0 \(a tensor of shape \(2, 5, 9, 9\), float32\) does not fit the "
+            r"model: .*expected input\[2, 5, 9, 9\] to have 3 channels",
+            id="channels",
+        ),
+        pytest.param(
+            [torch.randn(2, 3, 9, 9, dtype=torch.float64)],
+            TypeError,
+            "calib_data batch 0 is float64 but the model's weights are float32",
+            id="float64",
+        ),
+        pytest.param(
+            [["a cat", "a dog"]],
+            TypeError,
+            "calib_data batch 0 gives the model a str, not tensors",
+            id="strings",
+        ),
+        pytest.param(
+            [torch.randn(2, 3, 9, 9), torch.randn(2, 3, 9, 9), (torch.randn(2, 4, 9, 9), 0)],
+            ValueError,
+            r"calib_data batch 2 \(a tensor of shape \(2, 4, 9, 9\), float32\) does not fit",
+            id="third batch",
+        ),
+    ],
+)
+def test_batches_the_model_rejects_are_named(
+    batches: list[object], error: type[Exception], message: str
+) -> None:
+    """The first forward pass over user data runs inside fold_batchnorm; a batch that does not
+    fit used to fail there with a bare torch error. Now the error names the batch and why."""
+    import lowbit
+
+    with pytest.raises(error, match=message) as raised:
+        lowbit.quantize(_conv_bn(), lowbit.presets.int8(), batches, progress=False)
+    assert isinstance(raised.value.__cause__, RuntimeError | TypeError)  # torch's, kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -285,3 +286,83 @@ def test_hugging_face_transformer_through_forward():
         forward(qmodel, batches[0]).flatten(1), forward(model, batches[0]).flatten(1)
     )
     assert cos.min() > 0.98
+
+
+class _TwoPaths(nn.Module):
+    """A binarized conv on the signed input plus one on its ReLU: the second cannot carry a
+    sign, but the first still makes the output depend on the input."""
+
+    def __init__(self, relu_path: bool = True) -> None:
+        super().__init__()
+        self.signed = nn.Conv2d(3, 4, 3, padding=1)
+        self.after_relu = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 5)
+        self.relu_path = relu_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.signed(x)
+        if self.relu_path:
+            y = y + self.after_relu(torch.relu(x))
+        return self.head(y.mean((2, 3)))
+
+
+def _relu_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+
+
+def test_xnor_on_a_relu_cnn_is_an_error_not_a_constant_model():
+    """Sign binarizes every ReLU output to +1: the model would predict one class for every
+    input. Each such layer gets a warning, and the constant model an error naming them."""
+    from lowbit.exceptions import LowbitWarning
+
+    calib = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with (
+        pytest.warns(LowbitWarning, match="never went below 0") as record,
+        pytest.raises(ValueError, match="same for every calibration sample") as error,
+    ):
+        quantize(_relu_cnn(), presets.binary(xnor=True), calib, progress=False)
+    warned = [str(w.message) for w in record if "never went below 0" in str(w.message)]
+    assert [m.split(" never")[0] for m in warned] == [
+        "the input of layer '3'",
+        "the input of layer '7'",
+    ]
+    assert "layer '3'" in str(error.value) and "layer '7'" in str(error.value)
+    assert "layer '0'" not in str(error.value)  # its input is signed
+    # Following the advice (those layers' inputs in float) gives a model that depends on x.
+    weights_only = LayerQuant(weight=presets.binary().weight)
+    config = presets.binary(xnor=True)
+    config.overrides = {"3": weights_only, "7": weights_only}
+    qmodel = quantize(_relu_cnn(), config, calib, progress=False)
+    with torch.no_grad():
+        assert float(qmodel(torch.randn(16, 3, 8, 8)).std(0).max()) > 1e-3
+
+
+def test_xnor_warns_for_a_signless_input_that_does_not_make_the_model_constant():
+    from lowbit.exceptions import LowbitWarning
+
+    calib = [torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.warns(LowbitWarning, match="input of layer 'after_relu' never went below 0"):
+        quantize(_TwoPaths(), presets.binary(xnor=True), calib, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LowbitWarning)  # signed inputs everywhere: silent
+        quantize(_TwoPaths(relu_path=False), presets.binary(xnor=True), calib, progress=False)
+
+
+def test_override_keyed_by_a_type_the_model_lacks_is_an_error(digits_net):
+    config = presets.int8()
+    config.overrides = {nn.Conv1d: None}
+    with pytest.raises(ValueError, match=r"overrides key\(s\) Conv1d match no module"):
+        quantize(digits_net, config, [torch.rand(2, 1, 8, 8)], progress=False)
+    config.overrides = {nn.Conv2d: None}  # a type the model has: accepted
+    qmodel = quantize(digits_net, config, [torch.rand(2, 1, 8, 8)], progress=False)
+    assert [r.name for r in qmodel.lowbit_summary.quantized] == ["classifier"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -11,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.batches import Forward, check_batch, first_batch, run_batch
+from lowbit.batches import Forward, first_batch, run_user_batch
+from lowbit.calibration_checks import SignWatch, finish_calibration
 from lowbit.config import QuantConfig
-from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
@@ -23,6 +22,7 @@ from lowbit.transforms.swap import (
     LayerRecord,
     QuantizerFactory,
     add_output_quantizers,
+    check_overrides,
     qat_quantizers,
     static_quantizers,
     swap_modules,
@@ -77,12 +77,12 @@ def quantize(
             f"config must be a QuantConfig (see lowbit.presets), got {type(config).__name__}"
         )
     example = first_batch(calib_data)
-    check_batch(example)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     with torch.no_grad():
-        folded = fold_batchnorm(model, lambda m: run_batch(m, example, forward))
+        folded = fold_batchnorm(model, lambda m: run_user_batch(m, example, forward, 0))
+        check_overrides(model, config)
         records = swap_modules(model, config, static_quantizers(config))
         if config.fusable_outputs and config.input is not None:
             records = _quantize_fusable_outputs(
@@ -124,33 +124,26 @@ def calibrate(
 ) -> None:
     """Observe activations over `calib_data`, then fix every calibrated quantizer's parameters.
 
-    A quantizer that saw no data (its layer never ran) is switched off and listed in a warning.
+    A quantizer that saw no data (its layer never ran) or only zeros is switched off and named in
+    a warning, as is a binary input that never goes below 0; a model whose output no longer
+    depends on its input is a ValueError (see `lowbit.calibration_checks`).
     """
     quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.calibrator]
     for q in quantizers:
         q.set_mode("calibrate")
     n_batches = 0
-    with torch.no_grad():
-        for batch in progress_bar(calib_data, "calibrating", enabled=progress):
-            check_batch(batch)
-            run_batch(model, batch, forward)
-            n_batches += 1
+    watch = SignWatch(model)
+    try:
+        with torch.no_grad():
+            for batch in progress_bar(calib_data, "calibrating", enabled=progress):
+                watch.see(batch, run_user_batch(model, batch, forward, n_batches))
+                n_batches += 1
+    finally:
+        watch.remove()
     if n_batches == 0:
         raise ValueError("calib_data is empty: calibration needs at least one batch")
-    unused = []
-    for q in quantizers:
-        if q.calibrator is not None and q.calibrator.has_data:
-            q.compute_qparams()
-        else:
-            q.set_mode("off")
-            unused.append(q)
-    if unused:
-        names = [n for n, m in model.named_modules() if any(m is q for q in unused)]
-        warnings.warn(
-            f"{len(unused)} quantizer(s) saw no calibration data and stay in float: {names}",
-            LowbitWarning,
-            stacklevel=3,
-        )
+    finish_calibration(model, quantizers, n_batches)
+    watch.check()
 
 
 def quant_modules(model: nn.Module) -> dict[str, QuantModule]:
@@ -189,10 +182,10 @@ def prepare_qat(
     pairs: list[tuple[str, str]] = []
     if calib_data is not None:
         example = first_batch(calib_data)
-        check_batch(example)
         probe = copy.deepcopy(model).eval()
         with torch.no_grad():
-            pairs = fold_batchnorm(probe, lambda m: run_batch(m, example, forward))
+            pairs = fold_batchnorm(probe, lambda m: run_user_batch(m, example, forward, 0))
+    check_overrides(model, config)
     records = swap_modules(model, config, qat_quantizers(config))
     if calib_data is not None:
         was_training = model.training

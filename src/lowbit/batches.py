@@ -18,16 +18,79 @@ def run_batch(model: nn.Module, batch: Any, forward: Forward | None = None) -> A
     covers anything else."""
     if forward is not None:
         return forward(model, batch)
-    if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, tuple | list) and batch:
-        return model(batch[0])
     if isinstance(batch, dict):
         return model(**batch)
-    raise TypeError(
-        f"cannot feed a batch of type {type(batch).__name__} to the model: pass a "
-        "tensor, a tuple (inputs, ...), a dict of keyword inputs, or forward="
-    )
+    fed = model_input(batch)
+    if fed is None:
+        raise TypeError(
+            f"cannot feed a batch of type {type(batch).__name__} to the model: pass a "
+            "tensor, a tuple (inputs, ...), a dict of keyword inputs, or forward="
+        )
+    return model(fed)
+
+
+def model_input(batch: Any) -> Any:
+    """The part of a batch that `run_batch` feeds the model: the tensor itself, the first item of
+    a tuple or list, or the dict of keyword inputs; None for a batch of any other kind."""
+    if isinstance(batch, Tensor | dict):
+        return batch
+    if isinstance(batch, tuple | list) and batch:
+        return batch[0]
+    return None
+
+
+def run_user_batch(
+    model: nn.Module, batch: Any, forward: Forward | None, index: int, what: str = "calib_data"
+) -> Any:
+    """`run_batch` for a batch the user handed in: NaN / Inf are rejected first, and when the
+    model's forward fails on it, the error names the batch and what the model expected instead
+    of a bare torch message from deep inside some layer."""
+    check_batch(batch, f"{what} batch {index}")
+    try:
+        return run_batch(model, batch, forward)
+    except (RuntimeError, TypeError) as error:
+        raise batch_error(error, model, batch, forward, f"{what} batch {index}") from error
+
+
+def batch_error(
+    error: Exception, model: nn.Module, batch: Any, forward: Forward | None, where: str
+) -> Exception:
+    """A TypeError (no tensor in the input, float dtypes that differ from the weights') or a
+    ValueError (anything else the model rejected) that says which batch and why."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    fed = batch if forward is not None or model_input(batch) is None else model_input(batch)
+    inputs = list(tensors_of(fed))
+    if not inputs:
+        return TypeError(
+            f"{where} gives the model {describe_batch(fed)}, not tensors: pass a tensor, a tuple "
+            "whose first item is the input tensor, or a dict of tensors (or forward=)"
+        )
+    params = model.parameters() if isinstance(model, nn.Module) else ()
+    weights = {p.dtype for p in params if p.is_floating_point()}
+    given = {t.dtype for t in inputs if t.is_floating_point()}
+    if weights and given and not given <= weights:
+        return TypeError(
+            f"{where} is {_dtypes(given)} but the model's weights are {_dtypes(weights)}: "
+            f"convert the batches to {_dtypes(weights)} (or the model); it failed with: {reason}"
+        )
+    return ValueError(f"{where} ({describe_batch(fed)}) does not fit the model: {reason}")
+
+
+def describe_batch(obj: Any) -> str:
+    """A short description for error messages: 'a tensor of shape (4, 3, 8, 8), float32'."""
+    if isinstance(obj, Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}, {_dtypes({obj.dtype})}"
+    if isinstance(obj, Mapping):
+        items = ", ".join(f"{k}: {describe_batch(v)}" for k, v in list(obj.items())[:4])
+        return f"a dict {{{items}}}"
+    if isinstance(obj, tuple | list):
+        first = f" whose first item is {describe_batch(obj[0])}" if obj else ""
+        return f"a {type(obj).__name__} of {len(obj)}{first}"
+    return f"a {type(obj).__name__}"
+
+
+def _dtypes(dtypes: set[torch.dtype]) -> str:
+    return " / ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
 
 
 def run_hooked(
@@ -43,13 +106,12 @@ def run_hooked(
             handle.remove()
 
 
-def check_batch(batch: Any) -> None:
+def check_batch(batch: Any, where: str = "calibration batch") -> None:
     """Reject NaN or Inf anywhere in a batch before it reaches a calibrator."""
     for i, t in enumerate(tensors_of(batch)):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(
-                f"calibration batch holds NaN or Inf (tensor {i} of the batch, "
-                f"shape {tuple(t.shape)})"
+                f"{where} holds NaN or Inf (tensor {i} of the batch, shape {tuple(t.shape)})"
             )
 
 

@@ -76,10 +76,17 @@ class QuantConfig:
                 chosen, decided_by = value, repr(key)
         return chosen, decided_by
 
-    def unmatched_patterns(self, names: list[str]) -> list[str]:
-        """Name patterns that match no module: almost always a typo, so `quantize` rejects them."""
-        patterns = [k for k in self.overrides if isinstance(k, str)]
-        return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    def unmatched_overrides(self, modules: dict[str, nn.Module]) -> list[str]:
+        """Override keys that match none of `modules` (by qualified name): a name pattern that
+        matches no name, a type no module is an instance of. Almost always a typo or the wrong
+        model, so `quantize` rejects them."""
+        unmatched = []
+        for key in self.overrides:
+            if isinstance(key, str) and not any(fnmatch.fnmatchcase(n, key) for n in modules):
+                unmatched.append(repr(key))
+            elif isinstance(key, type) and not any(isinstance(m, key) for m in modules.values()):
+                unmatched.append(key.__name__)
+        return unmatched
 
 
 def weight_spec_for(module: nn.Module, spec: QuantSpec) -> QuantSpec:

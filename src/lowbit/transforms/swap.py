@@ -73,17 +73,24 @@ def qat_quantizers(config: QuantConfig) -> QuantizerFactory:
     return make
 
 
+def check_overrides(model: nn.Module, config: QuantConfig) -> None:
+    """ValueError for a user's override key (name pattern or module type) that matches no module
+    of `model`: such an override would silently do nothing."""
+    modules = dict(model.named_modules())
+    unmatched = config.unmatched_overrides(modules)
+    if unmatched:
+        names = list(modules)[1:4]
+        types = sorted({type(m).__name__ for m in modules.values()})
+        raise ValueError(
+            f"QuantConfig.overrides key(s) {', '.join(unmatched)} match no module of the model; "
+            f"module names look like {names}, module types are {types}"
+        )
+
+
 def swap_modules(
     model: nn.Module, config: QuantConfig, make_quantizer: QuantizerFactory
 ) -> list[LayerRecord]:
     """Replace quantizable layers in place; return one record per layer with weights."""
-    names = [name for name, _ in model.named_modules()]
-    unmatched = config.unmatched_patterns(names)
-    if unmatched:
-        raise ValueError(
-            f"override pattern(s) {unmatched} match no module of the model; "
-            f"module names look like {names[1:4]}"
-        )
     records: list[LayerRecord] = []
     _swap_children(model, "", config, make_quantizer, records)
     return records

@@ -500,3 +500,67 @@ def test_preprocessing(workspace: Workspace) -> None:
     assert native.shape == (3, 20, 24)  # no --size: the image as it is
     with pytest.raises(ValueError, match="--preprocess must be one of"):
         make_preprocess("caffe")
+
+
+# ---------------------------------------------------------------- data the model does not take
+
+
+def test_data_of_another_shape_than_the_onnx_input_exits_2(
+    workspace: Workspace, capsys: pytest.CaptureFixture
+) -> None:
+    """float.onnx takes 3x16x16: 3x32x32 calibration data used to write an ONNX model whose input
+    was 3x32x32, and eval failed with an ONNX Runtime traceback."""
+    root = workspace.root
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.save(root / "wrong.npy", x)
+    np.savez(root / "wrong.npz", x=x, y=np.zeros(4, dtype=np.int64))
+    out = root / "wrong.int8.onnx"
+    line = run_fails(
+        capsys,
+        "quantize",
+        str(workspace.float_onnx),
+        "--calib",
+        str(root / "wrong.npy"),
+        "-o",
+        str(out),
+    )
+    assert "wrong.npy holds samples of shape 3x32x32" in line and "takes 3x16x16" in line
+    assert not out.exists()
+    line = run_fails(capsys, "eval", str(workspace.float_onnx), "--data", str(root / "wrong.npz"))
+    assert "shape 3x32x32" in line and "takes 3x16x16" in line
+    argv = ["quantize", str(workspace.float_onnx), "--input-shape", "3,32,32", "-o", str(out)]
+    assert "it takes samples of shape 3x16x16" in run_fails(capsys, *argv)
+
+
+def test_runtime_input_errors_exit_2_naming_the_batch(
+    workspace: Workspace, capsys: pytest.CaptureFixture
+) -> None:
+    """Where the file cannot say the shape (dynamic height and width), the runtime's own
+    rejection still comes out as one line that names the batch, for ONNX Runtime and PyTorch."""
+    root = workspace.root
+    head = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten(), torch.nn.Linear(2 * SIZE * SIZE, 10)
+    )
+    dynamic = root / "dynamic_hw.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            head.eval(),
+            (torch.randn(1, 3, SIZE, SIZE),),
+            str(dynamic),
+            dynamo=False,
+            opset_version=13,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}},
+        )
+    small = root / "small.npz"
+    np.savez(small, x=np.zeros((3, 3, 8, 8), np.float32), y=np.zeros(3, dtype=np.int64))
+    line = run_fails(capsys, "eval", str(dynamic), "--data", str(small))
+    assert line.startswith(
+        "lowbit: error: --data batch 0 (a tensor of shape (3, 3, 8, 8), float32)"
+    )
+    assert "ONNX Runtime" in line
+    four_channels = root / "four_channels.npz"
+    np.savez(four_channels, x=np.zeros((3, 4, 8, 8), np.float32), y=np.zeros(3, dtype=np.int64))
+    line = run_fails(capsys, "eval", FACTORY, "--data", str(four_channels))
+    assert "--data batch 0 (a tensor of shape (3, 4, 8, 8), float32) does not fit the model" in line

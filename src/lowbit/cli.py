@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad usage or bad input (one-line reason, no traceback).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -80,6 +81,11 @@ def _input_shape(args: argparse.Namespace, loaded: LoadedModel) -> tuple[int, ..
             ) from None
         if not shape or min(shape) < 1:
             raise UsageError(f"--input-shape dimensions must be positive, got {args.input_shape}")
+        if loaded.input_shape is not None and shape != loaded.input_shape:
+            raise UsageError(
+                f"--input-shape {args.input_shape} does not match the input of {args.model}: "
+                f"it takes samples of shape {_dims(loaded.input_shape)}"
+            )
         return shape
     if loaded.input_shape is not None:
         return loaded.input_shape
@@ -96,6 +102,7 @@ def _calibration(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Batches
         batches = load_data(
             args.calib, _preprocess(args), batch_size=args.batch_size, limit=args.num_calib
         )
+        _check_sample_shape(batches, loaded.input_shape, f"--calib {args.calib}", args.model)
         return batches, False
     shape = _input_shape(args, loaded)
     if shape is None:
@@ -122,6 +129,48 @@ def _eval_data(args: argparse.Namespace) -> Batches:
         limit=args.limit,
         need_labels=True,
     )
+
+
+def _check_sample_shape(
+    data: Batches, declared: tuple[int, ...] | None, option: str, model: str
+) -> None:
+    """UsageError when the samples of `data` do not have the shape the model file declares
+    (ONNX fixes it; the model would otherwise be exported for, or fail on, the wrong shape)."""
+    if declared is None:
+        return
+    sample = tuple(data.example().shape[1:])
+    if sample != declared:
+        raise UsageError(
+            f"{option} holds samples of shape {_dims(sample)} but {model} takes "
+            f"{_dims(declared)} (one sample, without the batch dimension): pass data of that "
+            "shape (--size resizes images)"
+        )
+
+
+def _fixed_sample_shape(dims: list[Any]) -> tuple[int, ...] | None:
+    """One sample's shape from an ONNX Runtime input shape ([batch, 3, 224, 224]), or None
+    where a dimension is symbolic."""
+    sample = dims[1:]
+    if not all(isinstance(d, int) and d > 0 for d in sample):
+        return None
+    return tuple(sample)
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _reporting_bad_batches(predict: Any, what: str) -> Any:
+    """`predict` fed the user's batches: a batch the model rejects raises a ValueError or
+    TypeError naming the batch and the reason (exit 2), not a traceback from inside the model."""
+    from lowbit.batches import run_user_batch
+
+    batch_index = itertools.count()
+
+    def run(x: Any) -> Any:
+        return run_user_batch(predict, x, None, next(batch_index), what)
+
+    return run
 
 
 def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
@@ -227,13 +276,14 @@ def _eval(args: argparse.Namespace) -> int:
         from lowbit.cli_models import OnnxRunner
 
         predict: Any = OnnxRunner(Path(args.model))
-        engine = "onnxruntime"
+        engine, declared = "onnxruntime", _fixed_sample_shape(predict.session.get_inputs()[0].shape)
     else:
-        predict = _load(args).model
-        engine = "pytorch"
+        loaded = _load(args)
+        predict, engine, declared = loaded.model, "pytorch", loaded.input_shape
     data = _eval_data(args)
+    _check_sample_shape(data, declared, f"--data {args.data}", args.model)
     started = time.perf_counter()
-    result = accuracy(predict, data, progress=not args.json)
+    result = accuracy(_reporting_bad_batches(predict, "--data"), data, progress=not args.json)
     took = time.perf_counter() - started
     if args.json:
         _emit_json(
@@ -265,6 +315,8 @@ def _float_model_inputs(
     loaded = _load(args)
     if loaded.kind == "lowbit":
         raise UsageError(f"{command} starts from the float model: pass the ONNX file or factory")
+    if data is not None:
+        _check_sample_shape(data, loaded.input_shape, f"--data {args.data}", args.model)
     calib, is_random = _calibration(args, loaded)
     return calibrators, data, loaded, calib, is_random
 

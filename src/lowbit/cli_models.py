@@ -297,5 +297,8 @@ class OnnxRunner:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: Tensor) -> Tensor:
-        outputs = self.session.run(None, {self.input_name: x.detach().cpu().numpy()})
+        try:
+            outputs = self.session.run(None, {self.input_name: x.detach().cpu().numpy()})
+        except Exception as error:  # ORT's own types (InvalidArgument, Fail), not RuntimeError
+            raise RuntimeError(f"ONNX Runtime: {' '.join(str(error).split())}") from error
         return torch.from_numpy(outputs[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
+import lowbit._atomic
 import lowbit.io
 from lowbit import demo, presets
 from lowbit.api import quantize
@@ -158,14 +161,13 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     path, model = _saved(tmp_path)
     before = path.read_bytes()
 
-    def failing_save_file(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise RuntimeError("disk full")
+    def failing_fsync(fd):
+        raise OSError("disk full")  # after the whole file was written, before the rename
 
-    monkeypatch.setattr(lowbit.io, "save_file", failing_save_file)
-    with pytest.raises(RuntimeError, match="disk full"):
+    monkeypatch.setattr(lowbit._atomic.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
         save(model, path)  # overwriting: the old file must survive intact
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(OSError, match="disk full"):
         save(model, tmp_path / "new.lowbit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.lowbit"]
     assert path.read_bytes() == before
@@ -174,3 +176,232 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save(model, tmp_path / "no_such_dir" / "m.lowbit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.lowbit"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_the_permissions_of_open(tmp_path, umask):
+    """save and export_onnx create files as open() does: 0666 less the umask."""
+    from lowbit.export import export_onnx
+
+    model = _big()
+    sim = quantize(model, presets.int8(), [torch.randn(8, 512)], progress=False)
+    old = os.umask(umask)
+    try:
+        save(quantize_dynamic(model), tmp_path / "m.lowbit")
+        _quiet(export_onnx, sim, torch.randn(1, 512), tmp_path / "m.onnx")
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"m.lowbit": 0o666 & ~umask, "m.onnx": 0o666 & ~umask, "plain": 0o666 & ~umask}
+
+
+_HANGING_SAVE = """
+import sys, time
+import torch
+from torch import nn
+import lowbit._atomic
+from lowbit.conversion import quantize_dynamic
+from lowbit.io import save
+
+def hang(fd):  # the whole file is written: stop here until killed
+    print("written", flush=True)
+    time.sleep(600)
+
+lowbit._atomic.os.fsync = hang
+torch.manual_seed(0)
+save(quantize_dynamic(nn.Sequential(nn.Linear(512, 512))), sys.argv[1])
+"""
+
+
+def _start_hanging_save(path: Path) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HANGING_SAVE, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdout.readline() == "written\n"
+    return child
+
+
+def test_a_killed_save_leaves_nothing_the_next_save_keeps(tmp_path):
+    path, model = _saved(tmp_path)
+    before = path.read_bytes()
+    killed = [_start_hanging_save(path) for _ in range(2)]
+    live = _start_hanging_save(path)
+    try:
+        for child in killed:
+            child.kill()  # SIGKILL: no clean-up runs in the child
+            child.wait()
+        left = lowbit._atomic.temp_files(path)
+        assert len(left) == 3 and all(p.stat().st_size > 100_000 for p in left)
+        assert path.read_bytes() == before
+        save(model, tmp_path / "other.lowbit")  # another target's temporary files stay
+        assert len(lowbit._atomic.temp_files(path)) == 3
+        save(model, path)  # removes the two the killed saves left, not the live one
+        assert len(lowbit._atomic.temp_files(path)) == 1
+    finally:
+        live.kill()
+        live.wait()
+    save(model, path)
+    assert lowbit._atomic.temp_files(path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.lowbit", "other.lowbit"]
+    assert torch.equal(load(path, _big(seed=1))[0].qweight, model[0].qweight)
+
+
+def test_read_header_reads_no_tensor(tmp_path, monkeypatch):
+    path, _ = _saved(tmp_path)
+    reads = []
+
+    class CountingOpen:
+        def __init__(self, *args, **kwargs):
+            self.file = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            inner = self.file.__enter__()
+            original = inner.get_tensor
+
+            class Proxy:
+                def __getattr__(self, name):
+                    return getattr(inner, name)
+
+                def get_tensor(self, key):
+                    reads.append(key)
+                    return original(key)
+
+            return Proxy()
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+    monkeypatch.setattr(lowbit.io, "safe_open", CountingOpen)
+    assert read_header(path)["format"] == "lowbit"
+    assert reads == []
+    load(path, _big())
+    assert sorted(reads) == sorted(quantize_dynamic(_big()).state_dict())
+
+
+def test_extras_round_trip_and_load_ignores_them(tmp_path):
+    model = quantize_dynamic(_big())
+    path = tmp_path / "m.lowbit"
+    blob = os.urandom(10_000)
+    save(model, path, extras={"tool.blob": blob, "tool.empty": b""})
+    assert read_header(path)["extras"] == ["tool.blob", "tool.empty"]
+    assert lowbit.io.read_extra(path, "tool.blob") == blob
+    assert lowbit.io.read_extra(path, "tool.empty") == b""
+    assert lowbit.io.read_extra(path, "tool.none") is None
+    x = torch.randn(2, 512)
+    with torch.no_grad():
+        assert torch.equal(load(path, _big(seed=1))(x), model(x))
+    with pytest.raises(TypeError, match=r"extras\['x'\] must be bytes"):
+        save(model, path, extras={"x": "text"})  # type: ignore[dict-item]
+
+
+def _conv_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
+        nn.LayerNorm(10),
+    )
+
+
+def _with(path: Path, out: Path, change) -> Path:
+    """A copy of the lowbit file `path` with its tensors changed by `change(tensors)`."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    change(tensors)
+    save_file(tensors, out, metadata=metadata)
+    return out
+
+
+def _set(key: str, make):
+    def change(tensors):
+        tensors[key] = make(tensors[key])
+
+    return change
+
+
+def _poke(key: str, value: float):
+    def change(tensors):
+        tensors[key].view(-1)[0] = value
+
+    return change
+
+
+def _packed_too_short(tensors):
+    tensors["0.qweight"] = tensors["0.qweight"][:-1]
+
+
+_CORRUPT = {  # the last layer ("4", an IntLinear) unless said otherwise
+    "codes-shape": (_set("4.qweight", lambda t: t.t().contiguous()), "qweight is torch.int8 of"),
+    "codes-int16": (_set("4.qweight", lambda t: t.to(torch.int16)), "expected torch.int8"),
+    "codes-float": (_set("4.qweight", lambda t: t.float()), "expected torch.int8"),
+    "codes-minus-128": (_poke("4.qweight", -128), r"outside \[-127, 127\]"),
+    "conv-codes-minus-128": (_poke("0.qweight", -128), r"outside \[-127, 127\]"),
+    "scale-shape": (_set("4.weight_scale", lambda t: t[:5]), "weight_scale is"),
+    "scale-float64": (_set("4.weight_scale", lambda t: t.double()), "expected torch.float32"),
+    "scale-zero": (_poke("4.weight_scale", 0.0), "not finite and positive"),
+    "scale-nan": (_poke("4.weight_scale", float("nan")), "not finite and positive"),
+    "input-scale-two": (_set("4.input_scale", lambda t: t.repeat(2)), "expected 1 value"),
+    "input-zero-point": (_poke("4.input_zero_point", 200), r"outside \[-127, 127\]"),
+    "input-zero-point-float": (_set("4.input_zero_point", lambda t: t.float()), "torch.int32"),
+    "bias-shape": (_set("4.bias", lambda t: t[:5]), "bias is"),
+    "bias-int": (_set("4.bias", lambda t: t.int()), "expected torch.float32"),
+    "float-layer-int": (_set("5.weight", lambda t: t.int()), "5.weight is torch.int32"),
+}
+
+
+def _fingerprint(model: nn.Module) -> list[tuple[str, str, Tensor]]:
+    return [(n, type(m).__name__, m) for n, m in model.named_modules()] + [
+        (k, str(v.dtype), v.clone()) for k, v in model.state_dict().items()
+    ]
+
+
+def _unchanged(model: nn.Module, before: list) -> bool:
+    after = _fingerprint(model)
+    return len(after) == len(before) and all(
+        a[:2] == b[:2]
+        and (a[2] is b[2] if isinstance(a[2], nn.Module) else torch.equal(a[2], b[2]))
+        for a, b in zip(after, before, strict=True)
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(_CORRUPT))
+def test_load_checks_every_tensor_before_touching_the_model(tmp_path, kind):
+    model = _conv_net()
+    x = torch.randn(16, 3, 8, 8)
+    int_model = _quiet(convert, quantize(model, presets.int8(), [x], progress=False))
+    assert [type(m).__name__ for m in int_model] == [
+        "IntConv", "Identity", "ReLU", "Flatten", "IntLinear", "LayerNorm"
+    ]  # fmt: skip
+    path = tmp_path / "good.lowbit"
+    save(int_model, path)
+    change, message = _CORRUPT[kind]
+    bad = _with(path, tmp_path / "bad.lowbit", change)
+    skeleton = _conv_net(seed=1)
+    before = _fingerprint(skeleton)
+    with pytest.raises(ValueError, match=message):
+        load(bad, skeleton)
+    assert _unchanged(skeleton, before)
+    with torch.no_grad():  # the good file still loads into the same skeleton
+        assert torch.equal(load(path, skeleton)(x), int_model(x))
+
+
+def test_load_checks_packed_codes_and_the_model(tmp_path):
+    int_model = _quiet(quantize_weights, _big(), bits=4, group_size=128)
+    path = tmp_path / "w4.lowbit"
+    save(int_model, path)
+    bad = _with(path, tmp_path / "bad.lowbit", _packed_too_short)
+    skeleton = _big(seed=1)
+    before = _fingerprint(skeleton)
+    with pytest.raises(ValueError, match=r"not a lowbit file.*'0'.*qweight is torch.uint8"):
+        load(bad, skeleton)
+    assert _unchanged(skeleton, before)
+    other = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256))
+    before = _fingerprint(other)
+    with pytest.raises(ValueError, match=r"does not match.*'2'.*\(512, 512\).*\(256, 512\)"):
+        load(path, other)
+    assert _unchanged(other, before)

@@ -263,10 +263,7 @@ def _export_onnx(model: Any, example: Any, out: Path) -> None:
         raise UsageError(
             f"ONNX export is not available in this lowbit ({error}); write a .lowbit file"
         ) from None
-    from lowbit.cli_models import readable
-
     export_onnx(model, example, out)
-    readable(out)
 
 
 def _eval(args: argparse.Namespace) -> int:

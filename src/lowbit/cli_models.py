@@ -1,9 +1,10 @@
 """Models for the command line: load from ONNX, a factory, or a saved .lowbit; save with a recipe.
 
 A .lowbit file (`lowbit.io`) needs a float skeleton to load into. The command line therefore
-writes, next to lowbit's own header in the safetensors metadata, a `lowbit.cli` entry saying how
-to build that skeleton again: `{"model": "pkg.module:factory"}` or `{"model": "/abs/model.onnx"}`.
-`lowbit eval model.lowbit` reads it; `--model-factory` overrides it.
+stores, as extras of the file (`lowbit.io.save(..., extras=)`), how to build that skeleton again:
+`cli.recipe`, `{"model": "pkg.module:factory"}` or `{"model": "/abs/model.onnx"}`, and for an
+ONNX model the float ONNX model itself (`cli.float_onnx`), so the file still loads once the ONNX
+file has moved. `lowbit eval model.lowbit` reads them; `--model-factory` overrides them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +29,8 @@ __all__ = [
     "save_lowbit",
 ]
 
-RECIPE_KEY = "lowbit.cli"
+RECIPE = "cli.recipe"  # names of the extras the command line stores in a .lowbit file
+FLOAT_ONNX = "cli.float_onnx"
 
 
 @dataclass
@@ -127,14 +128,25 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 def onnx_to_torch(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
     """An ONNX file as a torch module (onnx2torch), and its input's per-sample shape if fixed."""
+    return proto_to_torch(read_onnx(path), path.name)
+
+
+def read_onnx(path: Path) -> Any:
+    """The ONNX model in `path` (external data included)."""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     import onnx
 
     try:
-        proto = onnx.load(str(path))
+        return onnx.load(str(path))
     except Exception as error:  # onnx raises DecodeError and others for a foreign file
         raise ValueError(f"cannot read {path} as ONNX: {error}") from None
+
+
+def proto_to_torch(proto: Any, name: str) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """An ONNX model as a torch module (onnx2torch), and its input's per-sample shape if fixed;
+    `name` names the model in errors."""
+    shape = onnx_input_shape(proto)
     _inline_constant_identities(proto)
     convert = _onnx2torch()
     try:
@@ -144,9 +156,9 @@ def onnx_to_torch(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
         if "QuantizeLinear" in str(error) or "DequantizeLinear" in str(error):
             hint = " (the file is already quantized: quantize the float ONNX model)"
         raise ValueError(
-            f"cannot bring {path.name} into PyTorch with onnx2torch: {error}{hint}"
+            f"cannot bring {name} into PyTorch with onnx2torch: {error}{hint}"
         ) from None
-    return model.eval(), onnx_input_shape(path)
+    return model.eval(), shape
 
 
 def _inline_constant_identities(proto: Any) -> None:
@@ -166,11 +178,8 @@ def _inline_constant_identities(proto: Any) -> None:
             graph.node.remove(node)
 
 
-def onnx_input_shape(path: Path) -> tuple[int, ...] | None:
+def onnx_input_shape(proto: Any) -> tuple[int, ...] | None:
     """The first graph input's shape without the batch dimension, if every dimension is fixed."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if not inputs:
@@ -217,7 +226,7 @@ def _onnx2torch() -> Callable[[Any], nn.Module]:
 
 
 def _load_lowbit(path: Path, model_factory: str | None) -> LoadedModel:
-    from lowbit.io import load, read_header
+    from lowbit.io import load, read_extra, read_header
 
     read_header(path)  # reports a missing or foreign file first
     recipe = model_factory or read_recipe(path)
@@ -226,56 +235,40 @@ def _load_lowbit(path: Path, model_factory: str | None) -> LoadedModel:
             f"{path} does not say how to build its float skeleton (it was not written by "
             "`lowbit quantize`): pass --model-factory package.module:factory"
         )
-    skeleton = load_model(recipe).model
-    model = load(path, skeleton)
-    shape = onnx_input_shape(Path(recipe)) if recipe.endswith(".onnx") else None
-    return LoadedModel(model.eval(), recipe, "lowbit", shape)
+    float_onnx = None if model_factory else read_extra(path, FLOAT_ONNX)
+    if float_onnx is not None:
+        import onnx
+
+        skeleton, shape = proto_to_torch(onnx.load_from_string(float_onnx), path.name)
+    else:
+        loaded = load_model(recipe)
+        skeleton, shape = loaded.model, loaded.input_shape
+    return LoadedModel(load(path, skeleton).eval(), recipe, "lowbit", shape)
 
 
 def read_recipe(path: Path) -> str | None:
     """The skeleton recipe the command line stored in a .lowbit file, if any."""
-    from safetensors import safe_open
+    from lowbit.io import read_extra
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(RECIPE_KEY)
+    raw = read_extra(path, RECIPE)
     if raw is None:
         return None
     try:
         recipe = json.loads(raw).get("model")
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None
     return recipe if isinstance(recipe, str) else None
 
 
 def save_lowbit(model: nn.Module, path: Path, recipe: str) -> None:
-    """`lowbit.save`, then add the skeleton recipe to the metadata; atomic, as `save` is."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    """`lowbit.save` with how to build the float skeleton again: the recipe, and for an ONNX
+    model the float ONNX model itself, so that the file needs nothing else to load."""
     from lowbit.io import save
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save(model, tmp)
-        with safe_open(tmp_name, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-        metadata[RECIPE_KEY] = json.dumps({"model": recipe})
-        save_file(tensors, tmp_name, metadata=metadata)
-        readable(tmp)
-        os.replace(tmp_name, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def readable(path: Path) -> None:
-    """Give a file from mkstemp (mode 0600) the permissions the umask gives new files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
+    extras = {RECIPE: json.dumps({"model": recipe}).encode()}
+    if recipe.endswith(".onnx"):
+        extras[FLOAT_ONNX] = read_onnx(Path(recipe)).SerializeToString()
+    save(model, path, extras=extras)
 
 
 class OnnxRunner:

@@ -16,32 +16,48 @@ float model and `load` rebuilds the integer modules inside it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from lowbit.nn.int_modules import IntModule, int_module_from_record
+from lowbit import numerics
+from lowbit._atomic import write_atomic
+from lowbit.nn.int_modules import (
+    IntModule,
+    int_module_from_record,
+    load_codes,
+    spec_from_dict,
+    stored_codes_layout,
+)
 from lowbit.nn.modules import QuantModule
+from lowbit.spec import PerTensor, QuantSpec
 
-__all__ = ["FORMAT", "VERSION", "load", "save"]
+__all__ = ["FORMAT", "VERSION", "load", "read_extra", "read_header", "save"]
 
 FORMAT = "lowbit"
 VERSION = 1
 _KEY = "lowbit"
+_EXTRA = "__lowbit_extra__."  # tensor-name prefix of the byte strings saved with `extras`
 
 
-def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
+def save(
+    model: nn.Module, path: str | os.PathLike[str], *, extras: Mapping[str, bytes] | None = None
+) -> None:
     """Write a converted model to `path` (a safetensors file), atomically.
 
-    The file is written under a temporary name in the same folder and renamed into place, so on
-    any error no half-written file remains and an existing file at `path` is left untouched.
+    `extras`: named byte strings stored beside the model (`read_extra` returns them; `load`
+    ignores them), for tools that keep their own data in the file. The file is written under a
+    temporary name in the same folder and renamed into place (`lowbit._atomic`), so on any error
+    no half-written file remains and an existing file at `path` is left untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -57,37 +73,57 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     ]
     if any(not r["name"] for r in records):
         raise ValueError("model is itself an integer layer: save a model that contains it")
+    extras = dict(extras or {})
     header = {
         "format": FORMAT,
         "version": VERSION,
         "torch": torch.__version__,
         "modules": records,
         "identity": [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)],
+        "extras": sorted(extras),
     }
-    # Clones: safetensors refuses tensors that share memory (tied weights).
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata={_KEY: json.dumps(header)})
-        with open(tmp_name, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    for name, data in extras.items():
+        if not isinstance(data, bytes):
+            raise TypeError(f"extras[{name!r}] must be bytes, got {type(data).__name__}")
+        tensors[_EXTRA + name] = torch.from_numpy(np.frombuffer(data, np.uint8).copy())
+    write_atomic(path, safetensors_bytes(tensors, metadata={_KEY: json.dumps(header)}))
+
+
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies of the tensors that share memory with an earlier one (tied weights), which
+    safetensors refuses; the others as they are."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        storage = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if storage in seen else t
+        seen.add(storage)
+    return out
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON header of a lowbit file; ValueError if `path` is not one."""
+    """The JSON header of a lowbit file (its tensors are not read); ValueError if `path` is
+    not one."""
     header, _ = _read(path, tensors=False)
     return header
+
+
+def read_extra(path: str | os.PathLike[str], name: str) -> bytes | None:
+    """The byte string saved as `extras[name]`, or None if the file has none of that name."""
+    if name not in read_header(path)["extras"]:
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return bytes(f.get_tensor(_EXTRA + name).numpy())
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
     """Load a saved converted model into `model`, a freshly built float model of the same
     architecture (modified in place and returned), as `load_state_dict` does.
+
+    Every tensor is checked against the header and the model (shapes, dtypes, integer codes
+    within the range of their spec) before the model is touched: a bad file or a model of
+    another architecture raises ValueError and leaves `model` as it was.
     """
     if model is None:
         read_header(path)  # a bad file is reported as such first
@@ -98,21 +134,153 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     header, tensors = _read(path, tensors=True)
+    for name in header["extras"]:
+        tensors.pop(_EXTRA + name, None)
+    built = {r["name"]: _build(model, r, tensors, path) for r in header["modules"]}
+    for name in header["identity"]:
+        _parent(model, name, path)
+    _check_state(_state_after(model, header["identity"], built), tensors, path)
     for name in header["identity"]:
         _set_submodule(model, name, nn.Identity(), path)
-    for record in header["modules"]:
-        name = record["name"]
-        float_module = _get_submodule(model, name, path)
-        prefix = f"{name}."
-        local = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            int_module = int_module_from_record(float_module, record, local)
-        except KeyError as error:
-            raise ValueError(
-                f"not a lowbit file: {path}: tensor {prefix}{error.args[0]} is missing"
-            ) from error
+    for name, int_module in built.items():
         _set_submodule(model, name, int_module, path)
-    missing, unexpected = _compare_keys(model, tensors)
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def _build(
+    model: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor], path: object
+) -> IntModule:
+    """The integer module of one record, checked; the float layer in `model` stays as it is."""
+    name = record["name"]
+    float_module = _get_submodule(model, name, path)
+    prefix = f"{name}."
+    local = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        _check_record(float_module, record, local)
+        return int_module_from_record(_own_copy(float_module), record, local)
+    except KeyError as error:
+        raise ValueError(
+            f"not a lowbit file: {path}: tensor {prefix}{error.args[0]} is missing"
+        ) from error
+    except _Mismatch as error:
+        raise ValueError(
+            f"model does not match the file {path}: layer {name!r}: {error}; "
+            "pass a float model of the same architecture"
+        ) from None
+    except ValueError as error:
+        raise ValueError(f"not a lowbit file: {path}: layer {name!r}: {error}") from None
+
+
+class _Mismatch(Exception):
+    """The float model, not the file, differs from what was saved."""
+
+
+def _own_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy with its own parameter, buffer and child tables: an integer module built
+    on it (which removes the float weight) leaves the user's layer intact."""
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = dict(module._modules)
+    return clone
+
+
+def _check_record(
+    float_module: nn.Module, record: dict[str, Any], local: dict[str, Tensor]
+) -> None:
+    """Check one layer's tensors against its record and the float layer (ValueError,
+    `_Mismatch`, or KeyError naming a missing tensor)."""
+    weight = record.get("weight")
+    if not (
+        isinstance(weight, dict)
+        and isinstance(weight.get("shape"), list)
+        and isinstance(weight.get("spec"), dict)
+    ):
+        raise ValueError("malformed weight record")
+    shape = tuple(int(n) for n in weight["shape"])
+    spec = spec_from_dict(weight["spec"])
+    float_weight = getattr(float_module, "weight", None)
+    if not isinstance(float_weight, Tensor) or tuple(float_weight.shape) != shape:
+        found = tuple(float_weight.shape) if isinstance(float_weight, Tensor) else "no weight"
+        raise _Mismatch(f"the file has a weight of shape {shape}, the model {found}")
+    codes_shape, codes_dtype = stored_codes_layout(spec, shape)
+    qweight = _tensor(local, "qweight", codes_shape, codes_dtype)
+    if spec.scheme != "binary":  # every bit pattern is a binary code
+        _check_codes("qweight", load_codes(qweight, spec, shape), spec)
+    param_shape = numerics.reduce_by(torch.empty(shape, device="meta"), spec.granularity, _rows)
+    _check_qparams(local, "weight", spec, param_shape.shape)
+    for role in ("input", "output"):
+        act = record.get(role)
+        if isinstance(act, dict) and act.get("mode") == "static":
+            act_spec = spec_from_dict(act["spec"])
+            scale_shape = local.get(f"{role}_scale", torch.empty(())).shape
+            if isinstance(act_spec.granularity, PerTensor) and scale_shape.numel() != 1:
+                raise ValueError(f"{role}_scale has shape {tuple(scale_shape)}, expected 1 value")
+            _check_qparams(local, role, act_spec, scale_shape)
+    if record.get("bias"):
+        key = "bias" if record.get("kind") == "IntLinear" else "module.bias"
+        _tensor(local, key, torch.Size([_out_features(float_module, shape)]), torch.float32)
+
+
+def _rows(rows: Tensor) -> Tensor:
+    return rows.amin(1)
+
+
+def _check_qparams(local: dict[str, Tensor], role: str, spec: QuantSpec, shape: torch.Size) -> None:
+    """Scale (finite, > 0) and, where saved, zero point (within the codes) of one role."""
+    scale = _tensor(local, f"{role}_scale", shape, torch.float32)
+    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"{role}_scale holds values that are not finite and positive")
+    if role != "weight" or not spec.symmetric:
+        _check_codes(
+            f"{role}_zero_point", _tensor(local, f"{role}_zero_point", shape, torch.int32), spec
+        )
+
+
+def _tensor(local: dict[str, Tensor], key: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    if key not in local:
+        raise KeyError(key)
+    t = local[key]
+    if t.shape != shape or t.dtype != dtype:
+        raise ValueError(
+            f"tensor {key} is {t.dtype} of shape {tuple(t.shape)}, "
+            f"expected {dtype} of shape {tuple(shape)}"
+        )
+    return t
+
+
+def _check_codes(key: str, codes: Tensor, spec: QuantSpec) -> None:
+    if codes.numel() and (int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax):
+        raise ValueError(
+            f"tensor {key} holds values in [{int(codes.min())}, {int(codes.max())}], outside "
+            f"[{spec.qmin}, {spec.qmax}] of its {spec.bits}-bit spec"
+        )
+
+
+def _out_features(module: nn.Module, weight_shape: tuple[int, ...]) -> int:
+    """The length of a layer's bias."""
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor):
+        return bias.numel()
+    out = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
+    return int(out) if out is not None else weight_shape[0]
+
+
+def _state_after(
+    model: nn.Module, identity: list[str], built: dict[str, IntModule]
+) -> dict[str, Tensor]:
+    """The state dict `model` will have once the identities and integer modules are in."""
+    gone = tuple(f"{n}." for n in [*identity, *built])
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(gone)}
+    for name, module in built.items():
+        state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    return state
+
+
+def _check_state(expected: dict[str, Tensor], tensors: dict[str, Tensor], path: object) -> None:
+    """Same names, shapes, and kinds of dtype (integer or float) as the model will have."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing and not unexpected:
         raise ValueError(
             f"not a lowbit file: {path}: tensors {missing[:5]} are missing (or the "
@@ -123,11 +291,14 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
             f"model does not match the file {path}: missing from the file {missing[:5]}, "
             f"not in the model {unexpected[:5]}; pass a float model of the same architecture"
         )
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"model does not match the file {path}: {error}") from error
-    return model
+    for key, want in expected.items():
+        got = tensors[key]
+        if got.shape != want.shape or got.is_floating_point() != want.is_floating_point():
+            raise ValueError(
+                f"model does not match the file {path}: tensor {key} is {got.dtype} of shape "
+                f"{tuple(got.shape)} in the file, {want.dtype} of shape {tuple(want.shape)} "
+                "in the model; pass a float model of the same architecture"
+            )
 
 
 def _read(
@@ -142,7 +313,8 @@ def _read(
             if raw is None:
                 raise ValueError(f"not a lowbit file: {path}: safetensors without lowbit metadata")
             header = json.loads(raw)
-            loaded = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict if tensors else {}
+            names = list(f.keys()) if tensors else []
+            loaded = {k: f.get_tensor(k) for k in names}
     except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"not a lowbit file: {path}: {error}") from error
     except ValueError as error:
@@ -157,14 +329,26 @@ def _read(
             f"supported (this lowbit reads version {VERSION})"
         )
     modules, identity = header.get("modules"), header.get("identity", [])
+    extras = header.get("extras", [])
     if (
         not isinstance(modules, list)
         or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in modules)
         or not isinstance(identity, list)
+        or not isinstance(extras, list)
+        or not all(isinstance(n, str) for n in [*identity, *extras])
     ):
         raise ValueError(f"not a lowbit file: {path}: malformed header")
-    header["identity"] = identity
+    header["identity"], header["extras"] = identity, extras
     return header, loaded
+
+
+def _parent(model: nn.Module, name: str, path: object) -> tuple[nn.Module, str]:
+    """The module that holds layer `name`, and the layer's attribute name in it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = _get_submodule(model, parent_name, path) if parent_name else model
+    if not hasattr(parent, child):
+        raise ValueError(f"model does not match the file {path}: it has no layer {name!r}")
+    return parent, child
 
 
 def _get_submodule(model: nn.Module, name: str, path: object) -> nn.Module:
@@ -178,13 +362,5 @@ def _get_submodule(model: nn.Module, name: str, path: object) -> nn.Module:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module, path: object) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = _get_submodule(model, parent_name, path) if parent_name else model
-    if not hasattr(parent, child):
-        raise ValueError(f"model does not match the file {path}: it has no layer {name!r}")
+    parent, child = _parent(model, name, path)
     setattr(parent, child, new)
-
-
-def _compare_keys(model: nn.Module, tensors: dict[str, Tensor]) -> tuple[list[str], list[str]]:
-    expected = set(model.state_dict())
-    return sorted(expected - set(tensors)), sorted(set(tensors) - expected)

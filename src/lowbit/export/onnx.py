@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lowbit._atomic import write_atomic
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.export import _graph
 from lowbit.export._sites import (
@@ -110,7 +110,7 @@ def export_onnx(
     proto = onnx.load_from_string(buffer.getvalue())
     _rewrite(proto, sites, opset, reduce_range)
     onnx.checker.check_model(proto, full_check=True)
-    _write_atomic(proto.SerializeToString(), target)
+    write_atomic(target, proto.SerializeToString())
     return target
 
 
@@ -303,15 +303,3 @@ def _rewrite(proto: Any, sites: dict[str, Site], opset: int, reduce_range: bool)
     helper.set_model_props(
         proto, {"lowbit.qdq": "1", "lowbit.reduce_range": str(reduce_range).lower()}
     )
-
-
-def _write_atomic(data: bytes, target: Path) -> None:
-    """Write to a temporary file next to `target`, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

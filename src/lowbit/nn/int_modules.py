@@ -25,6 +25,7 @@ Kernels (`module.kernel` says which one a module uses):
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -49,6 +50,7 @@ __all__ = [
     "int_module_from_record",
     "spec_from_dict",
     "spec_to_dict",
+    "stored_codes_layout",
 ]
 
 ActMode = Literal["static", "dynamic", "per_token"]
@@ -155,6 +157,15 @@ def store_codes(q: Tensor, spec: QuantSpec) -> Tensor:
     if spec.scheme == "binary":  # codes are -1 / +1: store the sign bit as 0 / 1
         return numerics.pack((flat > 0).to(torch.uint8), 1, signed=False)
     return numerics.pack(flat, bits, signed=spec.signed)
+
+
+def stored_codes_layout(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[torch.Size, torch.dtype]:
+    """Shape and dtype of `store_codes` for codes of `shape`, without computing them."""
+    bits = _pack_bits(spec)
+    if bits is None:
+        return torch.Size(shape), spec.storage_dtype
+    per_byte = 8 // bits
+    return torch.Size([-(-math.prod(shape) // per_byte)]), torch.uint8
 
 
 def load_codes(stored: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from lowbit._atomic import write_atomic
 from lowbit.data import Batches
 
 __all__ = ["ReportResult", "build_report"]
@@ -146,24 +146,8 @@ def build_report(
         ),
         summary=str(summary),
     )
-    _write_atomic(render(page), target)
+    write_atomic(target, render(page).encode("utf-8"))
     worst_layers = [
         {"layer": f.layer, "sqnr_db": f.sqnr_db, "fixes": list(f.actions)} for f in fixes
     ]
     return ReportResult(target, rows, worst_layers, comparison.notes())
-
-
-def _write_atomic(text: str, path: Path) -> None:
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"no such folder for the report: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        Path(tmp).chmod(0o666 & ~umask)  # mkstemp makes 0600; a report is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

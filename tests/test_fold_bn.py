@@ -277,3 +277,14 @@ def test_batches_the_model_rejects_are_named(
     with pytest.raises(error, match=message) as raised:
         lowbit.quantize(_conv_bn(), lowbit.presets.int8(), batches, progress=False)
     assert isinstance(raised.value.__cause__, RuntimeError | TypeError)  # torch's, kept
+
+
+@pytest.mark.parametrize("algorithm", ["equalize", "smoothquant"])
+def test_algorithms_name_the_batch_too(algorithm: str) -> None:
+    """Algorithms that run before `quantize` make their first pass through the same wrapper."""
+    from lowbit import algorithms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    with pytest.raises(TypeError, match="calib_data batch 0 is float64 but the model's weights"):
+        getattr(algorithms, algorithm)(model, [torch.randn(2, 4, dtype=torch.float64)])

@@ -81,7 +81,9 @@ def quantize(
         model = copy.deepcopy(model)
     model.eval()
     with torch.no_grad():
-        folded = fold_batchnorm(model, lambda m: run_user_batch(m, example, forward, 0))
+        folded = fold_batchnorm(
+            model, lambda m: run_user_batch(m, example, forward, "calib_data batch 0")
+        )
         check_overrides(model, config)
         records = swap_modules(model, config, static_quantizers(config))
         if config.fusable_outputs and config.input is not None:
@@ -136,7 +138,8 @@ def calibrate(
     try:
         with torch.no_grad():
             for batch in progress_bar(calib_data, "calibrating", enabled=progress):
-                watch.see(batch, run_user_batch(model, batch, forward, n_batches))
+                output = run_user_batch(model, batch, forward, f"calib_data batch {n_batches}")
+                watch.see(batch, output)
                 n_batches += 1
     finally:
         watch.remove()
@@ -184,7 +187,9 @@ def prepare_qat(
         example = first_batch(calib_data)
         probe = copy.deepcopy(model).eval()
         with torch.no_grad():
-            pairs = fold_batchnorm(probe, lambda m: run_user_batch(m, example, forward, 0))
+            pairs = fold_batchnorm(
+                probe, lambda m: run_user_batch(m, example, forward, "calib_data batch 0")
+            )
     check_overrides(model, config)
     records = swap_modules(model, config, qat_quantizers(config))
     if calib_data is not None:

@@ -39,17 +39,15 @@ def model_input(batch: Any) -> Any:
     return None
 
 
-def run_user_batch(
-    model: nn.Module, batch: Any, forward: Forward | None, index: int, what: str = "calib_data"
-) -> Any:
-    """`run_batch` for a batch the user handed in: NaN / Inf are rejected first, and when the
-    model's forward fails on it, the error names the batch and what the model expected instead
-    of a bare torch message from deep inside some layer."""
-    check_batch(batch, f"{what} batch {index}")
+def run_user_batch(model: nn.Module, batch: Any, forward: Forward | None, where: str) -> Any:
+    """`run_batch` for a batch the user handed in, `where` naming it ("calib_data batch 3"):
+    NaN / Inf are rejected first, and when the model's forward fails on it, the error names the
+    batch and what the model expected instead of a bare torch message from inside some layer."""
+    check_batch(batch, where)
     try:
         return run_batch(model, batch, forward)
     except (RuntimeError, TypeError) as error:
-        raise batch_error(error, model, batch, forward, f"{what} batch {index}") from error
+        raise batch_error(error, model, batch, forward, where) from error
 
 
 def batch_error(
@@ -94,13 +92,17 @@ def _dtypes(dtypes: set[torch.dtype]) -> str:
 
 
 def run_hooked(
-    model: nn.Module, batch: Any, forward: Forward | None, handles: Iterable[RemovableHandle]
+    model: nn.Module,
+    batch: Any,
+    forward: Forward | None,
+    handles: Iterable[RemovableHandle],
+    where: str = "calib_data",
 ) -> Any:
-    """One no-grad pass of `batch` through `model`, then remove `handles` (the hooks registered
-    to watch that pass), also when it raises."""
+    """One no-grad pass of `batch` (`where` says which, for errors) through `model`, then remove
+    `handles` (the hooks registered to watch that pass), also when it raises."""
     try:
         with torch.no_grad():
-            return run_batch(model, batch, forward)
+            return run_user_batch(model, batch, forward, where)
     finally:
         for handle in handles:
             handle.remove()

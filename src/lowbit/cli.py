@@ -168,7 +168,7 @@ def _reporting_bad_batches(predict: Any, what: str) -> Any:
     batch_index = itertools.count()
 
     def run(x: Any) -> Any:
-        return run_user_batch(predict, x, None, next(batch_index), what)
+        return run_user_batch(predict, x, None, f"{what} batch {next(batch_index)}")
 
     return run
 

@@ -147,5 +147,5 @@ def execution_order(
 
     for m in layers:
         handles.append(m.register_forward_pre_hook(make_hook(m)))
-    run_hooked(model, batch, forward, handles)
+    run_hooked(model, batch, forward, handles, "calib_data batch 0")
     return order

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lowbit.batches import Forward, check_batch, first_batch, run_batch, tensors_of
+from lowbit.batches import Forward, check_batch, first_batch, run_batch, run_user_batch, tensors_of
 from lowbit.config import QuantConfig, weight_spec_for
 from lowbit.nn.modules import QuantModule
 from lowbit.spec import PerChannel, PerGroup
@@ -174,7 +174,7 @@ def equalize(
         model = copy.deepcopy(model)
 
     def run(m: nn.Module) -> object:
-        return run_batch(m, example, forward)
+        return run_user_batch(m, example, forward, "calib_data batch 0")
 
     with torch.no_grad():
         folded = fold_batchnorm(model, run)

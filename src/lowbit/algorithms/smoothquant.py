@@ -150,7 +150,7 @@ def find_scale_groups(
     # QuantModules wrap their Linear: a quantized Linear is not a producer here
     for name, m in consumers:
         handles.append(m.register_forward_pre_hook(in_hook(name)))
-    run_hooked(model, batch, forward, handles)
+    run_hooked(model, batch, forward, handles, "calib_data batch 0")
     groups: list[ScaleGroup] = []
     by_tensor: dict[int, ScaleGroup] = {}
     for name, m, x in received:

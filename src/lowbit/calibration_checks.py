@@ -45,11 +45,12 @@ def finish_calibration(model: nn.Module, quantizers: list[TensorQuantizer], batc
             unused.append(names[id(q)])
             q.set_mode("off")
             continue
-        if _zero_range(q):
+        lo, hi = q.calibrator.compute_range(q.spec)  # once: the entropy / MSE searches cost
+        if bool((torch.maximum(lo.abs(), hi.abs()) <= torch.finfo(torch.float32).tiny).all()):
             zeros.append(names[id(q)])
             q.set_mode("off")
             continue
-        q.compute_qparams()
+        q.set_range(lo, hi)
     if unused:
         _warn(f"{len(unused)} quantizer(s) saw no calibration data and stay in float: {unused}")
     for name in zeros:
@@ -58,13 +59,6 @@ def finish_calibration(model: nn.Module, quantizers: list[TensorQuantizer], batc
             "to take a scale from, so it stays in float; calibrate with data that reach this "
             "layer with non-zero values"
         )
-
-
-def _zero_range(q: TensorQuantizer) -> bool:
-    """Whether every scale unit of the quantizer's calibrated range is zero."""
-    assert q.calibrator is not None
-    lo, hi = q.calibrator.compute_range(q.spec)
-    return bool((torch.maximum(lo.abs(), hi.abs()) <= torch.finfo(torch.float32).tiny).all())
 
 
 class SignWatch:

@@ -92,7 +92,10 @@ class TensorQuantizer(nn.Module):
         """Fix scale and zero point from what the calibrator observed, then switch to quantize."""
         if self.calibrator is None:
             raise RuntimeError("this quantizer has no calibrator to compute parameters from")
-        lo, hi = self.calibrator.compute_range(self.spec)
+        self.set_range(*self.calibrator.compute_range(self.spec))
+
+    def set_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Fix scale and zero point from a real range [lo, hi], then switch to quantize."""
         self.set_qparams(*numerics.qparams(lo, hi, self.spec))
 
     def set_qparams_from(self, x: Tensor) -> None:

@@ -132,14 +132,16 @@ def quantize_weights(
     granularity: Granularity = PerChannel(0),  # noqa: B008 - frozen dataclass
     group_size: int | None = None,
     *,
-    layers: tuple[type[nn.Module], ...] = (nn.Linear,),
+    layers: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding),
     inplace: bool = False,
 ) -> nn.Module:
     """Weight-only quantization: integer weights (symmetric), float activations.
 
     bits: 2, 4, 8 or 16. group_size: one scale per `group_size` inputs (`PerGroup`), overriding
     `granularity`. int8 per-channel and int4 group-wise Linear layers use PyTorch's weight-packed
-    kernels; the rest are dequantized on the fly.
+    kernels; the rest are dequantized on the fly. Embeddings get one scale per row (embedding
+    vector), or per group of a row, and look up integer rows; `layers=(nn.Linear,)` keeps them
+    in float.
     """
     if bits not in WEIGHT_BITS:
         raise ValueError(f"bits must be one of {WEIGHT_BITS} for quantize_weights, got {bits!r}")

@@ -19,8 +19,10 @@ Kernels (`module.kernel` says which one a module uses):
   (`lowbit.kernels.weight_only`): far faster for one token and for many.
 - "onednn_qconv": Conv2d with static per-tensor int8 inputs and symmetric int8 weights:
   oneDNN's quantized convolution (`lowbit.kernels.qconv2d`), float32 output, channels_last.
+- "gather": Embedding: gathers the rows of codes (packed ones too) that the indices select and
+  dequantizes only those rows, so the table stays integer in memory.
 - "dequantize": dequantize the weight and run the layer's float forward (with the input
-  fake-quantized): other convolutions, embeddings, and any spec no kernel handles.
+  fake-quantized): other convolutions, and any spec or layer no kernel handles.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 ActMode = Literal["static", "dynamic", "per_token"]
-Kernel = Literal["int_mm", "int8pack", "int4pack", "onednn_qconv", "dequantize"]
+Kernel = Literal["int_mm", "int8pack", "int4pack", "onednn_qconv", "gather", "dequantize"]
 _INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
 
 
@@ -735,9 +737,55 @@ class IntConv(IntFallback):
 
 
 class IntEmbedding(IntFallback):
-    """Embedding with integer weights (dequantized)."""
+    """Embedding with integer weights: gathers the selected rows of codes, dequantizes those.
+
+    Rows are gathered straight from the stored codes (packed ones too, when a row fills whole
+    bytes), with their scales where the scales vary by row (per row, per group of a row). An
+    embedding whose forward is its own, or with `max_norm`, dequantizes the whole table.
+    """
 
     kind = "IntEmbedding"
+
+    def __init__(
+        self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> None:
+        super().__init__(module, record, tensors)
+        if self._gathers():
+            self.kernel = "gather"
+
+    def _gathers(self) -> bool:
+        m, g = self.module, self.weight_spec.granularity
+        per_byte = 8 // (_pack_bits(self.weight_spec) or 8)  # a row must fill whole bytes
+        return (
+            type(m).forward is nn.Embedding.forward
+            and getattr(m, "max_norm", None) is None
+            and self.weight_shape[1] % per_byte == 0
+            and (isinstance(g, PerTensor | PerChannel) or g.axis % 2 == 1)
+        )
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.kernel != "gather" or args or kwargs or not isinstance(x, Tensor):
+            return super().forward(x, *args, **kwargs)
+        index = x.reshape(-1)
+        rows = self._row_codes(index)
+        scale, zero_point = self._row_params(self.weight_scale, index), self.weight_zero_point
+        zero_point = self._row_params(zero_point, index)
+        y = numerics.dequantize(rows, scale, zero_point, self.weight_spec)
+        return self._fake_quant("output", y.reshape(*x.shape, self.weight_shape[1]))
+
+    def _row_codes(self, index: Tensor) -> Tensor:
+        """The integer codes of rows `index`: [len(index), width]."""
+        rows, width = self.weight_shape
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
+            raise IndexError(f"embedding index out of range [0, {rows}): {index.tolist()[:8]}")
+        stored = self.qweight.reshape(rows, -1)[index].reshape(-1)
+        return load_codes(stored, self.weight_spec, (len(index), width))
+
+    def _row_params(self, param: Tensor, index: Tensor) -> Tensor:
+        """A scale or zero point for rows `index`: gathered where it varies by row."""
+        g = self.weight_spec.granularity
+        by_row = isinstance(g, PerGroup) or (isinstance(g, PerChannel) and g.axis % 2 == 0)
+        return param[index] if by_row and param.dim() else param
 
 
 _KINDS: dict[str, type[IntModule]] = {

@@ -367,7 +367,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from lowbit.report import build_report
+    from lowbit.report.plots import require_matplotlib
 
+    require_matplotlib()  # before minutes of work
     out = _check_output(args.output, (".html",))
     calibrators, data, loaded, calib, is_random = _float_model_inputs(args, "report")
     result = build_report(
@@ -392,13 +394,19 @@ def _report(args: argparse.Namespace) -> int:
                 "random_calibration": is_random,
                 "rows": result.rows,
                 "worst_layers": result.worst_layers,
+                "advice": result.advice,
                 "notes": result.notes,
             }
         )
         return 0
     print(f"wrote {result.path}")
+    for note in result.notes:
+        print(f"note: {note}")
     for layer in result.worst_layers:
-        print(f"  {layer['layer']}: {layer['sqnr_db']:.1f} dB; try {layer['fixes'][0]}")
+        fix = f"try {layer['fixes'][0]}" if layer["fixes"] else "no fix tried helps"
+        print(f"  {layer['layer']} alone: model output {layer['sqnr_db']:.1f} dB; {fix}")
+    for advice in result.advice:
+        print(f"  whole model: try {advice}")
     return 0
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lowbit.onnx_import import fold_zero_pads, padded_convolutions
+
 __all__ = [
     "LoadedModel",
     "OnnxRunner",
@@ -148,6 +150,7 @@ def proto_to_torch(proto: Any, name: str) -> tuple[nn.Module, tuple[int, ...] | 
     `name` names the model in errors."""
     shape = onnx_input_shape(proto)
     _inline_constant_identities(proto)
+    fold_zero_pads(proto)
     convert = _onnx2torch()
     try:
         model = convert(proto)
@@ -158,6 +161,7 @@ def proto_to_torch(proto: Any, name: str) -> tuple[nn.Module, tuple[int, ...] | 
         raise ValueError(
             f"cannot bring {name} into PyTorch with onnx2torch: {error}{hint}"
         ) from None
+    padded_convolutions(model)
     return model.eval(), shape
 
 

@@ -1,23 +1,29 @@
 """Quantized variants for the command line: preset names to models, and their measured cost.
 
 `make_variant` turns a preset name (`int8`, `w4a8`, `dynamic`, ...) plus a calibrator into a
-quantized model, timing the quantization. `measure` adds accuracy, size and latency, so `compare`
-and `report` build the same table.
+quantized model, timing the quantization; `calibrated_variants` makes one per calibrator from a
+single calibration pass. `measure` adds accuracy and size, `time_variants` the latency of the
+converted models (interleaved rounds) and the kernels they run, so `compare` and `report` build
+the same table.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor, nn
 
 from lowbit import presets
+from lowbit.calib import Histogram
 from lowbit.config import QuantConfig
 from lowbit.data import Batches
+from lowbit.evaluate.latency import Latency
 from lowbit.spec import PerTensor
 
 PRESETS = ("int8", "int8-asym", "w8", "w16", "w4", "w4a8", "dynamic", "binary", "ternary")
@@ -82,12 +88,20 @@ class Variant:
     top5: float | None = None
     agreement: float | None = None  # top-1 agreement with the float model, in percent
     size_bytes: int = 0
-    latency_ms: float | None = None
+    latency: Latency | None = None
+    kernel_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # of the timed model
+    histograms: dict[str, Histogram] = field(default_factory=dict)  # by activation quantizer
+
+    @property
+    def latency_ms(self) -> float | None:
+        return None if self.latency is None else self.latency.median_ms
+
+    def speedup(self, float_latency: float | None) -> float | None:
+        if self.latency_ms and float_latency:
+            return float_latency / self.latency_ms
+        return None
 
     def row(self, float_latency: float | None) -> dict[str, Any]:
-        speedup = None
-        if self.latency_ms and float_latency:
-            speedup = float_latency / self.latency_ms
         return {
             "variant": self.name,
             "preset": self.preset,
@@ -97,8 +111,10 @@ class Variant:
             "agreement": self.agreement,
             "size_kib": self.size_bytes / 1024,
             "latency_ms": self.latency_ms,
-            "speedup": speedup,
+            "latency_spread": None if self.latency is None else self.latency.spread,
+            "speedup": self.speedup(float_latency),
             "quantize_s": self.quantize_s,
+            "kernels": None if self.latency is None else kernel_summary(self.kernel_counts),
         }
 
 
@@ -127,6 +143,75 @@ def make_variant(
     return Variant(name, qmodel.eval(), preset, calibrator if preset in CALIBRATED else None, took)
 
 
+def calibrated_variants(
+    model: nn.Module,
+    preset: str,
+    calib: Batches,
+    *,
+    calibrators: Sequence[str],
+    per_tensor: bool = False,
+    exclude: Sequence[str] = (),
+    progress: bool = True,
+) -> list[Variant]:
+    """One variant per calibrator from one calibration pass.
+
+    Calibrators observe the same unquantized activations, so one pass with a histogram
+    calibrator (the histogram also keeps the exact min and max) serves them all: each variant's
+    ranges are computed from those histograms, which every variant keeps in `histograms`.
+    Presets without calibrated activations give one variant.
+    """
+    if preset not in CALIBRATED:
+        return [
+            make_variant(
+                model, preset, calib, per_tensor=per_tensor, exclude=exclude, progress=progress
+            )
+        ]
+    base = make_variant(
+        model, preset, calib, calibrator="percentile", per_tensor=per_tensor, exclude=exclude,
+        progress=progress,
+    )  # fmt: skip
+    histograms = input_histograms(base.model)
+    variants = []
+    for calibrator in calibrators:
+        start = time.perf_counter()
+        qmodel = recalibrated(base.model, histograms, calibrator)
+        took = base.quantize_s + time.perf_counter() - start
+        name = variant_name(preset, calibrator, per_tensor)
+        variants.append(Variant(name, qmodel, preset, calibrator, took, histograms=histograms))
+    return variants
+
+
+def input_histograms(qmodel: nn.Module) -> dict[str, Histogram]:
+    """The histogram each calibrated activation quantizer observed, by qualified name."""
+    from lowbit.calib import HistogramCalibrator
+    from lowbit.nn.quantizer import TensorQuantizer
+
+    return {
+        name: q.calibrator.histogram
+        for name, q in qmodel.named_modules()
+        if isinstance(q, TensorQuantizer)
+        and q.mode != "off"
+        and isinstance(q.calibrator, HistogramCalibrator)
+        and q.calibrator.has_data
+    }
+
+
+def recalibrated(qmodel: nn.Module, histograms: dict[str, Histogram], calibrator: str) -> nn.Module:
+    """A copy of `qmodel` whose quantizers named in `histograms` take `calibrator`'s ranges from
+    those histograms: no forward pass."""
+    from lowbit.calib import from_histogram
+    from lowbit.nn.quantizer import TensorQuantizer
+
+    model = copy.deepcopy(qmodel)
+    quantizers = dict(model.named_modules())
+    for name, histogram in histograms.items():
+        q = quantizers[name]
+        assert isinstance(q, TensorQuantizer)
+        q.calibrator = from_histogram(calibrator, histogram)
+        q.compute_qparams()
+    return model
+
+
 def deployable(variant: Variant) -> nn.Module:
     """The model that runs in PyTorch after quantization: integer modules (`convert`)."""
     from lowbit.conversion import convert
@@ -141,20 +226,49 @@ def deployable(variant: Variant) -> nn.Module:
         return convert(variant.model)
 
 
+KERNEL_NAMES = {
+    "onednn_qconv": "oneDNN int8",
+    "int_mm": "int8 GEMM",
+    "int8pack": "int8 weight-only",
+    "int4pack": "int4 weight-only",
+    "dequantize": "dequantize-then-float",
+}
+
+
+def layer_kernels(model: nn.Module) -> dict[tuple[str, str], int]:
+    """How many converted layers of each kind run each kernel: {("conv", "onednn_qconv"): 49}."""
+    from lowbit.nn.int_modules import IntModule
+
+    counts: Counter[tuple[str, str]] = Counter()
+    for m in model.modules():
+        if isinstance(m, IntModule):
+            inner = getattr(m, "module", None)
+            fallback = m.kind == "IntFallback" and inner is not None
+            kind = type(inner).__name__ if fallback else m.kind.removeprefix("Int").lower()
+            counts[kind, m.kernel] += 1
+    return dict(counts)
+
+
+def kernel_summary(counts: dict[tuple[str, str], int]) -> str:
+    """e.g. "49 conv oneDNN int8, 1 linear int8 GEMM"; "float" without integer layers."""
+    if not counts:
+        return "float"
+    return ", ".join(
+        f"{n} {kind} {KERNEL_NAMES.get(kernel, kernel)}" for (kind, kernel), n in counts.items()
+    )
+
+
 def measure(
     variant: Variant,
     *,
     data: Batches | None,
     reference: nn.Module | None,
     agreement_data: Batches | None,
-    example: Tensor,
-    latency: bool = True,
     progress: bool = True,
 ) -> None:
-    """Fill in accuracy (labelled `data`), agreement with `reference`, size and latency."""
+    """Fill in accuracy (labelled `data`), agreement with `reference` and size."""
     from lowbit.evaluate import model_bytes
     from lowbit.evaluate.accuracy import accuracy, agreement
-    from lowbit.evaluate.latency import measure_latency
 
     if data is not None:
         result = accuracy(variant.model, data, progress=progress, description=variant.name)
@@ -162,9 +276,18 @@ def measure(
     if reference is not None and agreement_data is not None and variant.preset is not None:
         variant.agreement = agreement(reference, variant.model, agreement_data)
     variant.size_bytes = model_bytes(variant.model)
-    if latency:
-        runnable = deployable(variant)
-        variant.latency_ms = measure_latency(runnable, example).median_ms
+
+
+def time_variants(variants: Sequence[Variant], example: Tensor) -> None:
+    """Latency of every variant's deployable (converted) model, in interleaved rounds after a
+    warm-up, and the kernels each runs."""
+    from lowbit.evaluate.latency import measure_latencies
+
+    runnable = {str(i): deployable(v) for i, v in enumerate(variants)}
+    latencies = measure_latencies(runnable, example)
+    for i, v in enumerate(variants):
+        v.latency = latencies[str(i)]
+        v.kernel_counts = layer_kernels(runnable[str(i)])
 
 
 @dataclass
@@ -181,19 +304,48 @@ class Comparison:
         return [v.row(self.float_latency) for v in self.variants]
 
     def notes(self) -> list[str]:
-        """A plain statement naming the variants that are not faster than float, if any."""
-        slow = [r for r in self.rows()[1:] if r["speedup"] is not None and r["speedup"] < 1.0]
-        if not slow:
+        """One line per variant that is not faster than float, saying why; one more when the
+        timings were noisy."""
+        reference = self.variants[0].latency
+        if reference is None:
             return []
-        names = ", ".join(r["variant"] for r in slow)
-        worst = 1 / min(r["speedup"] for r in slow)
-        verb = "is" if len(slow) == 1 else "are"
-        return [
-            f"{names} {verb} not faster than float here (up to {worst:.2f}x slower in PyTorch "
-            "on this CPU): lowbit's PyTorch layers compute convolutions as dequantize-then-float "
-            "and simulate activation quantization, which adds work. For int8 speed, export to "
-            "ONNX (-o model.onnx) and run it in ONNX Runtime, OpenVINO or TensorRT."
+        notes = [
+            slower_because(v, reference)
+            for v in self.variants[1:]
+            if v.latency is not None and v.latency.median_ms >= reference.median_ms
         ]
+        noisy = {v.name: v.latency.spread for v in self.variants if v.latency and v.latency.noisy}
+        if noisy:
+            notes.append(
+                f"latency spread up to {max(noisy.values()):.0%} (interquartile range over the "
+                f"median) for {', '.join(noisy)}: the machine was busy, so speed-ups are "
+                "approximate; measure again on a quiet machine"
+            )
+        return notes
+
+
+def slower_because(variant: Variant, reference: Latency) -> str:
+    """Why `variant` is not faster than float, in one line, from its timing and its kernels."""
+    assert variant.latency is not None
+    ratio = variant.latency.median_ms / reference.median_ms
+    head = f"{variant.name} takes {ratio:.2f}x float's time"
+    if variant.latency.overlaps(reference):
+        return f"{head}, within the spread of the measurements: no measurable difference"
+    counts = variant.kernel_counts
+    total = sum(counts.values())
+    dequantized = sum(n for (_, kernel), n in counts.items() if kernel == "dequantize")
+    if total == 0:
+        return f"{head}: no layer runs an integer kernel, so quantization only adds work"
+    if dequantized:
+        return (
+            f"{head}: {dequantized} of {total} layers have no integer kernel for this preset and "
+            "dequantize their weights to compute in float, on top of quantizing their inputs"
+        )
+    return (
+        f"{head} though every layer runs an integer kernel ({kernel_summary(counts)}): each "
+        "quantizes its float input and returns float, which costs more than int8 saves at one "
+        "sample"
+    )
 
 
 def compare(
@@ -208,41 +360,23 @@ def compare(
     latency: bool = True,
     progress: bool = True,
 ) -> Comparison:
-    """Quantize with every preset (and, for calibrated presets, every calibrator) and measure.
+    """Quantize with every preset (and, for calibrated presets, every calibrator, from one
+    calibration pass) and measure; latency on the converted models, all timed together.
 
     Without labelled `data`, accuracy is replaced by top-1 agreement with the float model on
     the calibration data.
     """
-    example = calib.example()
-    agreement_data = None if data is not None else calib
     from lowbit.progress import progress_bar
 
-    jobs = [
-        (preset, calibrator)
-        for preset in preset_names
-        for calibrator in (calibrators if preset in CALIBRATED else calibrators[:1])
-    ]
+    agreement_data = None if data is not None else calib
     variants = [Variant("float32", model.eval())]
-    for preset, calibrator in progress_bar(jobs, "quantizing", enabled=progress):
-        variants.append(
-            make_variant(
-                model,
-                preset,
-                calib,
-                calibrator=calibrator,
-                per_tensor=per_tensor,
-                exclude=exclude,
-                progress=False,
-            )
-        )
+    for preset in progress_bar(preset_names, "quantizing", enabled=progress):
+        variants += calibrated_variants(
+            model, preset, calib, calibrators=calibrators, per_tensor=per_tensor,
+            exclude=exclude, progress=False,
+        )  # fmt: skip
     for v in progress_bar(variants, "evaluating", enabled=progress):
-        measure(
-            v,
-            data=data,
-            reference=model,
-            agreement_data=agreement_data,
-            example=example,
-            latency=latency,
-            progress=False,
-        )
+        measure(v, data=data, reference=model, agreement_data=agreement_data, progress=False)
+    if latency:
+        time_variants(variants, calib.example())
     return Comparison(variants)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lowbit.calib.base import Calibrator
 from lowbit.calib.histcalib import MSE, Entropy, HistogramCalibrator, Percentile
 from lowbit.calib.histogram import Histogram
@@ -41,6 +43,20 @@ def make_calibrator(name: str, granularity: Granularity | None = None, **kwargs:
     return cls(granularity=granularity, **kwargs)
 
 
+def from_histogram(name: str, histogram: Histogram) -> Calibrator:
+    """A per-tensor calibrator by name holding what `histogram` observed: the histogram itself
+    for percentile / entropy / mse, its exact min and max for minmax. One histogram pass thus
+    serves every calibrator."""
+    calibrator = make_calibrator(name)
+    if isinstance(calibrator, HistogramCalibrator):
+        calibrator.load_state_dict(histogram.state_dict())
+    elif isinstance(calibrator, MinMax) and histogram.total > 0:
+        calibrator.observe(torch.tensor([histogram.min, histogram.max]))
+    else:
+        raise ValueError(f"cannot derive a {name!r} calibrator from a histogram")
+    return calibrator
+
+
 __all__ = [
     "CALIBRATORS",
     "MSE",
@@ -51,5 +67,6 @@ __all__ = [
     "MinMax",
     "MovingAverageMinMax",
     "Percentile",
+    "from_histogram",
     "make_calibrator",
 ]

@@ -38,6 +38,7 @@ from torch.func import functional_call
 from lowbit import kernels, numerics
 from lowbit.kernels import dynamic, weight_only
 from lowbit.nn.modules import QuantModule
+from lowbit.nn.padded_conv import ZeroPaddedConv2d
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
 
@@ -646,7 +647,8 @@ class IntConv(IntFallback):
 
     def _conv_pads(self) -> tuple[tuple[int, int], list[int]] | None:
         """(conv padding, explicit F.pad of the input) when the layer is a plain zero-padded
-        Conv2d, or a static 'SAME' one (its symmetric part moves into the conv)."""
+        Conv2d, or a static 'SAME' one: EfficientNet's `Conv2dStaticSamePadding` or lowbit's
+        `ZeroPaddedConv2d` (its symmetric part moves into the conv)."""
         m = self.module
         if not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros":
             return None
@@ -656,7 +658,8 @@ class IntConv(IntFallback):
         if type(m).forward is nn.Conv2d.forward:
             return (ph, pw), [0, 0, 0, 0]
         static = getattr(m, "static_padding", None)
-        if type(m).__name__ != "Conv2dStaticSamePadding" or static is None:
+        padded = isinstance(m, ZeroPaddedConv2d) or type(m).__name__ == "Conv2dStaticSamePadding"
+        if not padded or static is None:
             return None
         if isinstance(static, nn.ZeroPad2d):
             left, right, top, bottom = (int(p) for p in static.padding)

@@ -1,7 +1,8 @@
 """The HTML report: what quantization cost, which layers lost it, and what to try.
 
-`build_report` quantizes the model (one preset, every calibrator asked for), measures accuracy,
-size and latency, analyzes per-layer SQNR, activation ranges and per-channel weight ranges, and
+`build_report` quantizes the model (one preset, every calibrator asked for, from one calibration
+pass), measures accuracy, size and latency, measures each layer's own cost (quantized alone),
+shows activation ranges and per-channel weight ranges, tries fixes for the worst layers, and
 writes one self-contained HTML file. matplotlib (Agg) draws the figures.
 """
 
@@ -28,6 +29,7 @@ class ReportResult:
     rows: list[dict[str, Any]]
     worst_layers: list[dict[str, Any]]
     notes: list[str]
+    advice: list[str]  # fixes for the whole model, measured to help
 
 
 def build_report(
@@ -45,13 +47,20 @@ def build_report(
     latency: bool = True,
     progress: bool = True,
     worst: int = 3,
+    sensitivity_samples: int = 16,
 ) -> ReportResult:
-    """Analyze `model` quantized with `preset` / `calibrator` and write the report to `path`."""
-    from lowbit.cli_variants import compare, make_variant
-    from lowbit.evaluate import analyze
+    """Analyze `model` quantized with `preset` / `calibrator` and write the report to `path`.
+
+    One calibration pass serves every calibrator; each layer's effect is measured by quantizing
+    it alone on the first `sensitivity_samples` calibration samples, and fixes are proposed only
+    where they were measured to raise the model's output SQNR by `analysis.HELPFUL_DB`.
+    """
+    from lowbit.cli_variants import compare
+    from lowbit.nn.modules import QuantModule
     from lowbit.report import analysis, plots
     from lowbit.report.html import Page, render
 
+    plots.require_matplotlib()
     target = Path(path)
     calibrators = [calibrator, *[c for c in compare_calibrators if c != calibrator]]
     comparison = compare(
@@ -66,39 +75,27 @@ def build_report(
         progress=progress,
     )
     chosen = comparison.variants[1]
-    from lowbit.nn.modules import QuantModule
-
-    has_quant_modules = any(isinstance(m, QuantModule) for m in chosen.model.modules())
-    errors = analyze(model, chosen.model, calib) if has_quant_modules else []
-    reference = analysis.folded_reference(model, next(iter(calib)))
-    layer_names = [e.name for e in errors]
+    sample = _head(calib, sensitivity_samples)
+    float_outputs = analysis.model_outputs(model, sample)
+    effects: list[analysis.LayerEffect] = []
+    fixes: list[analysis.Fix] = []
+    advice: list[str] = []
+    base_sqnr = None
+    if any(isinstance(m, QuantModule) for m in chosen.model.modules()):
+        base_sqnr = analysis.output_sqnr(
+            float_outputs, analysis.model_outputs(chosen.model, sample)
+        )
+        effects = analysis.layer_effects(chosen.model, sample, float_outputs)
+        fixes = analysis.suggest_fixes(
+            chosen.model, effects, sample, float_outputs, base_sqnr, per_tensor=per_tensor,
+            worst=worst,
+        )  # fmt: skip
+        advice = _calibrator_advice(comparison.variants[1:], sample, float_outputs)
+    reference = analysis.folded_reference(model, sample[0])
     activations = analysis.activation_stats(
-        reference, chosen.model, layer_names[: worst + 1], calib
+        chosen.model, [e.layer for e in effects[: worst + 1]], chosen.histograms
     )
     weights = analysis.channel_ranges(reference)
-    base_sqnr = analysis.output_sqnr(model, chosen.model, calib) if errors else None
-    exclude_gain: dict[str, float] = {}
-    if base_sqnr is not None:
-        for e in errors[:worst]:
-            trial = make_variant(
-                model,
-                preset,
-                calib,
-                calibrator=calibrator,
-                per_tensor=per_tensor,
-                exclude=[*exclude, e.name],
-                progress=False,
-            )
-            exclude_gain[e.name] = analysis.output_sqnr(model, trial.model, calib) - base_sqnr
-    fixes = analysis.suggest_fixes(
-        errors,
-        activations,
-        weights,
-        calibrator=calibrator,
-        per_tensor=per_tensor,
-        exclude_gain=exclude_gain,
-        worst=worst,
-    )
     rows = comparison.rows()
     summary = getattr(chosen.model, "lowbit_summary", "")
     meta = (
@@ -114,9 +111,9 @@ def build_report(
         meta=meta,
         rows=rows,
         notes=comparison.notes(),
-        errors=errors,
         fixes=fixes,
-        sqnr_png=plots.sqnr_bars(errors, worst) if errors else None,
+        fixes_caption=_fixes_caption(fixes, advice, sum(len(b[0]) for b in sample)),
+        sqnr_png=plots.sqnr_bars(effects, worst) if effects else None,
         tradeoff_png=plots.tradeoff(rows),
         histograms=[plots.activation_histogram(a) for a in activations],
         histogram_caption=(
@@ -148,6 +145,64 @@ def build_report(
     )
     write_atomic(target, render(page).encode("utf-8"))
     worst_layers = [
-        {"layer": f.layer, "sqnr_db": f.sqnr_db, "fixes": list(f.actions)} for f in fixes
+        {"layer": f.layer, "sqnr_db": f.sqnr_db, "fixes": list(f.actions), "tried": list(f.tried)}
+        for f in fixes
     ]
-    return ReportResult(target, rows, worst_layers, comparison.notes())
+    return ReportResult(target, rows, worst_layers, comparison.notes(), advice)
+
+
+def _head(calib: Batches, n: int) -> list[tuple[Any, ...]]:
+    """The first `n` samples of `calib` as batches (the last one cut short)."""
+    if n < 1:
+        raise ValueError(f"sensitivity_samples must be >= 1, got {n}")
+    head, taken = [], 0
+    for batch in calib:
+        head.append(tuple(t[: n - taken] for t in batch))
+        taken += len(head[-1][0])
+        if taken >= n:
+            break
+    return head
+
+
+def _calibrator_advice(
+    variants: Sequence[Any], sample: Sequence[Any], float_outputs: Sequence[Any]
+) -> list[str]:
+    """'--calibrator X' if another calibrator's variant raises the model output SQNR by
+    HELPFUL_DB or more over the chosen one (the first)."""
+    from lowbit.report import analysis
+
+    if len(variants) < 2 or variants[0].calibrator is None:
+        return []
+    sqnr = {
+        v.calibrator: analysis.output_sqnr(float_outputs, analysis.model_outputs(v.model, sample))
+        for v in variants
+        if v.calibrator is not None
+    }
+    chosen = variants[0].calibrator
+    best = max(sqnr, key=lambda c: sqnr[c])
+    if best == chosen or sqnr[best] - sqnr[chosen] < analysis.HELPFUL_DB:
+        return []
+    return [
+        f"--calibrator {best}: model output SQNR {sqnr[best]:.1f} dB vs {sqnr[chosen]:.1f} dB "
+        f"with {chosen}"
+    ]
+
+
+def _fixes_caption(fixes: Sequence[Any], advice: Sequence[str], n_samples: int) -> str:
+    from lowbit.report.analysis import HELPFUL_DB
+
+    helpful = [a for f in fixes for a in f.actions]
+    text = (
+        f"Layers ranked by their own cost: the model's output SQNR against float with only that "
+        f"layer quantized, on {n_samples} calibration samples. Each fix was tried in the whole "
+        f"quantized model and is proposed only if it raised the output SQNR by {HELPFUL_DB:g} dB "
+        "or more. "
+    )
+    if advice:
+        text += "Try for the whole model: " + "; ".join(advice) + ". "
+    if fixes and not helpful and not advice:
+        text += (
+            "None of the fixes tried helps: no single layer dominates the loss, so keeping "
+            "layers in float buys little here."
+        )
+    return text

@@ -1,11 +1,13 @@
 """What the report shows, computed: activation histograms with every calibrator's range,
-per-channel weight ranges of depthwise layers, and the fixes to try for the worst layers."""
+per-channel weight ranges of depthwise layers, each layer's own effect on the model's output, and
+the fixes measured to help the worst layers."""
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.batches import run_batch
-from lowbit.calib import Histogram, make_calibrator
-from lowbit.evaluate import LayerError
+from lowbit.calib import Histogram, from_histogram
 from lowbit.nn.modules import QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.numerics import fake_quantize, tensor_qparams
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
 from lowbit.transforms.fold_bn import fold_batchnorm
@@ -59,11 +61,12 @@ class ChannelRanges:
 
 @dataclass(frozen=True)
 class Fix:
-    """A suggestion for one weak layer, with the evidence behind it."""
+    """The fixes tried on one weak layer: those measured to help, and the others."""
 
     layer: str
-    sqnr_db: float
+    sqnr_db: float  # model output SQNR with this layer alone quantized
     actions: tuple[str, ...]
+    tried: tuple[str, ...] = ()
 
 
 def folded_reference(model: nn.Module, example: Any) -> nn.Module:
@@ -75,47 +78,28 @@ def folded_reference(model: nn.Module, example: Any) -> nn.Module:
 
 
 def activation_stats(
-    reference: nn.Module,
     qmodel: nn.Module,
     layers: Sequence[str],
-    data: Iterable[Any],
+    histograms: Mapping[str, Histogram],
     calibrators: Sequence[str] = REPORT_CALIBRATORS,
 ) -> list[ActivationStats]:
-    """Feed `data` through the folded float model and let every calibrator see each layer's input.
+    """Each layer's input histogram from calibration, and the range every calibrator picks from
+    it for the layer's input spec: no further pass over the data.
 
-    Each layer's input spec comes from the quantized model; layers without an input quantizer
-    are skipped.
+    `histograms` are keyed by quantizer name (`layer.input_quantizer`); layers without one are
+    skipped.
     """
     qmodules = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantModule)}
-    specs = {n: _input_spec(qmodules[n]) for n in layers if n in qmodules}
-    modules = dict(reference.named_modules())
-    cals = {n: {c: make_calibrator(c) for c in calibrators} for n in specs if n in modules}
-    seen: dict[str, list[Tensor]] = {n: [] for n in cals}
-
-    def hook(name: str) -> Any:
-        def observe(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
-            x = inputs[0].detach().float()
-            for cal in cals[name].values():
-                cal.observe(x)
-            seen[name].append(x.reshape(-1)[:: max(1, x.numel() // 20000)])
-
-        return observe
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in cals]
-    try:
-        with torch.no_grad():
-            for batch in data:
-                run_batch(reference, batch)
-    finally:
-        for h in handles:
-            h.remove()
     stats = []
-    for name, by_cal in cals.items():
-        spec = specs[name]
-        ranges = {c: _as_floats(cal.compute_range(spec)) for c, cal in by_cal.items()}
-        histogram = getattr(by_cal.get("percentile"), "histogram", None) or _histogram(seen[name])
-        sample = torch.cat(seen[name])
-        sqnr = {c: _sqnr_under_range(sample, lo, hi, spec) for c, (lo, hi) in ranges.items()}
+    for name in layers:
+        histogram = histograms.get(f"{name}.input_quantizer")
+        if name not in qmodules or histogram is None:
+            continue
+        spec = _input_spec(qmodules[name])
+        ranges = {
+            c: _as_floats(from_histogram(c, histogram).compute_range(spec)) for c in calibrators
+        }
+        sqnr = {c: _histogram_sqnr(histogram, lo, hi, spec) for c, (lo, hi) in ranges.items()}
         stats.append(ActivationStats(name, spec, histogram, ranges, sqnr))
     return stats
 
@@ -131,18 +115,19 @@ def _as_floats(r: tuple[Tensor, Tensor]) -> tuple[float, float]:
     return float(r[0].reshape(-1)[0]), float(r[1].reshape(-1)[0])
 
 
-def _histogram(values: list[Tensor]) -> Histogram:
-    h = Histogram()
-    for v in values:
-        h.observe(v)
-    return h
-
-
-def _sqnr_under_range(x: Tensor, lo: float, hi: float, spec: QuantSpec) -> float:
+def _histogram_sqnr(h: Histogram, lo: float, hi: float, spec: QuantSpec) -> float:
+    """SQNR of the observed values quantized to [lo, hi]: bin centres weighted by their counts."""
     from lowbit.numerics import qparams
 
+    edges = h.edges().double()
+    keep = h.counts > 0
+    centres = ((edges[:-1] + edges[1:]) / 2)[keep].clamp(h.min, h.max)
+    counts = h.counts[keep].double()
     scale, zero_point = qparams(torch.tensor(lo), torch.tensor(hi), spec)
-    return sqnr_db(x, fake_quantize(x, scale, zero_point, spec))
+    approx = fake_quantize(centres.float(), scale, zero_point, spec).double()
+    noise = float((counts * (centres - approx) ** 2).sum())
+    signal = float((counts * centres**2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:
@@ -187,59 +172,148 @@ def _weight_sqnr(w: Tensor, spec: QuantSpec) -> float:
     return sqnr_db(w, fake_quantize(w.float(), scale, zero_point, spec))
 
 
+# A fix is proposed only if it raises the model's output SQNR by at least this much: 1 dB is a
+# fifth less output noise power, the smallest change that moves top-1 agreement measurably on a
+# few hundred samples; below it a change is within what another calibration sample would give.
+HELPFUL_DB = 1.0
+
+
+@dataclass(frozen=True)
+class LayerEffect:
+    """What quantizing one layer alone (every other layer in float) does to the model's output."""
+
+    layer: str
+    kind: str
+    output_sqnr_db: float
+    agreement: float  # top-1 agreement with the float model, percent
+
+
+def model_outputs(model: nn.Module, batches: Sequence[Any]) -> list[Tensor]:
+    """The model's output (first tensor) on every batch, in float64 for the comparisons."""
+    with torch.no_grad():
+        return [_first_tensor(run_batch(model, b)).double() for b in batches]
+
+
+def output_sqnr(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
+    """SQNR of outputs against the reference outputs of the same batches."""
+    signal = sum(float((r * r).sum()) for r in reference)
+    noise = sum(float(((r - q) ** 2).sum()) for r, q in zip(reference, outputs, strict=True))
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def output_agreement(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
+    """Percent of samples whose top-1 class (last axis) is the reference's."""
+    pairs = list(zip(reference, outputs, strict=True))
+    same = sum(int((r.argmax(-1) == q.argmax(-1)).sum()) for r, q in pairs)
+    total = sum(r.argmax(-1).numel() for r, _ in pairs)
+    return 100.0 * same / max(total, 1)
+
+
+def layer_effects(
+    qmodel: nn.Module, batches: Sequence[Any], reference: Sequence[Tensor]
+) -> list[LayerEffect]:
+    """Quantize each layer alone, the rest in float, and measure the model's output against
+    `reference` (the float model's outputs on `batches`): worst first.
+
+    This is the layer's own cost; the SQNR at a layer inside the fully quantized model also
+    carries what earlier layers passed on, so it ranks deep layers worst whatever they cost.
+    """
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantModule)}
+    effects = []
+    for name, layer in layers.items():
+        others = [q for n, m in layers.items() if n != name for q in _quantizers(m)]
+        with _switched_off(others):
+            outputs = model_outputs(qmodel, batches)
+        effects.append(
+            LayerEffect(
+                name,
+                type(layer.module).__name__,
+                output_sqnr(reference, outputs),
+                output_agreement(reference, outputs),
+            )
+        )
+    return sorted(effects, key=lambda e: e.output_sqnr_db)
+
+
 def suggest_fixes(
-    errors: Sequence[LayerError],
-    activations: Sequence[ActivationStats],
-    weights: Sequence[ChannelRanges],
+    qmodel: nn.Module,
+    effects: Sequence[LayerEffect],
+    batches: Sequence[Any],
+    reference: Sequence[Tensor],
+    base_sqnr: float,
     *,
-    calibrator: str,
     per_tensor: bool,
-    exclude_gain: dict[str, float],
     worst: int = 3,
 ) -> list[Fix]:
-    """For the `worst` layers: keep in float, per-channel weights, or another calibrator,
-    each with the number that motivates it."""
-    by_act = {a.layer: a for a in activations}
-    by_weight = {w.layer: w for w in weights}
+    """For the `worst` layers by their own effect: try keeping the layer in float and (with
+    per-tensor weights) per-channel weights for it, in the whole quantized model; propose what
+    raised the model's output SQNR (`base_sqnr` as it is) by at least HELPFUL_DB, and list the
+    rest as tried."""
+    layers = dict(qmodel.named_modules())
     fixes = []
-    for error in list(errors)[:worst]:
-        actions: list[str] = []
-        w = by_weight.get(error.name)
-        if w is not None and per_tensor and w.per_channel_sqnr_db > w.per_tensor_sqnr_db + 3:
-            actions.append(
-                f"per-channel weights (drop --per-tensor): int8 weight SQNR "
-                f"{w.per_tensor_sqnr_db:.1f} dB per tensor vs {w.per_channel_sqnr_db:.1f} dB "
-                f"per channel; channel ranges differ {w.spread:.0f}x"
+    for effect in effects[:worst]:
+        layer = layers[effect.layer]
+        assert isinstance(layer, QuantModule)
+        trials = {
+            f"keep it in float: --exclude '{effect.layer}'": _switched_off(_quantizers(layer))
+        }
+        if per_tensor and _per_tensor_weight(layer):
+            trials["per-channel weights (drop --per-tensor)"] = _per_channel_weight(layer)
+        gains = {}
+        for action, trial in trials.items():
+            with trial:
+                gains[action] = output_sqnr(reference, model_outputs(qmodel, batches)) - base_sqnr
+        fixes.append(
+            Fix(
+                effect.layer,
+                effect.output_sqnr_db,
+                tuple(_gain(a, g) for a, g in gains.items() if g >= HELPFUL_DB),
+                tuple(_gain(a, g) for a, g in gains.items() if g < HELPFUL_DB),
             )
-        act = by_act.get(error.name)
-        if act is not None and act.sqnr_db:
-            best = max(act.sqnr_db, key=lambda c: act.sqnr_db[c])
-            current = act.sqnr_db.get(calibrator)
-            if best != calibrator and current is not None and act.sqnr_db[best] > current + 1:
-                actions.append(
-                    f"--calibrator {best}: its input SQNR is {act.sqnr_db[best]:.1f} dB vs "
-                    f"{current:.1f} dB with {calibrator} (range {act.ranges[best][1]:.3g} vs "
-                    f"{act.ranges[calibrator][1]:.3g})"
-                )
-        gain = exclude_gain.get(error.name)
-        keep = f"keep it in float: --exclude '{error.name}'"
-        if gain is not None:
-            keep += f" (model output SQNR {gain:+.1f} dB)"
-        actions.append(keep)
-        fixes.append(Fix(error.name, error.sqnr_db, tuple(actions)))
+        )
     return fixes
 
 
-def output_sqnr(reference: nn.Module, qmodel: nn.Module, data: Iterable[Any]) -> float:
-    """SQNR of the model's output (logits) against the float model, over `data`."""
-    signal = noise = 0.0
-    with torch.no_grad():
-        for batch in data:
-            r = _first_tensor(run_batch(reference, batch)).double()
-            q = _first_tensor(run_batch(qmodel, batch)).double()
-            signal += float((r * r).sum())
-            noise += float(((r - q) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+def _gain(action: str, gain: float) -> str:
+    return f"{action} (model output SQNR {gain:+.1f} dB)"
+
+
+def _quantizers(layer: QuantModule) -> list[TensorQuantizer]:
+    return [q for q in layer.quantizers().values() if q is not None]
+
+
+@contextmanager
+def _switched_off(quantizers: Sequence[TensorQuantizer]) -> Iterator[None]:
+    """The quantizers pass values through unchanged inside the block; their modes come back."""
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.set_mode("off")
+    try:
+        yield
+    finally:
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.set_mode(mode)
+
+
+def _per_tensor_weight(layer: QuantModule) -> bool:
+    q = layer.weight_quantizer
+    return (
+        q is not None and q.spec.scheme == "uniform" and isinstance(q.spec.granularity, PerTensor)
+    )
+
+
+@contextmanager
+def _per_channel_weight(layer: QuantModule) -> Iterator[None]:
+    """The layer's weight quantized per output channel inside the block."""
+    original = layer.weight_quantizer
+    assert original is not None
+    per_channel = TensorQuantizer(original.spec.with_(granularity=PerChannel(0)))
+    per_channel.set_qparams_from(layer.module.weight.detach())
+    layer.weight_quantizer = per_channel
+    try:
+        yield
+    finally:
+        layer.weight_quantizer = original
 
 
 def _first_tensor(out: Any) -> Tensor:

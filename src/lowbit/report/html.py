@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowbit.evaluate import LayerError
 from lowbit.report.analysis import Fix
 
 _CSS = """
@@ -40,8 +39,8 @@ class Page:
     meta: str
     rows: list[dict[str, Any]]
     notes: list[str]
-    errors: Sequence[LayerError]
     fixes: Sequence[Fix]
+    fixes_caption: str
     sqnr_png: str | None
     tradeoff_png: str | None
     histograms: list[str] = field(default_factory=list)
@@ -66,13 +65,15 @@ def render(page: Page) -> str:
     if page.tradeoff_png:
         parts.append(_img(page.tradeoff_png, "accuracy against size"))
     parts.append("<h2>Layers that lose the most, and what to try</h2>")
+    parts.append(f"<p>{e(page.fixes_caption)}</p>")
     if page.fixes:
         parts.append("<ol>")
         for fix in page.fixes:
             items = "".join(f"<li>{e(a)}</li>" for a in fix.actions)
+            items += "".join(f"<li>tried, does not help: {e(a)}</li>" for a in fix.tried)
             parts.append(
-                f"<li><b><code>{e(fix.layer)}</code></b>: {_db(fix.sqnr_db)} SQNR"
-                f"<ul>{items}</ul></li>"
+                f"<li><b><code>{e(fix.layer)}</code></b>: model output SQNR {_db(fix.sqnr_db)} "
+                f"with this layer alone quantized<ul>{items}</ul></li>"
             )
         parts.append("</ol>")
     else:
@@ -114,8 +115,10 @@ COLUMNS = (
     ("agreement", "agrees with float %", "{:.1f}"),
     ("size_kib", "weights KiB", "{:.1f}"),
     ("latency_ms", "latency ms", "{:.2f}"),
+    ("latency_spread", "spread", "±{:.0%}"),
     ("speedup", "speed-up", "{:.2f}x"),
     ("quantize_s", "quantize s", "{:.2f}"),
+    ("kernels", "layers run", "{}"),
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import math
 from collections.abc import Sequence
@@ -10,18 +11,22 @@ from typing import Any
 
 import torch
 
-from lowbit.evaluate import LayerError
-from lowbit.report.analysis import ActivationStats, ChannelRanges
+from lowbit.report.analysis import ActivationStats, ChannelRanges, LayerEffect
 
 COLORS = {"minmax": "#d62728", "percentile": "#ff7f0e", "entropy": "#2ca02c", "mse": "#1f77b4"}
 _STYLES = {"minmax": "-", "percentile": "--", "entropy": "-.", "mse": ":"}
 
 
+def require_matplotlib() -> None:
+    """ValueError at once if matplotlib is missing, before the report does any work."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("the report needs matplotlib: pip install 'lowbit[report]'")
+
+
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("the report needs matplotlib: pip install 'lowbit[report]'") from None
+    require_matplotlib()
+    import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -36,23 +41,21 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def sqnr_bars(errors: Sequence[LayerError], highlight: int = 3) -> str:
-    """Horizontal bars of per-layer SQNR in model order is hard to read; worst first is not:
-    layers sorted worst first, the `highlight` worst in red."""
+def sqnr_bars(effects: Sequence[LayerEffect], highlight: int = 3) -> str:
+    """Each layer's own effect (the model's output SQNR with only that layer quantized) as
+    horizontal bars, worst first, the `highlight` worst in red."""
     plt = _pyplot()
-    shown = list(errors)[:40]
-    values = [min(e.sqnr_db, 100.0) for e in shown]
+    shown = list(effects)[:40]
+    values = [min(e.output_sqnr_db, 100.0) for e in shown]
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(shown) + 1.2))
     colors = ["#d62728" if i < highlight else "#4c72b0" for i in range(len(shown))]
     ax.barh(range(len(shown)), values, color=colors)
-    ax.set_yticks(range(len(shown)), [f"{e.name} ({e.kind})" for e in shown], fontsize=8)
+    ax.set_yticks(range(len(shown)), [f"{e.layer} ({e.kind})" for e in shown], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("SQNR of the layer's output vs float (dB, higher is better)")
-    ax.axvline(20, color="grey", lw=0.8, ls="--", label="20 dB")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("model output SQNR with only this layer quantized (dB, higher is better)")
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
-    ax.set_title(f"Per-layer SQNR, worst first ({len(errors)} quantized layers)")
+    ax.set_title(f"Each layer quantized alone, worst first ({len(effects)} quantized layers)")
     return _png(fig)
 
 

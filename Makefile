@@ -28,7 +28,7 @@ test: lint
 	$(VENV)/bin/pytest
 
 # Each benchmark prints a table and writes benchmarks/results/<name>.json (see its docstring).
-BENCHMARKS := efficientnet_lite0 onnx_runtime kernels efficientnet_algorithms minilm minilm_dynamic
+BENCHMARKS := efficientnet_lite0 onnx_runtime kernels efficientnet_algorithms minilm minilm_dynamic report
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'

@@ -383,3 +383,24 @@ def test_report_without_matplotlib_fails_at_once(
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "needs matplotlib" in err and "missing.onnx" not in err
+
+
+def test_compare_runs_the_float_model_once_for_agreement() -> None:
+    from lowbit.cli_variants import compare
+    from lowbit.data import TensorBatches
+    from lowbit.evaluate.accuracy import top1_agreement
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    calib = TensorBatches(torch.randn(40, 8, generator=torch.Generator().manual_seed(5)), None, 16)
+    calls = []
+    model.register_forward_pre_hook(lambda m, _i: calls.append(m is model))  # copies keep it
+    result = compare(
+        model, calib, data=None, preset_names=["int8"], calibrators=["minmax", "mse"],
+        latency=False, progress=False,
+    )  # fmt: skip
+    assert sum(calls) == len(calib)  # quantizing works on copies; agreement reuses the logits
+    assert all(v.agreement is not None and v.agreement > 80 for v in result.variants[1:])
+    a = [torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 1.0]])]
+    b = [torch.tensor([[0.0, 2.0, 0.5], [0.0, 0.0, 1.0]])]
+    assert top1_agreement(a, b) == 50.0

@@ -262,19 +262,20 @@ def measure(
     variant: Variant,
     *,
     data: Batches | None,
-    reference: nn.Module | None,
     agreement_data: Batches | None,
+    float_logits: Sequence[Tensor] | None,
     progress: bool = True,
 ) -> None:
-    """Fill in accuracy (labelled `data`), agreement with `reference` and size."""
+    """Fill in accuracy (labelled `data`), top-1 agreement with the float model's logits on
+    `agreement_data`, and size."""
     from lowbit.evaluate import model_bytes
-    from lowbit.evaluate.accuracy import accuracy, agreement
+    from lowbit.evaluate.accuracy import accuracy, logits, top1_agreement
 
     if data is not None:
         result = accuracy(variant.model, data, progress=progress, description=variant.name)
         variant.top1, variant.top5 = result.top1, result.top5
-    if reference is not None and agreement_data is not None and variant.preset is not None:
-        variant.agreement = agreement(reference, variant.model, agreement_data)
+    if float_logits is not None and agreement_data is not None and variant.preset is not None:
+        variant.agreement = top1_agreement(float_logits, logits(variant.model, agreement_data))
     variant.size_bytes = model_bytes(variant.model)
 
 
@@ -366,6 +367,7 @@ def compare(
     Without labelled `data`, accuracy is replaced by top-1 agreement with the float model on
     the calibration data.
     """
+    from lowbit.evaluate.accuracy import logits
     from lowbit.progress import progress_bar
 
     agreement_data = None if data is not None else calib
@@ -375,8 +377,12 @@ def compare(
             model, preset, calib, calibrators=calibrators, per_tensor=per_tensor,
             exclude=exclude, progress=False,
         )  # fmt: skip
+    float_logits = None if agreement_data is None else logits(model, agreement_data)
     for v in progress_bar(variants, "evaluating", enabled=progress):
-        measure(v, data=data, reference=model, agreement_data=agreement_data, progress=False)
+        measure(
+            v, data=data, agreement_data=agreement_data, float_logits=float_logits,
+            progress=False,
+        )  # fmt: skip
     if latency:
         time_variants(variants, calib.example())
     return Comparison(variants)

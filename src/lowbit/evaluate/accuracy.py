@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +64,24 @@ def agreement(
     reference: Predict, candidate: Predict, batches: Iterable[tuple[Tensor, ...]]
 ) -> float:
     """Percent of samples where both models predict the same top-1 class (no labels needed)."""
-    same = total = 0
+    return top1_agreement(logits(reference, batches), logits(candidate, batches))
+
+
+def logits(predict: Predict, batches: Iterable[tuple[Tensor, ...]]) -> list[Tensor]:
+    """`predict`'s logits for every batch's inputs, to compare several models against once."""
     with torch.no_grad():
-        for batch in batches:
-            a = _logits(reference(batch[0])).argmax(1)
-            b = _logits(candidate(batch[0])).argmax(1)
-            same += int((a == b).sum())
-            total += len(a)
+        return [_logits(predict(batch[0])) for batch in batches]
+
+
+def top1_agreement(reference: Sequence[Tensor], candidate: Sequence[Tensor]) -> float:
+    """Percent of samples whose top-1 class (last axis) is the same in both lists of logits."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference batches but {len(candidate)} candidate ones")
+    same = total = 0
+    for r, c in zip(reference, candidate, strict=True):
+        a, b = r.argmax(-1), c.argmax(-1)
+        same += int((a == b).sum())
+        total += a.numel()
     if total == 0:
         raise ValueError("no samples to compare")
     return 100.0 * same / total

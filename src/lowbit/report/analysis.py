@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lowbit.batches import run_batch
 from lowbit.calib import Histogram, from_histogram
+from lowbit.evaluate.accuracy import top1_agreement
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.numerics import fake_quantize, tensor_qparams
@@ -201,14 +202,6 @@ def output_sqnr(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float
     return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def output_agreement(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
-    """Percent of samples whose top-1 class (last axis) is the reference's."""
-    pairs = list(zip(reference, outputs, strict=True))
-    same = sum(int((r.argmax(-1) == q.argmax(-1)).sum()) for r, q in pairs)
-    total = sum(r.argmax(-1).numel() for r, _ in pairs)
-    return 100.0 * same / max(total, 1)
-
-
 def layer_effects(
     qmodel: nn.Module, batches: Sequence[Any], reference: Sequence[Tensor]
 ) -> list[LayerEffect]:
@@ -229,7 +222,7 @@ def layer_effects(
                 name,
                 type(layer.module).__name__,
                 output_sqnr(reference, outputs),
-                output_agreement(reference, outputs),
+                top1_agreement(reference, outputs),
             )
         )
     return sorted(effects, key=lambda e: e.output_sqnr_db)

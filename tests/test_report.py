@@ -404,3 +404,18 @@ def test_compare_runs_the_float_model_once_for_agreement() -> None:
     a = [torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 1.0]])]
     b = [torch.tensor([[0.0, 2.0, 0.5], [0.0, 0.0, 1.0]])]
     assert top1_agreement(a, b) == 50.0
+
+
+def test_another_calibrator_is_proposed_only_when_measured_better() -> None:
+    from lowbit.cli_variants import Variant
+    from lowbit.report import _calibrator_advice
+
+    net = nn.Linear(2, 2)
+
+    def variant(calibrator: str, db: float) -> Variant:
+        return Variant(f"int8 ({calibrator})", net, "int8", calibrator, output_sqnr_db=db)
+
+    chosen = variant("minmax", 20.0)
+    assert _calibrator_advice([chosen, variant("mse", 20.9), variant("entropy", 18.0)]) == []
+    (advice,) = _calibrator_advice([chosen, variant("mse", 23.5), variant("entropy", 21.0)])
+    assert advice == "--calibrator mse: model output SQNR 23.5 dB vs 20.0 dB with minmax"

@@ -87,10 +87,12 @@ class Variant:
     top1: float | None = None
     top5: float | None = None
     agreement: float | None = None  # top-1 agreement with the float model, in percent
+    output_sqnr_db: float | None = None  # of the logits against the float model's
     size_bytes: int = 0
     latency: Latency | None = None
     kernel_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # of the timed model
     histograms: dict[str, Histogram] = field(default_factory=dict)  # by activation quantizer
+    runnable: nn.Module | None = field(default=None, repr=False)  # `deployable`'s model
 
     @property
     def latency_ms(self) -> float | None:
@@ -109,6 +111,7 @@ class Variant:
             "top1": self.top1,
             "top5": self.top5,
             "agreement": self.agreement,
+            "output_sqnr_db": self.output_sqnr_db,
             "size_kib": self.size_bytes / 1024,
             "latency_ms": self.latency_ms,
             "latency_spread": None if self.latency is None else self.latency.spread,
@@ -213,17 +216,20 @@ def recalibrated(qmodel: nn.Module, histograms: dict[str, Histogram], calibrator
 
 
 def deployable(variant: Variant) -> nn.Module:
-    """The model that runs in PyTorch after quantization: integer modules (`convert`)."""
+    """The model that runs in PyTorch after quantization: integer modules (`convert`), built
+    once per variant."""
     from lowbit.conversion import convert
     from lowbit.nn.modules import QuantModule
 
-    if variant.preset is None or not any(
-        isinstance(m, QuantModule) for m in variant.model.modules()
-    ):
-        return variant.model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return convert(variant.model)
+    if variant.runnable is None:
+        quantized = any(isinstance(m, QuantModule) for m in variant.model.modules())
+        if variant.preset is None or not quantized:
+            variant.runnable = variant.model
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                variant.runnable = convert(variant.model)
+    return variant.runnable
 
 
 KERNEL_NAMES = {
@@ -262,21 +268,24 @@ def measure(
     variant: Variant,
     *,
     data: Batches | None,
-    agreement_data: Batches | None,
-    float_logits: Sequence[Tensor] | None,
+    calib: Batches,
+    float_logits: Sequence[Tensor],
     progress: bool = True,
 ) -> None:
-    """Fill in accuracy (labelled `data`), top-1 agreement with the float model's logits on
-    `agreement_data`, and size."""
-    from lowbit.evaluate import model_bytes
+    """Fill in size, and for the deployable (converted) model: accuracy on labelled `data`,
+    top-1 agreement with and output SQNR against the float model's logits on `calib`."""
+    from lowbit.evaluate import model_bytes, output_sqnr
     from lowbit.evaluate.accuracy import accuracy, logits, top1_agreement
 
-    if data is not None:
-        result = accuracy(variant.model, data, progress=progress, description=variant.name)
-        variant.top1, variant.top5 = result.top1, result.top5
-    if float_logits is not None and agreement_data is not None and variant.preset is not None:
-        variant.agreement = top1_agreement(float_logits, logits(variant.model, agreement_data))
     variant.size_bytes = model_bytes(variant.model)
+    runnable = deployable(variant)
+    if data is not None:
+        result = accuracy(runnable, data, progress=progress, description=variant.name)
+        variant.top1, variant.top5 = result.top1, result.top5
+    if variant.preset is not None:
+        outputs = logits(runnable, calib)
+        variant.agreement = top1_agreement(float_logits, outputs)
+        variant.output_sqnr_db = output_sqnr(float_logits, outputs)
 
 
 def time_variants(variants: Sequence[Variant], example: Tensor) -> None:
@@ -362,27 +371,21 @@ def compare(
     progress: bool = True,
 ) -> Comparison:
     """Quantize with every preset (and, for calibrated presets, every calibrator, from one
-    calibration pass) and measure; latency on the converted models, all timed together.
-
-    Without labelled `data`, accuracy is replaced by top-1 agreement with the float model on
-    the calibration data.
-    """
+    calibration pass) and measure the converted models: accuracy on labelled `data`, top-1
+    agreement and output SQNR against the float model on the calibration data, and latency,
+    all timed together."""
     from lowbit.evaluate.accuracy import logits
     from lowbit.progress import progress_bar
 
-    agreement_data = None if data is not None else calib
     variants = [Variant("float32", model.eval())]
     for preset in progress_bar(preset_names, "quantizing", enabled=progress):
         variants += calibrated_variants(
             model, preset, calib, calibrators=calibrators, per_tensor=per_tensor,
             exclude=exclude, progress=False,
         )  # fmt: skip
-    float_logits = None if agreement_data is None else logits(model, agreement_data)
+    float_logits = logits(model, calib)
     for v in progress_bar(variants, "evaluating", enabled=progress):
-        measure(
-            v, data=data, agreement_data=agreement_data, float_logits=float_logits,
-            progress=False,
-        )  # fmt: skip
+        measure(v, data=data, calib=calib, float_logits=float_logits, progress=False)
     if latency:
         time_variants(variants, calib.example())
     return Comparison(variants)

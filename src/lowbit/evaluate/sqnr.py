@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,16 @@ def _outputs(
         for hook in hooks:
             hook.remove()
     return captured
+
+
+def output_sqnr(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
+    """SQNR in dB of `outputs` against `reference`, tensor by tensor (batches), in float64."""
+    signal = noise = 0.0
+    for r, q in zip(reference, outputs, strict=True):
+        r, q = r.double(), q.double()
+        signal += float((r * r).sum())
+        noise += float(((r - q) ** 2).sum())
+    return _db(signal, noise)
 
 
 def _db(signal: float, noise: float) -> float:

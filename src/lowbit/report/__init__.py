@@ -13,12 +13,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from lowbit._atomic import write_atomic
 from lowbit.data import Batches
+
+if TYPE_CHECKING:
+    from lowbit.cli_variants import Variant
 
 __all__ = ["ReportResult", "build_report"]
 
@@ -90,7 +93,7 @@ def build_report(
             chosen.model, effects, sample, float_outputs, base_sqnr, per_tensor=per_tensor,
             worst=worst,
         )  # fmt: skip
-        advice = _calibrator_advice(comparison.variants[1:], sample, float_outputs)
+        advice = _calibrator_advice(comparison.variants[1:])
     reference = analysis.folded_reference(model, sample[0])
     activations = analysis.activation_stats(
         chosen.model, [e.layer for e in effects[: worst + 1]], chosen.histograms
@@ -164,23 +167,21 @@ def _head(calib: Batches, n: int) -> list[tuple[Any, ...]]:
     return head
 
 
-def _calibrator_advice(
-    variants: Sequence[Any], sample: Sequence[Any], float_outputs: Sequence[Any]
-) -> list[str]:
-    """'--calibrator X' if another calibrator's variant raises the model output SQNR by
-    HELPFUL_DB or more over the chosen one (the first)."""
-    from lowbit.report import analysis
+def _calibrator_advice(variants: Sequence[Variant]) -> list[str]:
+    """'--calibrator X' if another calibrator's variant has a model output SQNR HELPFUL_DB or
+    more above the chosen one's (the first)."""
+    from lowbit.report.analysis import HELPFUL_DB
 
-    if len(variants) < 2 or variants[0].calibrator is None:
-        return []
     sqnr = {
-        v.calibrator: analysis.output_sqnr(float_outputs, analysis.model_outputs(v.model, sample))
+        v.calibrator: v.output_sqnr_db
         for v in variants
-        if v.calibrator is not None
+        if v.calibrator is not None and v.output_sqnr_db is not None
     }
     chosen = variants[0].calibrator
+    if chosen not in sqnr:
+        return []
     best = max(sqnr, key=lambda c: sqnr[c])
-    if best == chosen or sqnr[best] - sqnr[chosen] < analysis.HELPFUL_DB:
+    if sqnr[best] - sqnr[chosen] < HELPFUL_DB:
         return []
     return [
         f"--calibrator {best}: model output SQNR {sqnr[best]:.1f} dB vs {sqnr[chosen]:.1f} dB "

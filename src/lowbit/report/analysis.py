@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lowbit.batches import run_batch
 from lowbit.calib import Histogram, from_histogram
 from lowbit.evaluate.accuracy import top1_agreement
+from lowbit.evaluate.sqnr import output_sqnr
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.numerics import fake_quantize, tensor_qparams
@@ -133,9 +134,7 @@ def _histogram_sqnr(h: Histogram, lo: float, hi: float, spec: QuantSpec) -> floa
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     """10 log10(sum ref^2 / sum (ref - approx)^2), in float64."""
-    r, a = reference.double(), approx.double()
-    noise = float(((r - a) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(float((r * r).sum()), 1e-300) / noise)
+    return output_sqnr([reference], [approx])
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -193,13 +192,6 @@ def model_outputs(model: nn.Module, batches: Sequence[Any]) -> list[Tensor]:
     """The model's output (first tensor) on every batch, in float64 for the comparisons."""
     with torch.no_grad():
         return [_first_tensor(run_batch(model, b)).double() for b in batches]
-
-
-def output_sqnr(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
-    """SQNR of outputs against the reference outputs of the same batches."""
-    signal = sum(float((r * r).sum()) for r in reference)
-    noise = sum(float(((r - q) ** 2).sum()) for r, q in zip(reference, outputs, strict=True))
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
 def layer_effects(

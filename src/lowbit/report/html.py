@@ -113,6 +113,7 @@ COLUMNS = (
     ("top1", "top-1 %", "{:.2f}"),
     ("top5", "top-5 %", "{:.2f}"),
     ("agreement", "agrees with float %", "{:.1f}"),
+    ("output_sqnr_db", "output SQNR dB", "{:.1f}"),
     ("size_kib", "weights KiB", "{:.1f}"),
     ("latency_ms", "latency ms", "{:.2f}"),
     ("latency_spread", "spread", "±{:.0%}"),

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 from lowbit.cli import main
+from lowbit.io import read_extra
 
 FACTORY_SOURCE = """
 import torch
@@ -192,6 +194,31 @@ def test_onnx_in_onnx_out_runs_in_onnxruntime(
         "--preset", "w8", "-o", str(saved),
     )  # fmt: skip
     assert run_json(capsys, "eval", str(saved), "--data", str(workspace.labelled_npz))["top1"] > 80
+
+
+def test_lowbit_from_onnx_loads_without_the_onnx_file(
+    workspace: Workspace, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("onnx2torch is not installed")
+    moved = tmp_path / "float.onnx"
+    shutil.copy(workspace.float_onnx, moved)
+    saved = tmp_path / "from_onnx.lowbit"
+    run_json(
+        capsys, "quantize", str(moved), "--calib", str(workspace.calib_npy), "-o", str(saved),
+    )  # fmt: skip
+    data = str(workspace.labelled_npz)
+    before = run_json(capsys, "eval", str(saved), "--data", data)
+    moved.unlink()  # the .lowbit holds the float ONNX graph: it needs nothing else
+    after = run_json(capsys, "eval", str(saved), "--data", data)
+    assert after["top1"] == before["top1"] > 80.0
+    import onnx
+
+    weights = [i.raw_data for i in onnx.load(str(workspace.float_onnx)).graph.initializer]
+    weight_bytes = sum(len(w) for w in weights if len(w) >= 64 * 4)
+    stored = read_extra(saved, "cli.float_onnx")  # without the weights the .lowbit holds
+    assert stored is not None and weight_bytes > 1000
+    assert len(stored) < workspace.float_onnx.stat().st_size - weight_bytes * 0.9
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -3,14 +3,18 @@
 A .lowbit file (`lowbit.io`) needs a float skeleton to load into. The command line therefore
 stores, as extras of the file (`lowbit.io.save(..., extras=)`), how to build that skeleton again:
 `cli.recipe`, `{"model": "pkg.module:factory"}` or `{"model": "/abs/model.onnx"}`, and for an
-ONNX model the float ONNX model itself (`cli.float_onnx`), so the file still loads once the ONNX
-file has moved. `lowbit eval model.lowbit` reads them; `--model-factory` overrides them.
+ONNX model the float ONNX graph itself (`cli.float_onnx`), so the file still loads once the ONNX
+file has moved. The graph goes without its weights (the .lowbit holds them all) when the model
+rebuilt from it with zero weights, given the float model's state dict, was checked to compute
+exactly as the float model; otherwise it goes whole. `lowbit eval model.lowbit` reads them;
+`--model-factory` overrides them.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import sys
 import types
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -33,6 +38,8 @@ __all__ = [
 
 RECIPE = "cli.recipe"  # names of the extras the command line stores in a .lowbit file
 FLOAT_ONNX = "cli.float_onnx"
+_LEFT_OUT = "lowbit: zeros here; the .lowbit file holds the values"  # doc_string of such weights
+_LEAVE_OUT_FROM = 64  # elements: smaller initializers (shapes, pads) stay
 
 
 @dataclass
@@ -241,9 +248,7 @@ def _load_lowbit(path: Path, model_factory: str | None) -> LoadedModel:
         )
     float_onnx = None if model_factory else read_extra(path, FLOAT_ONNX)
     if float_onnx is not None:
-        import onnx
-
-        skeleton, shape = proto_to_torch(onnx.load_from_string(float_onnx), path.name)
+        skeleton, shape = proto_to_torch(_with_zero_weights(float_onnx), path.name)
     else:
         loaded = load_model(recipe)
         skeleton, shape = loaded.model, loaded.input_shape
@@ -271,8 +276,55 @@ def save_lowbit(model: nn.Module, path: Path, recipe: str) -> None:
 
     extras = {RECIPE: json.dumps({"model": recipe}).encode()}
     if recipe.endswith(".onnx"):
-        extras[FLOAT_ONNX] = read_onnx(Path(recipe)).SerializeToString()
+        extras[FLOAT_ONNX] = float_onnx_to_store(Path(recipe))
     save(model, path, extras=extras)
+
+
+def float_onnx_to_store(path: Path) -> bytes:
+    """The float ONNX model at `path` as a .lowbit file stores it: without its weights where
+    the model rebuilt that way was checked to compute as the original, else whole."""
+    whole = read_onnx(path).SerializeToString()
+    light = _without_weights(whole)
+    original, shape = proto_to_torch(_with_zero_weights(whole), path.name)
+    rebuilt, _ = proto_to_torch(_with_zero_weights(light), path.name)
+    return light if shape is not None and _same_function(original, rebuilt, shape) else whole
+
+
+def _without_weights(data: bytes) -> bytes:
+    """The serialized ONNX model with the data of its large initializers left out."""
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    for init in proto.graph.initializer:
+        if math.prod(init.dims) >= _LEAVE_OUT_FROM:
+            shell = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
+            init.CopyFrom(shell)
+            init.doc_string = _LEFT_OUT
+    return proto.SerializeToString()
+
+
+def _with_zero_weights(data: bytes) -> Any:
+    """The ONNX model, with zeros where `_without_weights` left data out."""
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    for init in proto.graph.initializer:
+        if init.doc_string == _LEFT_OUT:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            init.raw_data = np.zeros(tuple(init.dims), dtype).tobytes()
+    return proto
+
+
+def _same_function(original: nn.Module, rebuilt: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether `rebuilt`, given the state dict of `original`, computes exactly what it does."""
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    try:
+        rebuilt.load_state_dict(original.state_dict(), strict=True)
+        with torch.no_grad():
+            a, b = original(x), rebuilt(x)
+    except Exception:  # a model that does not take one float tensor: store it whole
+        return False
+    return isinstance(a, Tensor) and isinstance(b, Tensor) and torch.equal(a, b)
 
 
 class OnnxRunner:

@@ -38,6 +38,16 @@ from lowbit.export._sites import (
     needs_opset_21,
     weight_site,
 )
+from lowbit.export._trace import (
+    DynamicAxes,
+    KeywordCall,
+    Signature,
+    as_inputs,
+    eval_mode,
+    needed_opset,
+    signature,
+    strip_prefix,
+)
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import QuantSpec
@@ -48,12 +58,12 @@ _ACTIVE: dict[str, Site] = {}  # the sites of the export in progress, read by _M
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: Tensor | Sequence[Tensor],
+    example_inputs: Any,
     path: str | os.PathLike[str],
     *,
     opset: int | None = None,
     reduce_range: bool = False,
-    dynamic_batch: bool = True,
+    dynamic_axes: DynamicAxes | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
 ) -> Path:
@@ -66,11 +76,25 @@ def export_onnx(
     file runs in ONNX Runtime, OpenVINO and TensorRT and matches the simulation: weights bit for
     bit, activations to within float rounding.
 
-    opset: 13 to 21; default 13, or 21 where the model needs INT4 / int16 / blocked scales.
+    example_inputs: a tensor, a tuple of tensors, a dict of keyword inputs (Hugging Face's
+        `{"input_ids": ..., "attention_mask": ...}`), or positional tensors (or an args tuple)
+        followed by such a dict. The graph's inputs are named after the keys, positional ones
+        "input" ("input_0", ... for several); outputs after the keys of a dict output
+        (`last_hidden_state`, ...), else "output" ("output_0", ...).
+    opset: 13 to 21. Default: the lowest that works, 13, or 21 where the model needs INT4 /
+        int16 / blocked scales, or what an operator of the graph needs (14 for
+        `scaled_dot_product_attention`). An opset too old for an operator is a ValueError
+        naming both.
     reduce_range: require 7-bit weight codes (within [-64, 63]) for CPUs without VNNI, where
         u8 x s8 products can saturate; quantize with `reduce_range_config(config)` first so the
         simulation uses the same codes (export never changes the numbers silently).
-    dynamic_batch: make dimension 0 of every input and output symbolic ("batch").
+    dynamic_axes: torch.onnx.export's form, `{name: {dim: label}}` or `{name: [dims]}`; the
+        other dimensions are fixed. Default: dim 0 of every input and output is "batch", and
+        dim 1 of token inputs (2-D int64 / int32 tensors) "sequence"; output dims that follow
+        from a dynamic input dim stay symbolic. `{}` fixes every shape.
+
+    The model runs in eval mode (dropout off) while exporting; every submodule's own mode is
+    restored afterwards.
 
     Raises ValueError / NotImplementedError naming the module and the quantizer for what ONNX
     cannot express (log2 schemes, per-group or dynamic activation quantizers, converted integer
@@ -80,38 +104,25 @@ def export_onnx(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    inputs = _as_tuple(example_inputs)
-    target = Path(path)
+    inputs = as_inputs(example_inputs)
+    out = Path(path)
     quantized = _quant_modules(model)
+    explicit = opset is not None
     opset = _choose_opset(quantized, opset)
-    sites = _collect_sites(quantized, opset, reduce_range)
+    sites = _collect_sites(quantized, opset, reduce_range)  # checks them before any forward
 
-    with torch.no_grad():
-        outputs = model(*inputs)
-    n_outputs = len(outputs) if isinstance(outputs, tuple | list) else 1
-    in_names = list(input_names or _names("input", len(inputs)))
-    out_names = list(output_names or _names("output", n_outputs))
-    axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
-
-    buffer = io.BytesIO()
-    with _stubs(model, quantized, sites), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation notes
-        torch.onnx.export(
-            model,
-            inputs,
-            buffer,  # type: ignore[arg-type]
-            opset_version=min(opset, _TORCH_MAX_OPSET),
-            dynamo=False,
-            input_names=in_names,
-            output_names=out_names,
-            dynamic_axes=axes,
-            custom_opsets={_graph.MARKER_DOMAIN: 1},
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
+    with eval_mode(model):
+        call = KeywordCall(model, len(inputs.args), list(inputs.kwargs)).eval()
+        names = signature(call, inputs, input_names, output_names, dynamic_axes)
+        if opset != (opset := _operator_opset(names.functions, opset, explicit)):
+            sites = _collect_sites(quantized, opset, reduce_range)
+        traced = _trace(call, inputs.tensors, names, opset, quantized, sites)
+    proto = onnx.load_from_string(traced)
+    strip_prefix(proto.graph, "model.")
     _rewrite(proto, sites, opset, reduce_range)
     onnx.checker.check_model(proto, full_check=True)
-    write_atomic(target, proto.SerializeToString())
-    return target
+    write_atomic(out, proto.SerializeToString())
+    return out
 
 
 def reduce_range_config(config: QuantConfig) -> QuantConfig:
@@ -133,15 +144,49 @@ def reduce_range_config(config: QuantConfig) -> QuantConfig:
     return replace(config, weight=seven(config.weight), overrides=overrides)
 
 
-def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise TypeError("example_inputs must be a tensor or a sequence of tensors")
-    return inputs
+def _trace(
+    call: KeywordCall,
+    tensors: tuple[Tensor, ...],
+    names: Signature,
+    opset: int,
+    quantized: dict[str, QuantModule],
+    sites: dict[str, Site],
+) -> bytes:
+    """The TorchScript exporter's graph of the model, a marker node at each quantization site."""
+    buffer = io.BytesIO()
+    with _stubs(quantized, sites), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation notes
+        torch.onnx.export(
+            call,
+            tensors,
+            buffer,  # type: ignore[arg-type]
+            opset_version=min(opset, _TORCH_MAX_OPSET),
+            dynamo=False,
+            input_names=names.input_names,
+            output_names=names.output_names,
+            dynamic_axes=names.dynamic_axes,
+            custom_opsets={_graph.MARKER_DOMAIN: 1},
+        )
+    return buffer.getvalue()
 
 
-def _names(stem: str, n: int) -> list[str]:
-    return [stem] if n == 1 else [f"{stem}_{i}" for i in range(n)]
+def _operator_opset(functions: frozenset[str], opset: int, explicit: bool) -> int:
+    """`opset`, or the newer one an operator of the model needs (an error if it was explicit)."""
+    needed = needed_opset(functions, min(opset, _TORCH_MAX_OPSET))
+    if needed is None:
+        return opset
+    op, version = needed
+    if version > _TORCH_MAX_OPSET:
+        raise NotImplementedError(
+            f"the model uses {op}, which the TorchScript exporter writes from opset {version} "
+            f"only, above its newest ({_TORCH_MAX_OPSET})"
+        )
+    if explicit:
+        raise ValueError(
+            f"opset={opset} cannot express this model: {op} needs opset {version} or newer; "
+            f"pass opset={version}, or leave opset unset to get the lowest opset that works"
+        )
+    return version
 
 
 def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
@@ -246,10 +291,8 @@ class _Stub(nn.Module):
 
 
 @contextmanager
-def _stubs(
-    model: nn.Module, quantized: dict[str, QuantModule], sites: dict[str, Site]
-) -> Iterator[None]:
-    """Swap quantizers for markers (and the model to eval); put everything back afterwards.
+def _stubs(quantized: dict[str, QuantModule], sites: dict[str, Site]) -> Iterator[None]:
+    """Swap quantizers for markers; put everything back afterwards.
 
     `functional_call` refuses to run under the tracer, so a weight marker is a parametrization
     of the wrapped layer's weight (computed at each access, inside the layer's own forward) and
@@ -257,11 +300,9 @@ def _stubs(
     """
     saved: list[tuple[QuantModule, str, TensorQuantizer]] = []
     parametrized: list[nn.Module] = []
-    was_training = model.training
     _ACTIVE.clear()
     _ACTIVE.update(sites)
     try:
-        model.eval()
         for name, m in quantized.items():
             for role, q in m.quantizers().items():
                 key = f"{name}.{role}"
@@ -283,7 +324,6 @@ def _stubs(
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
         for m, attr, q in saved:
             setattr(m, attr, q)
-        model.train(was_training)
         _ACTIVE.clear()
 
 

@@ -102,6 +102,8 @@ def test_dict_inputs_dynamic_batch_and_sequence(qbert, tmp_path):
     assert model.opset_import[0].version == 14
     assert [i.name for i in model.graph.input] == TOKEN_INPUTS
     assert [o.name for o in model.graph.output] == ["logits"]
+    # float parameters keep the model's own names (not those of the wrapper export traces)
+    assert "bert.embeddings.LayerNorm.weight" in {t.name for t in model.graph.initializer}
     for i in model.graph.input:
         assert [d.dim_param for d in i.type.tensor_type.shape.dim] == ["batch", "sequence"]
     # one QuantizeLinear per activation quantizer (the median check below only sees the last)

@@ -6,7 +6,7 @@ itself fills every parameter of `forward` it was not given with its default, pos
 breaks forwards with keyword-only machinery ("got multiple values for argument 'use_cache'"):
 so the model is traced behind `KeywordCall`, whose forward takes positional tensors only.
 Also here: input / output names, dynamic axes, eval mode for the length of the export, and the
-opset an operator needs when the exporter refuses the current one.
+opset that the operators the forward calls need.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from lowbit.batches import tensors_of
 # What `dynamic_axes` accepts: torch.onnx.export's form, {name: {dim: label}} or {name: [dims]}.
 DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]]
 _TOKEN_DTYPES = (torch.int64, torch.int32)
+_EXPECTED = (
+    "example_inputs must be a tensor, a tuple of tensors, a dict of keyword tensors "
+    "(input_ids=..., attention_mask=...), or positional tensors followed by such a dict"
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class Inputs:
                     f"tensor), got {given!r}"
                 )
             return names
-        return numbered("input", len(self.args)) + list(self.kwargs)
+        return _numbered("input", len(self.args)) + list(self.kwargs)
 
 
 def as_inputs(example_inputs: Any) -> Inputs:
@@ -73,12 +77,6 @@ def as_inputs(example_inputs: Any) -> Inputs:
     return Inputs(tuple(args), kwargs)
 
 
-_EXPECTED = (
-    "example_inputs must be a tensor, a tuple of tensors, a dict of keyword tensors "
-    "(input_ids=..., attention_mask=...), or positional tensors followed by such a dict"
-)
-
-
 def _keyword_tensors(kwargs: Mapping[Any, Any]) -> dict[str, Tensor]:
     for key, value in kwargs.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
@@ -95,7 +93,7 @@ def _describe(obj: Sequence[Any]) -> str:
     return f"a {type(obj).__name__} of " + ", ".join(type(x).__name__ for x in obj)
 
 
-def numbered(stem: str, n: int) -> list[str]:
+def _numbered(stem: str, n: int) -> list[str]:
     return [stem] if n == 1 else [f"{stem}_{i}" for i in range(n)]
 
 
@@ -120,7 +118,7 @@ def _output_names(outputs: Any, given: Sequence[str] | None) -> list[str]:
         return list(given)
     if isinstance(outputs, Mapping) and all(isinstance(v, Tensor) for v in outputs.values()):
         return [str(k) for k in outputs]
-    return numbered("output", len(list(tensors_of(outputs))))
+    return _numbered("output", len(list(tensors_of(outputs))))
 
 
 def _default_axes(

@@ -90,8 +90,8 @@ def export_onnx(
         simulation uses the same codes (export never changes the numbers silently).
     dynamic_axes: torch.onnx.export's form, `{name: {dim: label}}` or `{name: [dims]}`; the
         other dimensions are fixed. Default: dim 0 of every input and output is "batch", and
-        dim 1 of token inputs (2-D int64 / int32 tensors) "sequence"; output dims that follow
-        from a dynamic input dim stay symbolic. `{}` fixes every shape.
+        dim 1 of token inputs (2-D int64 / int32 tensors) "sequence" (the exporter leaves the
+        outputs' other dims symbolic). `{}` fixes every shape.
 
     The model runs in eval mode (dropout off) while exporting; every submodule's own mode is
     restored afterwards.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import lowbit._atomic
@@ -405,3 +405,26 @@ def test_load_checks_packed_codes_and_the_model(tmp_path):
     with pytest.raises(ValueError, match=r"does not match.*'2'.*\(512, 512\).*\(256, 512\)"):
         load(path, other)
     assert _unchanged(other, before)
+
+
+def test_saved_tensors_read_back_with_safetensors(tmp_path):
+    """lowbit writes the safetensors format itself (streamed, no copy): safetensors reads it."""
+    holder = nn.Module()
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        holder.register_buffer(
+            "t_" + str(dtype)[6:], torch.randn(3, 5, generator=generator).to(dtype)
+        )
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+        holder.register_buffer("t_" + str(dtype)[6:], torch.arange(-7, 8).to(dtype).reshape(5, 3))
+    holder.register_buffer("bool", torch.tensor([True, False, True]))
+    holder.register_buffer("scalar", torch.tensor(2.5))
+    holder.register_buffer("empty", torch.zeros(0, 4))
+    holder.register_buffer("strided", torch.arange(12.0).reshape(3, 4).t())
+    path = tmp_path / "dtypes.lowbit"
+    save(holder, path)
+    read = load_file(path)
+    assert read.keys() == holder.state_dict().keys()
+    for key, want in holder.state_dict().items():
+        assert read[key].dtype == want.dtype and torch.equal(read[key], want), key
+    assert read_header(path)["modules"] == []

@@ -22,9 +22,9 @@ __all__ = ["temp_files", "write_atomic"]
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"  # as tempfile.mkstemp, which lowbit used
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` atomically (see the module docstring); on any error `path` is
-    unchanged and no temporary file remains."""
+def write_atomic(path: str | os.PathLike[str], *chunks: bytes | memoryview) -> None:
+    """Write the chunks, one after the other, to `path` atomically (see the module docstring);
+    on any error `path` is unchanged and no temporary file remains."""
     target = Path(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"no such folder: {target.parent}")
@@ -32,7 +32,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     fd, tmp = _create_locked(target)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
             if _RENAME_OPEN:

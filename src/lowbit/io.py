@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from lowbit import numerics
@@ -82,24 +82,49 @@ def save(
         "identity": [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)],
         "extras": sorted(extras),
     }
-    tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name, data in extras.items():
         if not isinstance(data, bytes):
             raise TypeError(f"extras[{name!r}] must be bytes, got {type(data).__name__}")
         tensors[_EXTRA + name] = torch.from_numpy(np.frombuffer(data, np.uint8).copy())
-    write_atomic(path, safetensors_bytes(tensors, metadata={_KEY: json.dumps(header)}))
+    write_atomic(path, *_safetensors_chunks(tensors, {_KEY: json.dumps(header)}))
 
 
-def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Copies of the tensors that share memory with an earlier one (tied weights), which
-    safetensors refuses; the others as they are."""
-    seen: set[int] = set()
-    out = {}
-    for key, t in tensors.items():
-        storage = t.untyped_storage().data_ptr()
-        out[key] = t.clone() if storage in seen else t
-        seen.add(storage)
-    return out
+def _safetensors_chunks(
+    tensors: dict[str, Tensor], metadata: dict[str, str]
+) -> list[bytes | memoryview]:
+    """A safetensors file as the pieces to write one after the other: its length-prefixed JSON
+    header, then each tensor's bytes, not copied (safetensors' own writers make a temporary
+    file, or hold the whole file in memory twice)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    data = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()]
+    offset = 0
+    for (name, t), raw in zip(tensors.items(), data, strict=True):
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name} is {t.dtype}, which lowbit files do not hold")
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + raw.numel()],
+        }
+        offset += raw.numel()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned
+    return [struct.pack("<Q", len(text)), text, *(raw.numpy().data for raw in data)]
+
+
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -203,8 +203,10 @@ def needed_opset(functions: Iterable[str], opset: int) -> tuple[str, int] | None
     Asked of the exporter's own table of ONNX forms, so nothing is traced at an opset that
     fails (a failed export prints the whole graph to stderr).
     """
-    from torch.onnx._internal.torchscript_exporter import registration, utils
-
+    try:
+        from torch.onnx._internal.torchscript_exporter import registration, utils
+    except ImportError:  # older torch keeps the table elsewhere; its own error names the opset
+        return None
     utils._trigger_symbolic_function_registration()
     needs = []
     for name in functions:

@@ -11,13 +11,14 @@ linspace(0, i, num_quant_bins + 1).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 # Where Q is empty but P is not (a level whose only non-empty bin holds clipped outliers), Q gets
 # this many counts instead of 0, as the smoothing of MXNet / ONNX Runtime does, so KL stays finite.
 SMOOTHING_COUNTS = 1e-4
-_CHUNK = 256  # candidates per vectorised block: bounds memory at a few [256, num_bins] tensors
 
 
 def entropy_bins(counts: Tensor, num_quant_bins: int) -> int:
@@ -29,37 +30,39 @@ def entropy_bins(counts: Tensor, num_quant_bins: int) -> int:
     last = int(nonzero[-1]) + 1
     if last <= num_quant_bins:
         return last  # everything fits without clipping
-    bins = counts[:last]
-    total = float(bins.sum())
-    cumulative = torch.cumsum(bins, 0)
     candidates = torch.arange(num_quant_bins, last + 1)
-    divergences = torch.cat(
-        [
-            _divergences(bins, total, cumulative, block, num_quant_bins)
-            for block in candidates.split(_CHUNK)
-        ]
-    )
+    divergences = _divergences(counts[:last], candidates, num_quant_bins)
     best = divergences.numel() - 1 - int(torch.argmin(divergences.flip(0)))
     return int(candidates[best])
 
 
-def _divergences(
-    bins: Tensor, total: float, cumulative: Tensor, kept: Tensor, num_quant_bins: int
-) -> Tensor:
-    """KL(P || Q) for each candidate number of kept bins in `kept`."""
-    rows = torch.arange(kept.numel())
-    j = torch.arange(bins.numel())
-    inside = j[None, :] < kept[:, None]
-    p = torch.where(inside, bins[None, :], 0.0)
-    p[rows, kept - 1] += total - cumulative[kept - 1]  # outliers into the last kept bin
-    level = torch.where(inside, j[None, :] * num_quant_bins // kept[:, None], num_quant_bins)
-    occupied = p > 0
-    sums = torch.zeros(kept.numel(), num_quant_bins + 1, dtype=torch.float64)
-    sums.scatter_add_(1, level, torch.where(inside, bins[None, :], 0.0))
-    sizes = torch.zeros_like(sums).scatter_add_(1, level, occupied.to(torch.float64))
-    q = torch.where(occupied, sums.gather(1, level) / sizes.gather(1, level).clamp_min(1.0), 0.0)
-    q = torch.where(occupied & (q <= 0), SMOOTHING_COUNTS, q)
-    p = p / p.sum(1, keepdim=True)
-    q = q / q.sum(1, keepdim=True)
-    terms = torch.where(occupied, p * torch.log(p / torch.where(occupied, q, 1.0)), 0.0)
-    return terms.sum(1)
+def _divergences(bins: Tensor, kept: Tensor, num_quant_bins: int) -> Tensor:
+    """KL(P || Q) for each candidate number of kept bins in `kept`, from prefix sums.
+
+    Level k of candidate i holds the contiguous bins [ceil(k i / n), ceil((k + 1) i / n)), so
+    its sum of counts and of non-empty bins are differences of prefix sums, and with P and Q
+    constant per bin and per level, KL = sum P log P - sum_k P_k log q_k + log sum q: O(n) per
+    candidate instead of O(bins).
+    """
+    total = float(bins.sum())
+    zero = torch.zeros(1, dtype=torch.float64)
+    occupied = (bins > 0).to(torch.float64)
+    bins_log_bins = torch.where(bins > 0, bins * torch.log(torch.where(bins > 0, bins, 1.0)), 0.0)
+    cum_counts = torch.cat([zero, torch.cumsum(bins, 0)])  # cum_counts[j] = sum of bins[:j]
+    cum_occupied = torch.cat([zero, torch.cumsum(occupied, 0)])
+    cum_entropy = torch.cat([zero, torch.cumsum(bins_log_bins, 0)])
+    n = num_quant_bins
+    edges = (torch.arange(n + 1)[None, :] * kept[:, None] + n - 1) // n  # [candidates, n + 1]
+    lo, hi = edges[:, :-1], edges[:, 1:]
+    sums = cum_counts[hi] - cum_counts[lo]  # Q's counts per level (clipped outliers not in it)
+    sizes = cum_occupied[hi] - cum_occupied[lo]
+    outliers = total - cum_counts[kept]  # clipping adds them to the last kept bin (P only)
+    last_bin = bins[kept - 1] + outliers
+    sizes[:, -1] += ((bins[kept - 1] == 0) & (outliers > 0)).to(torch.float64)
+    p_levels = sums.clone()
+    p_levels[:, -1] += outliers
+    q = torch.where(sizes > 0, sums / sizes.clamp_min(1.0), 0.0)
+    q = torch.where((sizes > 0) & (q <= 0), SMOOTHING_COUNTS, q)
+    p_log_p = (cum_entropy[kept - 1] + last_bin * torch.log(last_bin.clamp_min(1e-300))) / total
+    cross = torch.where(p_levels > 0, p_levels * torch.log(torch.where(p_levels > 0, q, 1.0)), 0.0)
+    return p_log_p - math.log(total) - cross.sum(1) / total + torch.log((q * sizes).sum(1))

@@ -314,16 +314,19 @@ class Comparison:
         return [v.row(self.float_latency) for v in self.variants]
 
     def notes(self) -> list[str]:
-        """One line per variant that is not faster than float, saying why; one more when the
-        timings were noisy."""
+        """Which variants are not faster than float, and why, in one line each (one line for
+        all those within the measurement spread); one more when the timings were noisy."""
         reference = self.variants[0].latency
         if reference is None:
             return []
-        notes = [
-            slower_because(v, reference)
+        slow = [
+            v
             for v in self.variants[1:]
             if v.latency is not None and v.latency.median_ms >= reference.median_ms
         ]
+        alike = [v for v in slow if v.latency is not None and v.latency.overlaps(reference)]
+        notes = [_no_difference(alike, reference)] if alike else []
+        notes += [slower_because(v, reference) for v in slow if v not in alike]
         noisy = {v.name: v.latency.spread for v in self.variants if v.latency and v.latency.noisy}
         if noisy:
             notes.append(
@@ -334,13 +337,21 @@ class Comparison:
         return notes
 
 
+def _no_difference(variants: Sequence[Variant], reference: Latency) -> str:
+    ratios = [v.latency.median_ms / reference.median_ms for v in variants if v.latency]
+    span = f"{min(ratios):.2f}" + (f"-{max(ratios):.2f}" if max(ratios) > min(ratios) else "")
+    verb = "takes" if len(variants) == 1 else "take"
+    return (
+        f"{', '.join(v.name for v in variants)} {verb} {span}x float's time, within the spread "
+        "of the measurements: no measurable difference"
+    )
+
+
 def slower_because(variant: Variant, reference: Latency) -> str:
-    """Why `variant` is not faster than float, in one line, from its timing and its kernels."""
+    """Why `variant` is measurably slower than float, in one line, from its kernels."""
     assert variant.latency is not None
     ratio = variant.latency.median_ms / reference.median_ms
     head = f"{variant.name} takes {ratio:.2f}x float's time"
-    if variant.latency.overlaps(reference):
-        return f"{head}, within the spread of the measurements: no measurable difference"
     counts = variant.kernel_counts
     total = sum(counts.values())
     dequantized = sum(n for (_, kernel), n in counts.items() if kernel == "dequantize")

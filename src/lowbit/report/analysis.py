@@ -260,7 +260,8 @@ def suggest_fixes(
 
 
 def _gain(action: str, gain: float) -> str:
-    return f"{action} (model output SQNR {gain:+.1f} dB)"
+    """Two decimals, so that a gain just under the threshold does not print as it."""
+    return f"{action} (model output SQNR {gain:+.2f} dB)"
 
 
 def _quantizers(layer: QuantModule) -> list[TensorQuantizer]:

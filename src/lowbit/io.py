@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -33,8 +34,9 @@ from lowbit import numerics
 from lowbit._atomic import write_atomic
 from lowbit.nn.int_modules import (
     IntModule,
+    check_codes,
+    check_stored_codes,
     int_module_from_record,
-    load_codes,
     spec_from_dict,
     stored_codes_layout,
 )
@@ -231,8 +233,10 @@ def _check_record(
         raise _Mismatch(f"the file has a weight of shape {shape}, the model {found}")
     codes_shape, codes_dtype = stored_codes_layout(spec, shape)
     qweight = _tensor(local, "qweight", codes_shape, codes_dtype)
-    if spec.scheme != "binary":  # every bit pattern is a binary code
-        _check_codes("qweight", load_codes(qweight, spec, shape), spec)
+    try:
+        check_stored_codes(qweight, spec)
+    except ValueError as error:
+        raise ValueError(f"tensor qweight: {error}") from None
     param_shape = numerics.reduce_by(torch.empty(shape, device="meta"), spec.granularity, _rows)
     _check_qparams(local, "weight", spec, param_shape.shape)
     for role in ("input", "output"):
@@ -255,12 +259,15 @@ def _rows(rows: Tensor) -> Tensor:
 def _check_qparams(local: dict[str, Tensor], role: str, spec: QuantSpec, shape: torch.Size) -> None:
     """Scale (finite, > 0) and, where saved, zero point (within the codes) of one role."""
     scale = _tensor(local, f"{role}_scale", shape, torch.float32)
-    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+    lo, hi = torch.aminmax(scale) if scale.numel() else (1.0, 1.0)
+    if not (lo > 0 and hi < math.inf):  # NaN fails both
         raise ValueError(f"{role}_scale holds values that are not finite and positive")
     if role != "weight" or not spec.symmetric:
-        _check_codes(
-            f"{role}_zero_point", _tensor(local, f"{role}_zero_point", shape, torch.int32), spec
-        )
+        zero_point = _tensor(local, f"{role}_zero_point", shape, torch.int32)
+        try:
+            check_codes(zero_point, spec)
+        except ValueError as error:
+            raise ValueError(f"tensor {role}_zero_point: {error}") from None
 
 
 def _tensor(local: dict[str, Tensor], key: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
@@ -273,14 +280,6 @@ def _tensor(local: dict[str, Tensor], key: str, shape: torch.Size, dtype: torch.
             f"expected {dtype} of shape {tuple(shape)}"
         )
     return t
-
-
-def _check_codes(key: str, codes: Tensor, spec: QuantSpec) -> None:
-    if codes.numel() and (int(codes.min()) < spec.qmin or int(codes.max()) > spec.qmax):
-        raise ValueError(
-            f"tensor {key} holds values in [{int(codes.min())}, {int(codes.max())}], outside "
-            f"[{spec.qmin}, {spec.qmax}] of its {spec.bits}-bit spec"
-        )
 
 
 def _out_features(module: nn.Module, weight_shape: tuple[int, ...]) -> int:

@@ -49,6 +49,8 @@ __all__ = [
     "IntLinear",
     "IntModule",
     "PerTokenQuantizer",
+    "check_codes",
+    "check_stored_codes",
     "int_module_from_quant",
     "int_module_from_record",
     "spec_from_dict",
@@ -183,6 +185,33 @@ def load_codes(stored: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Tenso
         sign = numerics.unpack(stored, 1, numel, signed=False)
         return (sign.to(torch.int8) * 2 - 1).reshape(shape)
     return numerics.unpack(stored, bits, numel, signed=spec.signed).reshape(shape)
+
+
+def check_codes(codes: Tensor, spec: QuantSpec) -> None:
+    """ValueError if integer codes (or zero points) fall outside [qmin, qmax] of `spec`."""
+    if codes.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(codes))
+    if lo < spec.qmin or hi > spec.qmax:
+        raise ValueError(
+            f"values in [{lo}, {hi}] are outside [{spec.qmin}, {spec.qmax}] of the "
+            f"{spec.bits}-bit spec"
+        )
+
+
+def check_stored_codes(stored: Tensor, spec: QuantSpec) -> None:
+    """`check_codes` on codes as `store_codes` wrote them, without unpacking them: each byte
+    value present is decoded once."""
+    if spec.scheme == "binary":
+        return  # every bit pattern is a code, -1 or +1
+    bits = _pack_bits(spec)
+    if bits is None:
+        return check_codes(stored, spec)
+    per_byte = 8 // bits
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    decoded = load_codes(every_byte, spec, (256 * per_byte,)).reshape(256, per_byte)
+    present = torch.bincount(stored.reshape(-1), minlength=256) > 0
+    check_codes(decoded[present], spec)
 
 
 def _act_record(q: TensorQuantizer | None) -> dict[str, Any] | None:

@@ -7,8 +7,10 @@ parameters) and, in the safetensors metadata, a JSON header:
     {"format": "lowbit", "version": 1, "torch": "...",
      "modules": [{"name": "fc1", "kind": "IntLinear", "weight": {"spec": {...}, "shape": [...]},
                   "input": {"spec": {...}, "mode": "static"} | null, "output": ... }, ...],
-     "identity": ["features.1", ...]}          # layers the saved model replaced by nn.Identity
+     "identity": ["features.1", ...],          # layers the saved model replaced by nn.Identity
                                                # (BatchNorms folded into their convolution)
+     "extras": ["cli.recipe", ...]}            # byte strings saved as uint8 tensors named
+                                               # "__lowbit_extra__.<name>" (`save(extras=)`)
 
 Loading needs the float model's architecture, as `load_state_dict` does: pass a freshly built
 float model and `load` rebuilds the integer modules inside it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -428,3 +429,33 @@ def test_saved_tensors_read_back_with_safetensors(tmp_path):
     for key, want in holder.state_dict().items():
         assert read[key].dtype == want.dtype and torch.equal(read[key], want), key
     assert read_header(path)["modules"] == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx2torch") is None, reason="needs onnx2torch")
+def test_cli_file_from_an_onnx_with_free_input_shape_stores_it_whole(tmp_path):
+    """Without a fixed input shape the graph without weights cannot be checked: stored whole."""
+    from lowbit.cli_models import FLOAT_ONNX, load_model, save_lowbit
+
+    model = _conv_net().eval()
+    onnx_path = tmp_path / "free.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            nn.Sequential(*list(model)[:4]),  # conv, BN, ReLU, Flatten: any height and width
+            (torch.randn(1, 3, 8, 8),),
+            str(onnx_path),
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}},
+        )
+    loaded = load_model(str(onnx_path))
+    assert loaded.input_shape is None
+    int_model = _quiet(quantize_weights, loaded.model, bits=8, layers=(nn.Conv2d,))
+    saved = tmp_path / "free.lowbit"
+    save_lowbit(int_model, saved, loaded.recipe)
+    stored = lowbit.io.read_extra(saved, FLOAT_ONNX)
+    assert stored is not None and len(stored) >= onnx_path.stat().st_size
+    onnx_path.unlink()
+    x = torch.randn(2, 3, 10, 12)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(saved)).model(x), int_model(x))

@@ -432,3 +432,16 @@ def test_another_calibrator_is_proposed_only_when_measured_better() -> None:
     assert _calibrator_advice([chosen, variant("mse", 20.9), variant("entropy", 18.0)]) == []
     (advice,) = _calibrator_advice([chosen, variant("mse", 23.5), variant("entropy", 21.0)])
     assert advice == "--calibrator mse: model output SQNR 23.5 dB vs 20.0 dB with minmax"
+
+
+def test_compare_lists_the_kernels_under_its_table(
+    workspace: Workspace, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(
+        ["compare", FACTORY, "--calib", str(workspace.calib_npy), "--presets", "w8", *THREADS]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "layers run: float32: float" in out
+    assert re.search(r"layers run: w8: 3 conv \S+.*, 1 linear ", out)
+    assert "spread" in out and "layers run ┃" not in out  # a line each, not a wrapped cell

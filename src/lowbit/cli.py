@@ -354,7 +354,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
     from lowbit.report.html import COLUMNS
 
-    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    shown = [c for c in COLUMNS if c[0] != "kernels"]  # too wide for a cell: listed below
+    columns = [c for c in shown if any(r.get(c[0]) is not None for r in rows)]
     table = Table(title="lowbit compare")
     for key, title, _ in columns:
         table.add_column(title, justify="left" if key == "variant" else "right")
@@ -363,6 +364,12 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         cells = [fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in columns]
         table.add_row(*cells, style="yellow" if slow else None)
     Console(width=max(120, Console().width)).print(table)
+    by_kernels: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("kernels"):
+            by_kernels.setdefault(r["kernels"], []).append(r["variant"])
+    for kernels, names in by_kernels.items():
+        print(f"layers run: {', '.join(names)}: {kernels}")
 
 
 def _report(args: argparse.Namespace) -> int:

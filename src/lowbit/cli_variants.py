@@ -360,7 +360,7 @@ def slower_because(variant: Variant, reference: Latency) -> str:
     if dequantized:
         return (
             f"{head}: {dequantized} of {total} layers have no integer kernel for this preset and "
-            "dequantize their weights to compute in float, on top of quantizing their inputs"
+            "dequantize their weights to compute in float"
         )
     return (
         f"{head} though every layer runs an integer kernel ({kernel_summary(counts)}): each "

@@ -14,6 +14,7 @@ from lowbit.api import quantize
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.conversion import convert, int_modules, quantize_dynamic, quantize_weights
 from lowbit.kernels import onednn_conv_available
+from lowbit.kernels.conv import onednn_conv_exact
 from lowbit.nn.int_modules import IntConv, IntEmbedding, IntLinear, PerTokenQuantizer
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
@@ -210,9 +211,10 @@ def test_convert_digits_keeps_accuracy_and_warns_once(digits, digits_net):
         warnings.simplefilter("always")
         int_model = convert(sim)
     messages = [str(w.message) for w in record if "dequantize-then-float" in str(w.message)]
-    # The convolutions run oneDNN's int8 convolution (lowbit.kernels.conv) where PyTorch has it;
-    # elsewhere they are the only layers computed as dequantize-then-float, listed once.
-    if onednn_conv_available():
+    # The convolutions run oneDNN's int8 convolution (lowbit.kernels.conv) where PyTorch has it
+    # and it is exact (VNNI); elsewhere they are the only layers computed as
+    # dequantize-then-float, listed once.
+    if onednn_conv_available() and onednn_conv_exact(-127, 127):
         assert messages == []
         assert all(int_model.features[i].kernel == "onednn_qconv" for i in (0, 3, 6))
     else:
@@ -221,9 +223,12 @@ def test_convert_digits_keeps_accuracy_and_warns_once(digits, digits_net):
         assert "classifier" not in messages[0]
     assert int_model.classifier.kernel == "int_mm"
     assert int_model.lowbit_summary is sim.lowbit_summary
-    acc_sim = demo.accuracy(sim, digits.x_test, digits.y_test)
-    acc_int = demo.accuracy(int_model, digits.x_test, digits.y_test)
-    assert abs(acc_int - acc_sim) <= 0.2
+    with torch.no_grad():
+        changed = (int_model(digits.x_test).argmax(1) != sim(digits.x_test).argmax(1)).sum()
+    # Same integer sums, float rescales rounded differently: an activation moves by one step only
+    # where it sits on a rounding boundary (a sample in a hundred or fewer) and a prediction only
+    # where that moves the top logit below the next: 1 % of the samples bounds it.
+    assert int(changed) <= len(digits.x_test) // 100
     assert not any(isinstance(m, QuantModule) for m in int_model.modules())
     assert any(isinstance(m, QuantModule) for m in sim.modules())  # not inplace
 

@@ -5,7 +5,11 @@ odd shapes, a batch of one and empty batches. No timing here (benchmarks/)."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from torch import Tensor, nn
 from lowbit import kernels, numerics, presets
 from lowbit.api import quantize
 from lowbit.conversion import convert, quantize_dynamic, quantize_weights
+from lowbit.export import reduce_range_config
 from lowbit.kernels import dynamic, native, weight_only
 from lowbit.nn.int_modules import IntConv
 from lowbit.spec import PerChannel, QuantSpec
@@ -161,7 +166,10 @@ def test_vnni_detection(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
     assert not dynamic.u8_gemm_safe()
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True)
+    monkeypatch.setattr(dynamic, "int_mm_exact_here", lambda: True)
     assert dynamic.u8_gemm_safe()
+    monkeypatch.setattr(dynamic, "int_mm_exact_here", lambda: False)  # oneDNN capped below VNNI
+    assert not dynamic.u8_gemm_safe()
     monkeypatch.delattr(torch.cpu, "_is_vnni_supported")
     assert not dynamic.u8_gemm_safe()
 
@@ -276,13 +284,21 @@ class ConvNet(nn.Module):
 
 @pytest.mark.skipif(not kernels.onednn_conv_available(), reason="no oneDNN in this torch")
 @pytest.mark.parametrize(
-    "config,fused", [("int8", False), ("int8_asymmetric", False), ("int8", True)]
+    "config,fused",
+    [("int8", False), ("int8_asymmetric", False), ("int8", True), ("reduce_range", False)],
 )
 def test_onednn_conv_matches_simulation(config, fused, monkeypatch):
     monkeypatch.setitem(kernels.compile._state, "enabled", fused)
     torch.manual_seed(0)
     calib = [torch.randn(4, 3, 15, 13)]
-    sim = quantize(ConvNet(), getattr(presets, config)(), calib, progress=False)
+    if config == "reduce_range":  # 7-bit weights: oneDNN's conv is exact on any x86 CPU
+        qconfig = reduce_range_config(presets.int8_asymmetric())
+    else:
+        qconfig = getattr(presets, config)()
+    sim = quantize(ConvNet(), qconfig, calib, progress=False)
+    assert qconfig.weight is not None
+    if not kernels.conv.onednn_conv_exact(qconfig.weight.qmin, qconfig.weight.qmax):
+        pytest.skip("no VNNI here: 8-bit weights dequantize (test_int8_kernels_are_exact_here)")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no layer falls back
         int_model = convert(sim)
@@ -421,3 +437,77 @@ def test_failed_native_build_warns_once_and_keeps_the_eager_kernels(monkeypatch)
     assert native.ops() is None
     monkeypatch.setitem(kernels.compile._state, "enabled", False)  # the eager kernels
     torch.testing.assert_close(dyn(x), y, rtol=0, atol=0)
+
+
+def _saturating_codes(rows: int, k: int) -> Tensor:
+    """int8 codes at the ends of the range (127, -128, -127): every pair of their products
+    overflows int16 where a uint8 x int8 GEMM adds pairs without VNNI (255 * 127 * 2 > 2^15)."""
+    pattern = torch.tensor([127, 127, -128, -127, 127], dtype=torch.int8)
+    return pattern[torch.arange(rows * k) % len(pattern)].reshape(rows, k)
+
+
+def test_int8_kernels_are_exact_here(monkeypatch, record_property):
+    """Whatever kernels this CPU runs (oneDNN on AMX, AVX-512 VNNI or AVX2; lowbit's VNNI kernel
+    or not), int8 products are exact: the route taken is recorded, the result checked against
+    int64 / the simulation on codes that saturate a GEMM without VNNI."""
+    route = {
+        "aten": torch.backends.cpu.get_cpu_capability(),
+        "vnni": bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)()),
+        "int_mm_exact": dynamic.int_mm_exact_here(),
+        "dynamic_routes": ",".join(dynamic._default_routes()),
+    }
+    a, w = _saturating_codes(5, 37), _saturating_codes(11, 37)
+    exact = a.long() @ w.long().t()
+    assert torch.equal(dynamic.int_mm(a, dynamic.int_mm_operand(w), 11).long(), exact)
+    monkeypatch.setattr(dynamic, "int_mm_exact_here", lambda: False)  # the split of a non-VNNI CPU
+    assert dynamic.int_mm_operand(w).shape == (37, 22)
+    assert torch.equal(dynamic.int_mm(a, dynamic.int_mm_operand(w), 11).long(), exact)
+    monkeypatch.undo()
+    if kernels.onednn_conv_available():
+        torch.manual_seed(0)
+        sim = quantize(ConvNet(), presets.int8(), [torch.randn(4, 3, 15, 13)], progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # without VNNI the convs dequantize, and say so
+            int_model = convert(sim)
+        route["conv"] = int_model.pw.kernel
+        assert (route["conv"] == "onednn_qconv") == kernels.conv.onednn_conv_exact(-127, 127)
+        x = torch.randn(2, 3, 16, 16) * 4  # saturated inputs: uint8 codes at 0 and 255
+        with torch.no_grad():
+            assert _rel(int_model(x), sim(x)) < 1e-5  # exact sums, float rounding of the rescale
+    record_property("kernel_route", route)
+    print("kernel route:", route)
+
+
+def test_oneDNN_without_vnni_is_seen_and_avoided():
+    """Simulates a CPU without VNNI (oneDNN capped at AVX2, as on Zen 3 or Haswell): lowbit sees
+    that oneDNN's int8 GEMM saturates, splits the Linear weight and keeps 8-bit convs out of
+    oneDNN; 7-bit (reduce_range) weights still run oneDNN's int8 conv, exactly."""
+    script = f"""
+import sys, warnings, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from lowbit import presets
+from lowbit.api import quantize
+from lowbit.conversion import convert
+from lowbit.export import reduce_range_config
+from lowbit.kernels import dynamic, set_compile
+from test_kernels import ConvNet, _rel, _saturating_codes
+set_compile(False)
+assert not dynamic.int_mm_exact_here() and not dynamic.u8_gemm_safe()
+a, w = _saturating_codes(5, 37), _saturating_codes(11, 37)
+assert torch.equal(dynamic.int_mm(a, dynamic.int_mm_operand(w), 11).long(), a.long() @ w.long().t())
+torch.manual_seed(0)
+calib, x = [torch.randn(4, 3, 15, 13)], torch.randn(2, 3, 16, 16) * 4
+for config, kernel in ((presets.int8(), "dequantize"),
+                       (reduce_range_config(presets.int8_asymmetric()), "onednn_qconv")):
+    sim = quantize(ConvNet(), config, calib, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int_model = convert(sim)
+    assert int_model.pw.kernel == kernel, int_model.pw.kernel
+    with torch.no_grad():
+        assert _rel(int_model(x), sim(x)) < 1e-5
+"""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "isa:Intel AVX2\n" in out.stdout  # oneDNN's own report: the cap took effect

@@ -17,7 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lowbit.kernels import dynamic
 from lowbit.kernels.compile import Compiled
+
+# Without VNNI, oneDNN's int8 convolution adds pairs of uint8 x int8 products in saturating int16:
+# exact only for weight codes within this bound (255 * 64 * 2 < 2^15), e.g. reduce_range's 7 bits.
+UNSATURATED_WEIGHT = 64
 
 
 def onednn_conv_available() -> bool:
@@ -27,6 +32,12 @@ def onednn_conv_available() -> bool:
         and hasattr(torch.ops.onednn, "qconv_pointwise")
         and hasattr(torch.ops.onednn, "qconv_prepack")
     )
+
+
+def onednn_conv_exact(weight_qmin: int, weight_qmax: int) -> bool:
+    """True when oneDNN's int8 convolution sums exactly for weight codes in [qmin, qmax] here:
+    on VNNI (or AMX) CPUs always, elsewhere only within +-`UNSATURATED_WEIGHT`."""
+    return dynamic.u8_gemm_safe() or max(-weight_qmin, weight_qmax) <= UNSATURATED_WEIGHT
 
 
 def quantize_to_uint8(

@@ -13,7 +13,8 @@ the shape (`choose_route`, measured in docs/kernels.md):
 - "vnni": lowbit's own AVX-512 VNNI kernel (`kernels/csrc`), uint8 codes (q + 128) times the
   int8 weight in its own layout, the offset removed exactly. Fastest below `ONEDNN_MIN_ROWS`
   tokens (decoding, short batches).
-- "int_mm": `torch._int_mm` (oneDNN s8s8). The fallback everywhere (correct on every CPU).
+- "int_mm": `torch._int_mm` (oneDNN s8s8). The fallback everywhere; exact on every CPU through
+  `int_mm_operand` (the weight split in two halves where oneDNN's GEMM would saturate).
 - "fbgemm": fbgemm's `linear_with_input_q_dq_qweight_dq_output_fp32` fed the codes as floats
   with input scale 1 and zero point 128, so its own quantization step is exact; the weight scale
   is fused into its output. For 2-31 tokens where the VNNI kernel is not built.
@@ -52,12 +53,45 @@ ONEDNN_MIN_ROWS = 32
 # Without the VNNI kernel: one token times a weight of up to this many elements (K * N) runs
 # `_int_mm`, larger ones and 2-31 tokens fbgemm.
 SMALL_WEIGHT = 1 << 22
+_int_mm_exact: list[bool] = []  # `int_mm_exact_here`, once known
 
 
 def u8_gemm_safe() -> bool:
-    """True when this CPU's uint8 x int8 kernels (fbgemm, oneDNN) accumulate exactly (VNNI)."""
+    """True when this CPU's uint8 x int8 kernels (fbgemm, oneDNN) accumulate exactly: VNNI, and
+    oneDNN using it (`ONEDNN_MAX_CPU_ISA` can cap it below)."""
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    return bool(is_vnni is not None and is_vnni())
+    return bool(is_vnni is not None and is_vnni()) and int_mm_exact_here()
+
+
+@torch.compiler.disable  # a probe run once, eagerly, not a graph to trace
+def int_mm_exact_here() -> bool:
+    """Whether `torch._int_mm` sums full-range int8 products exactly on this CPU.
+
+    oneDNN's s8 x s8 GEMM shifts the left operand to uint8; without VNNI or AMX (AVX2, AVX-512
+    without VNNI) it adds pairs of products in saturating int16, and 255 * 127 * 2 > 32767 (an
+    int32 sum off by up to 2^15). Checked once on that worst case, so it holds whatever kernel
+    oneDNN picks."""
+    if not _int_mm_exact:
+        a = torch.tensor([[127, 127], [-128, -128]], dtype=torch.int8)
+        w = torch.tensor([[127, 127], [-127, -127]], dtype=torch.int8)
+        _int_mm_exact.append(torch.equal(torch._int_mm(a, w.t()), a.int() @ w.int().t()))
+    return _int_mm_exact[0]
+
+
+def int_mm_operand(codes: Tensor) -> Tensor:
+    """The right operand of `int_mm` for int8 weight codes [N, K]: codes^T [K, N] where
+    `torch._int_mm` is exact, else [K, 2N], the two halves floor(w / 2) and w - floor(w / 2),
+    each within [-64, 64], so a pair of products stays within 255 * 64 * 2 < 2^15."""
+    if codes.device.type != "cpu" or int_mm_exact_here():
+        return codes.t()
+    half = torch.div(codes, 2, rounding_mode="floor")
+    return torch.cat([half, codes - half]).t()
+
+
+def int_mm(a: Tensor, operand: Tensor, n: int) -> Tensor:
+    """a [M, K] int8 times `int_mm_operand` of an [n, K] weight -> [M, n] int32, exact."""
+    acc = torch._int_mm(a, operand)
+    return acc if operand.shape[1] == n else acc[:, :n] + acc[:, n:]
 
 
 def choose_route(m: int, k: int, n: int, available: tuple[Route, ...], native_ops: bool) -> Route:
@@ -106,7 +140,7 @@ class DynamicLinearWeights:
         routes: tuple[Route, ...] | None = None,
     ) -> None:
         self.codes = codes.to(torch.int8).contiguous()
-        self.w_t = self.codes.t()
+        self.w_t = int_mm_operand(self.codes)
         self.w_scale = w_scale.float().expand(self.codes.shape[0]).contiguous()
         self.bias = bias.float().contiguous()
         self.w_zero = torch.zeros(self.w_scale.shape, dtype=torch.int64)
@@ -237,6 +271,6 @@ def _eager(x: Tensor, w: DynamicLinearWeights, route: Route) -> Tensor:
             "",
         )  # acc * w_scale from uint8 codes (q + 128, zero point 128)
     else:
-        acc = torch._int_mm(q.to(torch.int8), w.w_t)
+        acc = int_mm(q.to(torch.int8), w.w_t, len(w.w_scale))
         return torch.addcmul(w.bias, acc.float().mul_(scale), w.w_scale)
     return torch.addcmul(w.bias, y, scale, out=y)

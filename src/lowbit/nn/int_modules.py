@@ -518,7 +518,8 @@ class IntLinear(IntModule):
         if spec.qmax > 127:  # uint8 codes: shift into int8, the difference q - zp is unchanged
             q, zp = q - 128, zp - 128
         w = self._cached("int8_weight", lambda: self.weight_codes().to(torch.int8))
-        acc = _int_matmul(q.to(torch.int8), w)
+        operand = self._cached("int_mm_operand", lambda: dynamic.int_mm_operand(w))
+        acc = _int_matmul(q.to(torch.int8), w, operand)
         if bool(zp.any()):
             row_sums = self._cached("row_sums", lambda: w.to(torch.int32).sum(1))
             acc = acc - zp.reshape(-1, 1) * row_sums
@@ -597,8 +598,9 @@ def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
-def _int_matmul(a: Tensor, w: Tensor) -> Tensor:
-    """a [M, K] int8 @ w [N, K]^T int8 -> int32, exact. `torch._int_mm` where it runs."""
+def _int_matmul(a: Tensor, w: Tensor, operand: Tensor) -> Tensor:
+    """a [M, K] int8 @ w [N, K]^T int8 -> int32, exact. `torch._int_mm` where it runs, on the
+    CPU through `operand` (`dynamic.int_mm_operand(w)`, exact where oneDNN would saturate)."""
     m, k = a.shape
     n = w.shape[0]
     if m == 0 or k == 0:
@@ -613,7 +615,7 @@ def _int_matmul(a: Tensor, w: Tensor) -> Tensor:
             pass
     else:
         try:
-            return torch._int_mm(a, w.t())
+            return dynamic.int_mm(a, operand, n)
         except RuntimeError:
             pass
     # Exact fallback: float64 holds every partial sum of int8 products for K < 2^38.
@@ -706,6 +708,7 @@ class IntConv(IntFallback):
             and w.scheme in ("uniform", "binary", "ternary")
             and w.qmin >= -128
             and w.qmax <= 127
+            and kernels.conv.onednn_conv_exact(w.qmin, w.qmax)
             and w.granularity in (PerTensor(), PerChannel(0))
             and not bool(self.weight_zero_point.any())
             and x is not None

@@ -15,7 +15,8 @@
 //   linear_vnni    lowbit's own AVX-512 VNNI kernel for a few rows (decoding): uint8 codes
 //                  (q + 128) times the int8 weight packed by vnni_pack, 128 * column sums
 //                  subtracted, so the int32 sums are exact.
-//   linear_int_mm  torch._int_mm on int8 codes (correct on every CPU).
+//   linear_int_mm  torch._int_mm on int8 codes; w_t of 2N columns: two halves of the weight,
+//                  summed (dynamic.int_mm_operand: exact on CPUs without VNNI).
 //   linear_fbgemm  fbgemm's packed GEMM fed the codes as floats with scale 1, zero point 128,
 //                  so its own quantization is exact; the weight scale is fused in its output.
 //   linear_onednn  oneDNN's qlinear_pointwise on uint8 codes (zero point 128).
@@ -444,7 +445,10 @@ at::Tensor linear_int_mm(const at::Tensor& x, const at::Tensor& w_t, const at::T
                          const at::Tensor& bias, int64_t qmax) {
   check_input(x, w_t.size(0), "linear_int_mm");
   auto [q, scale] = quantize_rows<int8_t>(x.contiguous(), qmax, at::kChar, 0.f, x.size(1));
-  auto y = at::_int_mm(q, w_t).to(at::kFloat);
+  auto acc = at::_int_mm(q, w_t);
+  const int64_t n = w_scale.size(0);
+  if (acc.size(1) != n) acc = acc.narrow(1, 0, n) + acc.narrow(1, n, n);  // the two halves
+  auto y = acc.to(at::kFloat);
   rescale(y, scale, w_scale.const_data_ptr<float>(), bias);
   return y;
 }

@@ -1,29 +1,34 @@
-"""EfficientNet-Lite0 in ONNX Runtime: lowbit's QDQ export against ORT's own quantize_static.
+"""EfficientNet-Lite0 in ONNX Runtime and OpenVINO: every static preset's export against FP32
+and against ONNX Runtime's own quantize_static.
 
 Models, all from the same float network and the same 64 calibration images (sorted file order):
 - fp32: `torch.onnx.export` of the float model;
-- lowbit int8_asymmetric / int8 (TensorRT-style): `lowbit.quantize` (min-max) + `export_onnx`;
-- lowbit int8_asymmetric fusable: `int8_asymmetric(fusable_outputs=True)`, which also quantizes
-  the conv outputs that reach the residual Adds and the pool (14 projection convs and the head),
-  so ORT can run every conv as QLinearConv; also with the MSE calibrator;
+- lowbit presets with their defaults (`int8()`, `int8_asymmetric()`, which quantize the layer
+  outputs ORT needs, `fusable_outputs=True`), exported with `export_onnx`'s default
+  target="onnxruntime"; `int8()` also with target="tensorrt" (int8 zero point 0, TensorRT's
+  form) and "openvino"; both presets also with `fusable_outputs=False` (the outputs that reach
+  the residual Adds and the pool left unquantized); `w4a8(None)`
+  (INT4 weights: no integer conv in either runtime, float compute);
 - ort quantize_static: `onnxruntime.quantization.quantize_static` of the fp32 file (QDQ,
-  per_channel=True, uint8 activations, int8 weights), with its default MinMax calibration and
-  with Percentile.
+  per_channel=True, uint8 activations, int8 weights), with MinMax and Percentile calibration.
 
 With --float64-control (slow: float64 convolutions), lowbit's own simulation of int8_asymmetric is
 also run in float64, to show how many images flip between two exact implementations that differ
 only in float rounding: the floor of the "agree" column for any runtime.
 
-Each is timed in ONNX Runtime (CPU, intra_op_num_threads=2, default graph optimizations) at batch 1
-and batch 32: warm-up, then the median of interleaved rounds (every model once per round, so a
-busy machine slows all of them alike). Top-1 is on the other 436 images; "agree" is top-1
-agreement with lowbit's own simulation of the same model. The graph ORT actually runs is saved
-(`SessionOptions.optimized_model_filepath`) and its integer convolutions counted.
+Each is timed in ONNX Runtime (CPU, 2 threads, default graph optimizations) and in OpenVINO (CPU,
+2 inference threads, static shapes) at batch 1 and batch 32: warm-up, then the median of
+interleaved rounds (every model once per round, so a busy machine slows all of them alike), with
+the spread (the middle half of the rounds). Top-1 is on the other 436 images; "agree" is top-1
+agreement with lowbit's own simulation of the same model (with --agree: the simulation is slow,
+so it is off by default). The graph ORT actually runs is saved
+(`SessionOptions.optimized_model_filepath`) and its integer convolutions counted. The CPU (model
+name and VNNI / AMX flags) is printed with the table.
 
     .venv/bin/python benchmarks/onnx_runtime.py [--data DIR] [--rounds N] [--eval-limit N]
-                                                [--float64-control]
+                                                [--agree] [--float64-control] [--no-openvino]
 
-Prints a markdown table and writes benchmarks/results/onnx_runtime.json.
+Prints markdown tables and writes benchmarks/results/onnx_runtime.json.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ import argparse
 import copy
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,7 @@ from torch import Tensor, nn
 
 from lowbit import presets
 from lowbit.api import quantize
+from lowbit.config import QuantConfig
 from lowbit.export import export_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,20 +68,64 @@ THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_runtime.json"
 INT8_CONVS = ("QLinearConv", "ConvInteger")
 FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
+Runner = Callable[[np.ndarray], np.ndarray]
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+# Every preset whose export has integer activations, with its defaults, and the variants that
+# show what each default buys.
+CONFIGS: dict[str, Callable[[], QuantConfig]] = {
+    "int8()": presets.int8,
+    "int8(fusable_outputs=False)": lambda: presets.int8(fusable_outputs=False),
+    "int8_asymmetric()": presets.int8_asymmetric,
+    "int8_asymmetric(fusable_outputs=False)": lambda: presets.int8_asymmetric(
+        fusable_outputs=False
+    ),
+    "w4a8(None)": lambda: presets.w4a8(None),
+}
+ORT, OPENVINO = "onnxruntime", "openvino"
+# (config, export target, the runtimes that run that file)
+EXPORTS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("int8()", "onnxruntime", (ORT, OPENVINO)),
+    ("int8()", "openvino", (OPENVINO,)),
+    ("int8()", "tensorrt", (ORT, OPENVINO)),
+    ("int8(fusable_outputs=False)", "onnxruntime", (ORT,)),
+    ("int8_asymmetric()", "onnxruntime", (ORT, OPENVINO)),
+    ("int8_asymmetric(fusable_outputs=False)", "onnxruntime", (ORT,)),
+    ("w4a8(None)", "onnxruntime", (ORT, OPENVINO)),
+]
+ORT_STATIC = ("MinMax", "Percentile")
 
 
 @dataclass
 class Row:
     name: str
-    how: str
+    runtime: str
     file_mb: float = 0.0
     top1: float | None = None
     agree: float | None = None
     ms_b1: float | None = None
     ms_b32: float | None = None
+    spread_b32: float | None = None  # interquartile range of the batch-32 rounds, ms
     int8_convs: str = ""
     optimized_ops: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the integer-matmul ISA flags it has (Linux), for the tables."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return platform.processor() or platform.machine()
+    text = info.read_text()
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+        platform.machine(),
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    have = [f for f in ISA_FLAGS if f in flags]
+    return f"{name} ({', '.join(have) or 'no AVX2 / VNNI / AMX'}; {os.cpu_count()} logical CPUs)"
 
 
 def export_fp32(model: nn.Module, example: Tensor, path: Path) -> None:
@@ -131,9 +183,35 @@ def session(path: Path, optimized_to: Path | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def predict(sess: Any, x: Tensor) -> Tensor:
-    outs = [sess.run(None, {"input": b.numpy()})[0] for b in x.split(BATCH)]
-    return torch.from_numpy(np.concatenate(outs))
+def ort_runner(path: Path) -> Runner:
+    sess = session(path)
+    return lambda x: sess.run(None, {"input": x})[0]
+
+
+def openvino_runner(path: Path, sample_shape: tuple[int, ...]) -> Runner:
+    """OpenVINO on the CPU, compiled for batch 1 and batch 32 (static shapes, its fast case),
+    f32 where not quantized (AMX CPUs would otherwise run the float parts in bf16)."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": THREADS, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = {}
+    for batch in (1, BATCH):
+        model = core.read_model(str(path))
+        model.reshape([batch, *sample_shape])
+        compiled[batch] = core.compile_model(model, "CPU", config)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if n not in compiled:  # a last, partial batch: pad it to the compiled size
+            x = np.concatenate([x, np.repeat(x[-1:], BATCH - n, axis=0)])
+        return np.asarray(compiled[len(x)](x)[0])[:n]
+
+    return run
+
+
+def predict(run: Runner, x: Tensor) -> Tensor:
+    return torch.from_numpy(np.concatenate([run(b.numpy()) for b in x.split(BATCH)]))
 
 
 def simulate(model: nn.Module, x: Tensor) -> Tensor:
@@ -157,25 +235,33 @@ def optimized_ops(path: Path, tmp: Path) -> dict[str, int]:
     return dict(Counter(n.op_type for n in onnx.load(str(out)).graph.node))
 
 
-def time_models(sessions: dict[str, Any], x: Tensor, rounds: int) -> dict[str, tuple[float, float]]:
-    """Median ms at batch 1 and batch 32, interleaving the models round by round."""
+def time_models(runners: dict[str, Runner], x: Tensor, rounds: int) -> dict[str, list[float]]:
+    """[median ms at batch 1, median and interquartile range ms at batch 32] per model, the
+    models interleaved round by round after a warm-up."""
     b1, b32 = x[:1].numpy(), x[:BATCH].numpy()
-    for sess in sessions.values():  # warm-up
+    for run in runners.values():
         for _ in range(3):
-            sess.run(None, {"input": b1})
-        sess.run(None, {"input": b32})
-    t1: dict[str, list[float]] = {k: [] for k in sessions}
-    t32: dict[str, list[float]] = {k: [] for k in sessions}
+            run(b1)
+        run(b32)
+    t1: dict[str, list[float]] = {k: [] for k in runners}
+    t32: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
-        for name, sess in sessions.items():
+        for name, run in runners.items():
             for _ in range(5):
                 t0 = time.perf_counter()
-                sess.run(None, {"input": b1})
-                t1[name].append(time.perf_counter() - t0)
+                run(b1)
+                t1[name].append(1e3 * (time.perf_counter() - t0))
             t0 = time.perf_counter()
-            sess.run(None, {"input": b32})
-            t32[name].append(time.perf_counter() - t0)
-    return {k: (1e3 * statistics.median(t1[k]), 1e3 * statistics.median(t32[k])) for k in sessions}
+            run(b32)
+            t32[name].append(1e3 * (time.perf_counter() - t0))
+    return {k: [statistics.median(t1[k]), statistics.median(t32[k]), _iqr(t32[k])] for k in runners}
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
 
 
 def fmt(value: float | None, spec: str = ".2f") -> str:
@@ -184,26 +270,91 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 
 def table(rows: list[Row]) -> str:
     head = (
-        "| model | file MB | top-1 % | agree w/ lowbit sim % | ms batch 1 | ms batch 32 | "
-        "int8 convs in ORT's graph |"
+        "| model | file MB | top-1 % | agree w/ lowbit sim % | ms batch 1 | ms batch 32 (spread) "
+        "| int8 convs in ORT's graph |"
     )
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         top1 = None if r.top1 is None else 100 * r.top1
         agree = None if r.agree is None else 100 * r.agree
         lines.append(
-            f"| {r.name} | {r.file_mb:.1f} | {fmt(top1)} | {fmt(agree)} | {fmt(r.ms_b1)} | "
-            f"{fmt(r.ms_b32, '.0f')} | {r.int8_convs} |"
+            f"| {r.name} | {r.file_mb:.1f} | {fmt(top1)} | {fmt(agree)} | {fmt(r.ms_b1, '.1f')} | "
+            f"{fmt(r.ms_b32, '.0f')} ({fmt(r.spread_b32, '.0f')}) | {r.int8_convs or '-'} |"
         )
     return "\n".join(lines)
+
+
+def export_lowbit(
+    fp32: nn.Module, calib: Tensor, evals: Tensor | None, tmp: Path, log: Callable[[str], None]
+) -> tuple[dict[str, Path], dict[str, Tensor], nn.Module]:
+    """Quantize with each config, export each (config, target): the files, keyed by row name,
+    each config's simulated logits on `evals` (if given), and the int8_asymmetric() model."""
+    paths: dict[str, Path] = {}
+    sims: dict[str, Tensor] = {}
+    asym: nn.Module | None = None
+    for config_name, make in CONFIGS.items():
+        qmodel = quantize(fp32, make(), list(calib.split(BATCH)), progress=False)
+        if evals is not None:
+            sims[config_name] = simulate(qmodel, evals)
+        asym = qmodel if config_name == "int8_asymmetric()" else asym
+        for i, (name, target, _) in enumerate(e for e in EXPORTS if e[0] == config_name):
+            paths[row_name(name, target)] = export_onnx(
+                qmodel, calib[:1], tmp / f"{len(paths)}_{i}.onnx", target=target
+            )
+        log(f"quantized and exported {config_name}")
+    assert asym is not None
+    return paths, sims, asym
+
+
+def row_name(config: str, target: str) -> str:
+    return f"lowbit {config}, target={target}"
+
+
+def measure(
+    runtime: str,
+    paths: dict[str, Path],
+    sims: dict[str, Tensor],
+    split: Any,
+    rounds: int,
+    tmp: Path,
+) -> list[Row]:
+    """Top-1, agreement and interleaved timings of the files `runtime` runs."""
+    names = ["fp32"] + [row_name(c, t) for c, t, rt in EXPORTS if runtime in rt]
+    names += [f"ort quantize_static {m}" for m in ORT_STATIC]
+    runners: dict[str, Runner] = {}
+    rows: list[Row] = []
+    for name in names:
+        path = paths[name]
+        if runtime == ORT:
+            runners[name] = ort_runner(path)
+        else:
+            runners[name] = openvino_runner(path, tuple(split.evals.shape[1:]))
+        row = Row(name, runtime, path.stat().st_size / 1e6)
+        pred = predict(runners[name], split.evals).argmax(1)
+        row.top1 = (pred == split.labels).float().mean().item()
+        config = name.removeprefix("lowbit ").split(", target=")[0]
+        if config in sims:
+            row.agree = (pred == sims[config].argmax(1)).float().mean().item()
+        if runtime == ORT:
+            row.optimized_ops = optimized_ops(path, tmp)
+            n_int = sum(row.optimized_ops.get(k, 0) for k in INT8_CONVS)
+            n_all = n_int + sum(row.optimized_ops.get(k, 0) for k in FLOAT_CONVS)
+            row.int8_convs = f"{n_int}/{n_all}"
+        rows.append(row)
+    timings = time_models(runners, split.evals, rounds)
+    for row in rows:
+        row.ms_b1, row.ms_b32, row.spread_b32 = timings[row.name]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="imagenet-sample folder")
-    parser.add_argument("--rounds", type=int, default=10, help="timing rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds")
     parser.add_argument("--eval-limit", type=int, default=None, help="smoke runs: fewer images")
+    parser.add_argument("--agree", action="store_true", help="agreement with the simulation")
     parser.add_argument("--float64-control", action="store_true", help="see the docstring")
+    parser.add_argument("--no-openvino", action="store_true", help="ONNX Runtime only")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     data_dir = find_data_dir(args.data, "onnx_runtime benchmark")
@@ -211,79 +362,57 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
-    split = calib_eval_split(data_dir, N_CALIB, args.eval_limit)
-    calib, evals, labels = split.calib, split.evals, split.labels
-    print(f"calibrate on {len(calib)} images, evaluate on {len(evals)}; {THREADS} threads")
 
+    def log(what: str) -> None:
+        print(f"[{time.perf_counter() - start:5.0f}s] {what}", flush=True)
+
+    split = calib_eval_split(data_dir, N_CALIB, args.eval_limit)
+    calib = split.calib
+    cpu = cpu_description()
+    print(f"CPU: {cpu}")
+    print(f"calibrate on {len(calib)} images, evaluate on {len(split.evals)}; {THREADS} threads")
+    runtimes = [ORT] if args.no_openvino else [ORT, OPENVINO]
     fp32 = load_model()
-    lowbit_models = {
-        "lowbit int8_asymmetric": presets.int8_asymmetric(),
-        "lowbit int8_asymmetric fusable": presets.int8_asymmetric(fusable_outputs=True),
-        "lowbit int8_asymmetric fusable mse": presets.int8_asymmetric("mse", fusable_outputs=True),
-        "lowbit int8 (TensorRT-style)": presets.int8(),
-    }
     rows: list[Row] = []
-    sessions: dict[str, Any] = {}
+    control: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        paths: dict[str, Path] = {}
+        agree = args.agree or args.float64_control
+        paths, sims, asym = export_lowbit(fp32, calib, split.evals if agree else None, tmp, log)
+        if args.float64_control:
+            control = float64_control(asym, split.evals, sims["int8_asymmetric()"])
         paths["fp32"] = tmp / "fp32.onnx"
         export_fp32(fp32, calib[:1], paths["fp32"])
-        rows.append(Row("fp32", "torch.onnx.export"))
-        sims: dict[str, Tensor] = {}
-        control: dict[str, Any] | None = None
-        for name, config in lowbit_models.items():
-            qmodel = quantize(fp32, config, list(calib.split(BATCH)), progress=False)
-            paths[name] = tmp / f"{'_'.join(name.split()[1:3])}.onnx"
-            t0 = time.perf_counter()
-            export_onnx(qmodel, calib[:1], paths[name])
-            row = Row(name, "lowbit.quantize + export_onnx")
-            row.notes.append(f"export {time.perf_counter() - t0:.1f}s")
-            sims[name] = simulate(qmodel, evals)
-            if args.float64_control and control is None:
-                control = float64_control(qmodel, evals, sims[name])
-            rows.append(row)
-            print(f"[{time.perf_counter() - start:5.0f}s] exported {name}", flush=True)
-        for method in ("MinMax", "Percentile"):
-            name = f"ort quantize_static {method}"
-            paths[name] = tmp / f"ort_static_{method}.onnx"
-            ort_quantize_static(paths["fp32"], calib, paths[name], method)
-            rows.append(Row(name, f"QDQ, per_channel, u8/s8, {method}"))
-            print(f"[{time.perf_counter() - start:5.0f}s] ORT quantize_static {method}", flush=True)
+        for method in ORT_STATIC:
+            paths[f"ort quantize_static {method}"] = tmp / f"ort_static_{method}.onnx"
+            ort_quantize_static(
+                paths["fp32"], calib, paths[f"ort quantize_static {method}"], method
+            )
+        log("ORT quantize_static")
+        for runtime in runtimes:
+            rows += measure(runtime, paths, sims, split, args.rounds, tmp)
+            log(f"measured in {runtime}")
 
-        for row in rows:
-            path = paths[row.name]
-            row.file_mb = path.stat().st_size / 1e6
-            sessions[row.name] = session(path)
-            logits = predict(sessions[row.name], evals)
-            row.top1 = (logits.argmax(1) == labels).float().mean().item()
-            if row.name in sims:
-                row.agree = (logits.argmax(1) == sims[row.name].argmax(1)).float().mean().item()
-            ops = optimized_ops(path, tmp)
-            row.optimized_ops = ops
-            convs = sum(ops.get(k, 0) for k in INT8_CONVS + FLOAT_CONVS)
-            row.int8_convs = f"{sum(ops.get(k, 0) for k in INT8_CONVS)}/{convs}"
-            print(f"[{time.perf_counter() - start:5.0f}s] evaluated {row.name}", flush=True)
-        timings = time_models(sessions, evals, args.rounds)
-    for row in rows:
-        row.ms_b1, row.ms_b32 = timings[row.name]
-
-    print()
-    print(table(rows))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"\nCPU: {cpu}; load average {load}; median of {args.rounds} interleaved rounds")
+    for runtime in runtimes:
+        print(f"\n{runtime} ({THREADS} threads), EfficientNet-Lite0:\n")
+        print(table([r for r in rows if r.runtime == runtime]))
     if control is not None:
         print(
             f"\ncontrol: lowbit's float64 simulation vs its float32 one (int8_asymmetric): "
             f"top-1 agreement {100 * control['agree']:.2f}%, max |logit difference| "
             f"{control['max']:.3f}"
         )
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     meta = {
         "model": "efficientnet-lite0",
+        "cpu": cpu,
         "n_calib": N_CALIB,
-        "n_eval": len(evals),
+        "n_eval": len(split.evals),
         "threads": THREADS,
         "timing": f"median of {args.rounds} interleaved rounds (5 runs at batch 1, 1 at 32)",
         "onnxruntime": __import__("onnxruntime").__version__,
+        "openvino": None if args.no_openvino else __import__("openvino").__version__,
         "torch": torch.__version__,
         "load_average_1min": load,
         "total_s": time.perf_counter() - start,
@@ -291,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "rows": [asdict(r) for r in rows], "float64_control": control}
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nload average {load}; wrote {args.out}")
+    print(f"\n{time.perf_counter() - start:.0f} s in all; wrote {args.out}")
     return 0
 
 

@@ -578,3 +578,26 @@ def test_runtime_input_errors_exit_2_naming_the_batch(
     np.savez(four_channels, x=np.zeros((3, 4, 8, 8), np.float32), y=np.zeros(3, dtype=np.int64))
     line = run_fails(capsys, "eval", FACTORY, "--data", str(four_channels))
     assert "--data batch 0 (a tensor of shape (3, 4, 8, 8), float32) does not fit the model" in line
+
+
+def test_quantize_target_chooses_the_activation_type(
+    workspace: Workspace, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    import onnx
+    from onnx import TensorProto
+
+    from lowbit.cli import TARGET_CHOICES
+    from lowbit.export._targets import TARGETS
+
+    assert TARGET_CHOICES == TARGETS
+    types = {}
+    for target in ("onnxruntime", "tensorrt"):
+        out = tmp_path / f"{target}.onnx"
+        run_json(
+            capsys, "quantize", FACTORY, "--calib", str(workspace.calib_npy), "--target", target,
+            "-o", str(out),
+        )  # fmt: skip
+        model = onnx.load(str(out))
+        zero_points = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        types[target] = {t.data_type for t in model.graph.initializer if t.name in zero_points}
+    assert types == {"onnxruntime": {TensorProto.UINT8}, "tensorrt": {TensorProto.INT8}}

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 PRESET_CHOICES = ("int8", "int8-asym", "w8", "w16", "w4", "w4a8", "dynamic", "binary", "ternary")
 CALIBRATOR_CHOICES = ("minmax", "percentile", "entropy", "mse")
+TARGET_CHOICES = ("onnxruntime", "openvino", "tensorrt")  # lowbit.export's targets
 
 
 class UsageError(ValueError):
@@ -222,7 +223,7 @@ def _quantize(args: argparse.Namespace) -> int:
         progress=not args.json,
     )
     if out.suffix == ".onnx":
-        _export_onnx(variant.model, calib.example(), out)
+        _export_onnx(variant.model, calib.example(), out, args.target)
     else:
         from lowbit.cli_models import save_lowbit
 
@@ -256,14 +257,14 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_onnx(model: Any, example: Any, out: Path) -> None:
+def _export_onnx(model: Any, example: Any, out: Path, target: str) -> None:
     try:
         from lowbit.export import export_onnx
     except ImportError as error:
         raise UsageError(
             f"ONNX export is not available in this lowbit ({error}); write a .lowbit file"
         ) from None
-    export_onnx(model, example, out)
+    export_onnx(model, example, out, target=target)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -546,6 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", default="int8", choices=PRESET_CHOICES, help="default: int8")
     q.add_argument("--calibrator", default="minmax", choices=CALIBRATOR_CHOICES)
     q.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.onnx or OUT.lowbit")
+    q.add_argument(
+        "--target",
+        default="onnxruntime",
+        choices=TARGET_CHOICES,
+        help="the runtime an OUT.onnx is for (default: onnxruntime; see docs/export.md)",
+    )
     _add_data_options(q)
     q.set_defaults(run=_quantize)
 

@@ -10,16 +10,22 @@ _INT8_WEIGHT = QuantSpec(bits=8, narrow_range=True, granularity=PerChannel(0))
 _INT8_ACT = QuantSpec(bits=8, narrow_range=True, granularity=PerTensor())
 
 
-def int8(calibrator: str = "minmax") -> QuantConfig:
-    """W8A8 as TensorRT: per-channel symmetric int8 weights, per-tensor symmetric int8 inputs."""
-    return QuantConfig(weight=_INT8_WEIGHT, input=_INT8_ACT, calibrator=calibrator)
+def int8(calibrator: str = "minmax", fusable_outputs: bool = True) -> QuantConfig:
+    """W8A8 as TensorRT: per-channel symmetric int8 weights, per-tensor symmetric int8 inputs.
+
+    fusable_outputs (default True) also quantizes the layer outputs that feed residual Adds,
+    pools and the like (`QuantConfig.fusable_outputs`): ONNX Runtime and TensorRT run a layer in
+    integer only when its output is quantized. False quantizes layer inputs only.
+    """
+    return QuantConfig(
+        weight=_INT8_WEIGHT, input=_INT8_ACT, calibrator=calibrator, fusable_outputs=fusable_outputs
+    )
 
 
-def int8_asymmetric(calibrator: str = "minmax", fusable_outputs: bool = False) -> QuantConfig:
+def int8_asymmetric(calibrator: str = "minmax", fusable_outputs: bool = True) -> QuantConfig:
     """W8A8 as ONNX Runtime and TFLite: int8 per-channel weights, uint8 affine inputs.
 
-    fusable_outputs=True also quantizes the layer outputs that feed residual Adds, pools and the
-    like (`QuantConfig.fusable_outputs`), so ONNX Runtime runs every conv as QLinearConv.
+    fusable_outputs: as in `int8`; with it ONNX Runtime runs every conv as QLinearConv.
     """
     act = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor())
     return QuantConfig(

@@ -201,10 +201,10 @@ def fold_zero_pad_into_conv(graph: Any) -> int:
     from onnx import helper
 
     inits = {t.name: t for t in graph.initializer}
-    consumers = _consumers(graph)
+    readers = consumers(graph)
     folded: set[int] = set()
     for pad in graph.node:
-        users = consumers.get(pad.output[0], []) if pad.op_type == "Pad" else []
+        users = readers.get(pad.output[0], []) if pad.op_type == "Pad" else []
         if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]:
             continue
         conv = users[0]
@@ -249,7 +249,8 @@ def _zero_pad_amounts(pad: Any, inits: dict[str, Any]) -> list[int] | None:
     return amounts
 
 
-def _consumers(graph: Any) -> dict[str, list[Any]]:
+def consumers(graph: Any) -> dict[str, list[Any]]:
+    """Each tensor name -> the nodes that read it."""
     out: dict[str, list[Any]] = defaultdict(list)
     for node in graph.node:
         for name in node.input:

@@ -38,6 +38,7 @@ from lowbit.export._sites import (
     needs_opset_21,
     weight_site,
 )
+from lowbit.export._targets import DEFAULT_TARGET, check_target, retarget
 from lowbit.export._trace import (
     DynamicAxes,
     KeywordCall,
@@ -66,6 +67,7 @@ def export_onnx(
     dynamic_axes: DynamicAxes | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    target: str = DEFAULT_TARGET,
 ) -> Path:
     """Export a model from `lowbit.quantize` (or `prepare_qat`) to ONNX with Q/DQ nodes.
 
@@ -93,6 +95,13 @@ def export_onnx(
         dim 1 of token inputs (2-D int64 / int32 tensors) "sequence" (the exporter leaves the
         outputs' other dims symbolic). `{}` fixes every shape.
 
+    target: the runtime the file is for, "onnxruntime" (default), "openvino" or "tensorrt".
+        The numbers are the same; the form is the one that runtime runs fast. For ONNX Runtime
+        and OpenVINO signed 8-bit activations are written as uint8 with the zero point moved by
+        128 (ORT's x86 kernels are u8 x s8), and for ORT a Relu / Clip between a layer and its
+        QuantizeLinear becomes a Clip of the codes after it, so the layer fuses into QLinearConv
+        / QLinearMatMul. TensorRT gets int8 activations with zero point 0, which it requires.
+
     The model runs in eval mode (dropout off) while exporting; every submodule's own mode is
     restored afterwards.
 
@@ -104,6 +113,7 @@ def export_onnx(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    runtime = check_target(target)
     inputs = as_inputs(example_inputs)
     out = Path(path)
     quantized = _quant_modules(model)
@@ -119,7 +129,7 @@ def export_onnx(
         traced = _trace(call, inputs.tensors, names, opset, quantized, sites)
     proto = onnx.load_from_string(traced)
     strip_prefix(proto.graph, "model.")
-    _rewrite(proto, sites, opset, reduce_range)
+    _rewrite(proto, sites, opset, reduce_range, runtime)
     onnx.checker.check_model(proto, full_check=True)
     write_atomic(out, proto.SerializeToString())
     return out
@@ -327,13 +337,16 @@ def _stubs(quantized: dict[str, QuantModule], sites: dict[str, Site]) -> Iterato
         _ACTIVE.clear()
 
 
-def _rewrite(proto: Any, sites: dict[str, Site], opset: int, reduce_range: bool) -> None:
+def _rewrite(
+    proto: Any, sites: dict[str, Site], opset: int, reduce_range: bool, target: str
+) -> None:
     from onnx import helper
 
     graph = proto.graph
     _graph.fold_constants(graph)
     _graph.replace_markers(graph, sites)
     _graph.fold_zero_pad_into_conv(graph)
+    retarget(graph, target)
     _graph.prune_initializers(graph)
     del proto.opset_import[:]
     proto.opset_import.append(helper.make_opsetid("", opset))
@@ -341,5 +354,10 @@ def _rewrite(proto: Any, sites: dict[str, Site], opset: int, reduce_range: bool)
         proto.ir_version = max(proto.ir_version, 10)
     proto.producer_name = "lowbit"
     helper.set_model_props(
-        proto, {"lowbit.qdq": "1", "lowbit.reduce_range": str(reduce_range).lower()}
+        proto,
+        {
+            "lowbit.qdq": "1",
+            "lowbit.reduce_range": str(reduce_range).lower(),
+            "lowbit.target": target,
+        },
     )

@@ -1,0 +1,204 @@
+"""The runtime an export is for: the same numbers, written in the form that runtime runs fast.
+
+- ONNX Runtime's x86 integer kernels (QLinearConv, QLinearMatMul) multiply uint8 activations by
+  int8 weights; with int8 activations they take a slow path. A signed 8-bit activation with zero
+  point z is written as uint8 with zero point z + 128: codes move by 128 and saturate at the same
+  ends, so every dequantized value is the same. OpenVINO reads either form.
+- ONNX Runtime fuses `DQ -> Conv -> Q` into QLinearConv only when nothing sits between the Conv
+  and its Q. A Relu / Clip there (ReLU6 before a symmetric quantizer) is moved after the Q as a
+  Clip of the integer codes: Q is monotone, so Q(clip(x, lo, hi)) = clamp(Q(x), Q(lo), Q(hi)).
+- TensorRT accepts only int8 Q/DQ with zero point 0: the file stays as traced, and an affine
+  (uint8) activation is a ValueError rather than a file TensorRT refuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lowbit.export._graph import consumers
+
+TARGETS = ("onnxruntime", "openvino", "tensorrt")
+DEFAULT_TARGET = "onnxruntime"
+_UINT8_ACTIVATIONS = ("onnxruntime", "openvino")
+_CODES_CLIP = ("onnxruntime",)
+_CLIPS = ("Relu", "Clip")
+_SAFE_FROM_HALF = 1e-3  # a bound this close to a rounding tie keeps its float Clip
+
+
+def check_target(target: object) -> str:
+    """`target` if it names a supported runtime, else a ValueError listing them."""
+    if not isinstance(target, str) or target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
+    return target
+
+
+def retarget(graph: Any, target: str) -> None:
+    """Rewrite a QDQ graph (Q/DQ already in place) into `target`'s fast form, values unchanged."""
+    if target in _UINT8_ACTIVATIONS:
+        activations_as_uint8(graph)
+    if target in _CODES_CLIP:
+        clip_codes_after_quantize(graph)
+    if target == "tensorrt":
+        check_int8_zero_point(graph)
+
+
+def check_int8_zero_point(graph: Any) -> None:
+    """TensorRT reads only int8 QuantizeLinear with zero point 0: a ValueError naming the first
+    quantizer that is not (uint8 / affine activations have no exact int8 zero-point-0 form)."""
+    inits = _constants(graph)
+    for q in graph.node:
+        zero_point = inits.get(q.input[2]) if len(q.input) > 2 else None
+        if q.op_type != "QuantizeLinear" or (
+            zero_point is not None and zero_point.dtype == np.int8 and not zero_point.any()
+        ):
+            continue
+        where = q.name.removesuffix("/QuantizeLinear")
+        kind = (
+            "uint8 with zero point 0"
+            if zero_point is None
+            else (f"{zero_point.dtype} with zero point {zero_point.tolist()}")
+        )
+        raise ValueError(
+            f"target='tensorrt' needs symmetric int8 activations (zero point 0), but {where} "
+            f"is quantized as {kind}: "
+            "quantize with presets.int8() for TensorRT, or export with "
+            "target='onnxruntime' / 'openvino'"
+        )
+
+
+def activations_as_uint8(graph: Any) -> int:
+    """int8 QuantizeLinear -> DequantizeLinear pairs become uint8, zero point + 128.
+
+    Only activations are touched: weights have no QuantizeLinear, so their int8 zero points (the
+    u8 x s8 kernels want int8 weights) stay. Returns how many zero points moved.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    names = {n.input[2] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    moved = 0
+    for i, tensor in enumerate(graph.initializer):
+        if tensor.name in names and tensor.data_type == TensorProto.INT8:
+            shifted = numpy_helper.to_array(tensor).astype(np.int16) + 128
+            graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(shifted.astype(np.uint8), tensor.name)
+            )
+            moved += 1
+    return moved
+
+
+def clip_codes_after_quantize(graph: Any) -> int:
+    """`Relu / Clip -> QuantizeLinear` becomes `QuantizeLinear -> Clip` of the codes.
+
+    Exact (see the module docstring), and the Conv before it then meets its Q directly, as
+    QLinearConv needs. A clip that removes no code is dropped; one whose bound lies within float
+    rounding of a rounding tie, or a per-axis Q, is left as it is. Returns how many were moved.
+    """
+    from onnx import helper
+
+    inits = _constants(graph)
+    users = consumers(graph)
+    outputs = {o.name for o in graph.output}
+    moved: dict[str, tuple[Any, list[str]]] = {}  # Q name -> (clip node, its new inputs)
+    for clip in graph.node:
+        readers = users.get(clip.output[0], [])
+        if clip.op_type not in _CLIPS or len(readers) != 1 or clip.output[0] in outputs:
+            continue
+        q = readers[0]
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            continue
+        bounds = _code_bounds(clip, q, inits)
+        if bounds is not None:
+            moved[q.name] = (clip, _bound_inputs(graph, q, bounds, inits))
+    dropped = {id(clip) for clip, _ in moved.values()}
+    nodes: list[Any] = []
+    for node in graph.node:
+        if id(node) in dropped:
+            continue
+        nodes.append(node)
+        if node.name not in moved:
+            continue
+        clip, bound_inputs = moved[node.name]
+        node.input[0] = clip.input[0]
+        if bound_inputs:
+            codes = f"{node.output[0]}_unclipped"
+            clipped = node.output[0]
+            node.output[0] = codes
+            nodes.append(
+                helper.make_node(
+                    "Clip", [codes, *bound_inputs], [clipped], name=f"{clip.name}/codes"
+                )
+            )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(moved)
+
+
+def _constants(graph: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+
+def _code_bounds(
+    clip: Any, q: Any, inits: dict[str, np.ndarray]
+) -> tuple[int | None, int | None] | None:
+    """The clip's bounds as codes of `q` (None where it removes no code), or None if not exact."""
+    scale, zero_point = inits.get(q.input[1]), inits.get(q.input[2])
+    if scale is None or zero_point is None or scale.size != 1:
+        return None
+    lo_hi = _float_bounds(clip, inits)
+    if lo_hi is None:
+        return None
+    info = np.iinfo(zero_point.dtype)
+    codes: list[int | None] = []
+    for bound, limit in zip(lo_hi, (info.min, info.max), strict=True):
+        if bound is None:
+            codes.append(None)
+            continue
+        steps = np.float32(bound) / np.float32(scale.item())
+        if abs(abs(steps - np.floor(steps)) - 0.5) < _SAFE_FROM_HALF:
+            return None
+        code = int(np.clip(np.rint(steps) + int(zero_point.item()), info.min, info.max))
+        codes.append(None if code == limit else code)
+    return codes[0], codes[1]
+
+
+def _float_bounds(
+    clip: Any, inits: dict[str, np.ndarray]
+) -> tuple[float | None, float | None] | None:
+    """(min, max) of a Relu / Clip with constant bounds (None for an absent one)."""
+    if clip.op_type == "Relu":
+        return 0.0, None
+    if any(a.name in ("min", "max") for a in clip.attribute):  # opset < 11 form: not traced
+        return None
+    bounds: list[float | None] = []
+    for i in (1, 2):
+        name = clip.input[i] if len(clip.input) > i else ""
+        if name and name not in inits:
+            return None
+        bounds.append(float(inits[name]) if name else None)
+    return bounds[0], bounds[1]
+
+
+def _bound_inputs(
+    graph: Any, q: Any, bounds: tuple[int | None, int | None], inits: dict[str, np.ndarray]
+) -> list[str]:
+    """Initializers holding the code bounds, in the zero point's type; [] when none clips."""
+    from onnx import numpy_helper
+
+    if bounds == (None, None):
+        return []
+    zero_point = inits[q.input[2]]
+    names = []
+    for which, code in zip(("min", "max"), bounds, strict=True):
+        if code is None:
+            names.append("")
+            continue
+        name = f"{q.name}/clip_{which}"
+        graph.initializer.append(numpy_helper.from_array(np.array(code, zero_point.dtype), name))
+        names.append(name)
+    while names and not names[-1]:
+        names.pop()
+    return names

@@ -1,4 +1,5 @@
-"""Reference quantization by ONNX Runtime: QuantizeLinear -> DequantizeLinear on given parameters.
+"""Reference quantization by ONNX Runtime: QuantizeLinear -> DequantizeLinear on given parameters,
+and the check that an exported model's activation codes are the simulation's.
 
 Shared by the tests that check lowbit's arithmetic bit for bit against ONNX Runtime.
 """
@@ -8,7 +9,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from lowbit.api import quant_modules
+from lowbit.numerics import quantize
 
 ONNX_DTYPES = {
     "int8": TensorProto.INT8,
@@ -89,3 +94,87 @@ def ort_quant_dequant(
     )
     q, y = session.run(["q", "y"], {"x": x})
     return np.asarray(q), np.asarray(y)
+
+
+# How far from a rounding boundary ORT's plain Q/DQ graph and the simulation may put the same
+# activation, in quantization steps: the same float32 sums in another order (and BatchNorm folded
+# into the weight) differ by a few ulps of the sum; with values of at most 2^8 steps (8-bit codes)
+# and at most 2^9 terms, n * 2^-24 of it is 2^8 * 2^9 * 2^-24 = 2^-7 step.
+BOUNDARY_TOLERANCE_STEPS = 2.0**-7
+_ACTIVATION_SCALES = (".input_scale", ".output_scale")
+
+
+def activation_code_flips(
+    path: object,
+    qmodel: torch.nn.Module,
+    x: torch.Tensor,
+    tolerance: float = BOUNDARY_TOLERANCE_STEPS,
+) -> np.ndarray:
+    """Per sample of `x`, whether ORT's plain Q/DQ graph (no rewrites) gave one of its activations
+    another code than the simulation `qmodel`; checks that each such code is a rounding boundary.
+
+    Up to and including the first layer whose codes differ for a sample, every code ORT computes
+    is the simulation's, or one step away where the simulation's value lies within `tolerance`
+    steps of the boundary between the two: float rounding, not an export error. What follows in
+    that sample (more codes moved, a few logit steps) is its consequence.
+    """
+    model = onnx.load(str(path))
+    zero_points = {t.name: t for t in model.graph.initializer}
+    sites = [  # (ORT's codes, their zero point, "layer.role") for each activation quantizer
+        (n.input[0], zero_points[n.input[2]], n.input[1].removesuffix("_scale"))
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[1].endswith(_ACTIVATION_SCALES)
+    ]
+    if not sites:
+        return np.zeros(len(x), dtype=bool)
+    for codes, zero_point, _ in sites:
+        model.graph.output.append(helper.make_tensor_value_info(codes, zero_point.data_type, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    theirs = session.run([codes for codes, _, _ in sites], {"input": x.numpy()})
+    simulated = _quantizer_inputs(qmodel, x, [name for _, _, name in sites])
+    flipped = np.zeros(len(x), dtype=bool)
+    for (_, zero_point, name), ort_codes in zip(sites, theirs, strict=True):
+        layer, role = name.rsplit(".", 1)
+        quantizer = getattr(quant_modules(qmodel)[layer], f"{role}_quantizer")
+        zp = quantizer.zero_point
+        value = simulated[name] / quantizer.scale  # in steps from the zero point
+        ours = quantize(simulated[name], quantizer.scale, zp, quantizer.spec).long() - zp
+        # codes relative to their zero point: an int8 export may be uint8 with zero point 128
+        ort_relative = ort_codes.astype(np.int64) - numpy_helper.to_array(zero_point).astype(int)
+        step = torch.from_numpy(ort_relative).reshape(ours.shape) - ours
+        boundary = torch.minimum(ours, ours + step) + 0.5
+        explained = (step == 0) | ((step.abs() == 1) & ((value - boundary).abs() <= tolerance))
+        assert explained[torch.from_numpy(~flipped)].all(), name
+        flipped |= (step != 0).any(1).numpy()
+    return flipped
+
+
+def _quantizer_inputs(
+    qmodel: torch.nn.Module, x: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """What each named quantizer ("layer.input" / "layer.output") receives, one row a sample."""
+    layers = quant_modules(qmodel)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        seen[name] = value.detach().flatten(1)
+
+    hooks = []
+    for name in names:
+        layer, role = name.rsplit(".", 1)
+        if role == "input":
+            hook = layers[layer].register_forward_pre_hook(lambda _, a, n=name: keep(n, a[0]))
+        else:  # the wrapped layer's own output, before the output quantizer
+            hook = layers[layer].module.register_forward_hook(lambda _, a, y, n=name: keep(n, y))
+        hooks.append(hook)
+    try:
+        with torch.no_grad():
+            qmodel(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen

@@ -15,6 +15,9 @@ from lowbit.config import LayerQuant, QuantConfig
 from lowbit.nn.modules import QuantModule
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
 
+# One test image of the 360, in accuracy points: the resolution of every accuracy below.
+IMAGE = 100 / 360
+
 
 def _acc(model: nn.Module, digits: demo.Digits) -> float:
     return demo.accuracy(model, digits.x_test, digits.y_test)
@@ -25,7 +28,9 @@ def test_static_int8_keeps_accuracy(digits, digits_net, digits_fp32, calibrator)
     qmodel = quantize(
         digits_net, presets.int8(calibrator), demo.calibration_batches(digits), progress=False
     )
-    assert _acc(qmodel, digits) >= digits_fp32 - 0.5
+    # int8 PTQ minus FP32 over 3 networks x 4 calibrators: -0.09 +- 0.13 pt; allow two of the 360
+    # test images (0.56 pt), more than mean + 3 sigma (0.48 pt)
+    assert _acc(qmodel, digits) >= digits_fp32 - 2 * IMAGE
     summary = qmodel.lowbit_summary
     assert len(summary.quantized) == 4 and not summary.kept_float
     assert len(summary.folded_batchnorms) == 3
@@ -55,21 +60,28 @@ def test_simulation_matches_the_numerics_formula(digits, digits_net):
 
 
 def test_qat_recovers_low_bit_accuracy(digits, digits_net, digits_fp32):
-    """QAT at W4A4 (TensorRT-style signed symmetric) stays within 2 pt of FP32 and beats PTQ;
-    at W2A4, where PTQ collapses, QAT recovers most of it."""
-    for bits_w, bits_a, tolerance in ((4, 4, 2.0), (2, 4, 5.0)):
+    """QAT at W4A4 (TensorRT-style signed symmetric) stays close to FP32 and PTQ; at W2A4, where
+    PTQ collapses, QAT recovers most of it.
+
+    Training is seeded, but float sums in another order (oneDNN's kernels for AMX, AVX-512 or
+    AVX2) change it as another seed would: each bound is the mean minus 3 standard deviations
+    over 3 networks x 2 QAT seeds (`demo.train(seed=...)`)."""
+    # (bits_w, QAT >= FP32 - a: -0.88 +- 0.59 / -7.8 +- 4.0 pt, QAT >= PTQ + b: -0.14 +- 0.47 /
+    # 53.3 +- 2.3 pt)
+    for bits_w, below_fp32, above_ptq in ((4, 3.0, -1.5), (2, 20.0, 45.0)):
         config = QuantConfig(
             weight=QuantSpec(bits=bits_w, narrow_range=True, granularity=PerChannel(0)),
-            input=QuantSpec(bits=bits_a, narrow_range=True),
+            input=QuantSpec(bits=4, narrow_range=True),
         )
         batches = demo.calibration_batches(digits)
         ptq = _acc(quantize(digits_net, config, batches, progress=False), digits)
         qat_model = prepare_qat(digits_net, config, batches, progress=False)
         demo.train(qat_model, digits, epochs=3, lr=1e-3)
         qat = _acc(qat_model, digits)
-        assert qat >= digits_fp32 - tolerance, (bits_w, ptq, qat)
-        assert qat >= ptq - 0.3, (bits_w, ptq, qat)
-    assert ptq < digits_fp32 - 10  # W2A4 PTQ loses a lot; QAT got it back above
+        assert qat >= digits_fp32 - below_fp32, (bits_w, ptq, qat)
+        assert qat >= ptq + above_ptq, (bits_w, ptq, qat)
+    # W2A4 PTQ: 37.9 +- 2.8 %, FP32 - 61 pt; 10 pt is far outside its noise
+    assert ptq < digits_fp32 - 10
 
 
 def test_qat_learnable_scales_train(digits, digits_net, digits_fp32):
@@ -89,7 +101,9 @@ def test_binary_and_ternary_qat_train(digits, digits_net, preset):
     qat_model = prepare_qat(digits_net, preset(), demo.calibration_batches(digits), progress=False)
     start = _acc(qat_model, digits)
     demo.train(qat_model, digits, epochs=3, lr=1e-3)
-    assert _acc(qat_model, digits) > max(start, 85.0)
+    # after 3 epochs over 3 networks: binary 93.5 +- 3.2 %, ternary 97.9 +- 0.9 % (mean - 3 sigma)
+    floor = 83.0 if preset is presets.binary else 95.0
+    assert _acc(qat_model, digits) > max(start, floor)
     layer = quant_modules(qat_model)["features.6"]
     levels = layer.quantized_weight().detach()[0].unique()
     assert len(levels) <= (2 if preset is presets.binary else 3)

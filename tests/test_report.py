@@ -350,17 +350,20 @@ def test_a_slower_variant_is_explained_in_one_line() -> None:
     same = _timed("int8 (mse)", 10.1, spread=0.1, preset="int8", kernel_counts=integer)
     tiny = _timed("int8 (entropy)", 12.0, preset="int8", kernel_counts=integer)
     same2 = _timed("int8 (percentile)", 10.3, spread=0.1, preset="int8", kernel_counts=integer)
-    variants = [float32, fast, w8, same, tiny, same2]
+    tiny2 = _timed("w4a8", 12.5, preset="w4a8", kernel_counts=integer)
+    variants = [float32, fast, w8, same, tiny, same2, tiny2]
     notes = Comparison(variants).notes()  # type: ignore[arg-type]
-    assert len(notes) == 3 and all("\n" not in n for n in notes)
+    assert len(notes) == 3 and all("\n" not in n for n in notes)  # one line per reason
     assert notes[0] == (
+        "w8 takes 1.30x float's time: 49 of 50 layers have no integer kernel for this preset "
+        "and dequantize their weights to compute in float"
+    )
+    assert notes[1] == (
         "int8 (mse), int8 (percentile) take 1.01-1.03x float's time, within the spread of the "
         "measurements: no measurable difference"
     )
-    assert notes[1].startswith("w8 takes 1.30x float's time: 49 of 50 layers")
-    assert "dequantize" in notes[1]
     integer_line = "every layer runs an integer kernel (49 conv oneDNN int8, 1 linear int8 GEMM)"
-    assert notes[2].startswith("int8 (entropy) takes 1.20x") and integer_line in notes[2]
+    assert notes[2].startswith("int8 (entropy), w4a8 take 1.20-1.25x") and integer_line in notes[2]
     assert Comparison([float32, fast]).notes() == []  # type: ignore[list-item]
 
 

@@ -314,19 +314,16 @@ class Comparison:
         return [v.row(self.float_latency) for v in self.variants]
 
     def notes(self) -> list[str]:
-        """Which variants are not faster than float, and why, in one line each (one line for
-        all those within the measurement spread); one more when the timings were noisy."""
+        """Which variants are not faster than float and why, one line per reason (variants
+        within the measurement spread of float share one); one more when timings were noisy."""
         reference = self.variants[0].latency
         if reference is None:
             return []
-        slow = [
-            v
-            for v in self.variants[1:]
-            if v.latency is not None and v.latency.median_ms >= reference.median_ms
-        ]
-        alike = [v for v in slow if v.latency is not None and v.latency.overlaps(reference)]
-        notes = [_no_difference(alike, reference)] if alike else []
-        notes += [slower_because(v, reference) for v in slow if v not in alike]
+        by_reason: dict[str, list[Variant]] = {}
+        for v in self.variants[1:]:
+            if v.latency is not None and v.latency.median_ms >= reference.median_ms:
+                by_reason.setdefault(slower_because(v, reference), []).append(v)
+        notes = [_ratios(vs, reference) + reason for reason, vs in by_reason.items()]
         noisy = {v.name: v.latency.spread for v in self.variants if v.latency and v.latency.noisy}
         if noisy:
             notes.append(
@@ -337,33 +334,32 @@ class Comparison:
         return notes
 
 
-def _no_difference(variants: Sequence[Variant], reference: Latency) -> str:
+def _ratios(variants: Sequence[Variant], reference: Latency) -> str:
+    """The start of a note: "a, b take 1.01-1.03x float's time"."""
     ratios = [v.latency.median_ms / reference.median_ms for v in variants if v.latency]
     span = f"{min(ratios):.2f}" + (f"-{max(ratios):.2f}" if max(ratios) > min(ratios) else "")
     verb = "takes" if len(variants) == 1 else "take"
-    return (
-        f"{', '.join(v.name for v in variants)} {verb} {span}x float's time, within the spread "
-        "of the measurements: no measurable difference"
-    )
+    return f"{', '.join(v.name for v in variants)} {verb} {span}x float's time"
 
 
 def slower_because(variant: Variant, reference: Latency) -> str:
-    """Why `variant` is measurably slower than float, in one line, from its kernels."""
+    """Why `variant` is not faster than float, from its timing and its kernels: the end of a
+    sentence that starts with its name and time."""
     assert variant.latency is not None
-    ratio = variant.latency.median_ms / reference.median_ms
-    head = f"{variant.name} takes {ratio:.2f}x float's time"
+    if variant.latency.overlaps(reference):
+        return ", within the spread of the measurements: no measurable difference"
     counts = variant.kernel_counts
     total = sum(counts.values())
     dequantized = sum(n for (_, kernel), n in counts.items() if kernel == "dequantize")
     if total == 0:
-        return f"{head}: no layer runs an integer kernel, so quantization only adds work"
+        return ": no layer runs an integer kernel, so quantization only adds work"
     if dequantized:
         return (
-            f"{head}: {dequantized} of {total} layers have no integer kernel for this preset and "
+            f": {dequantized} of {total} layers have no integer kernel for this preset and "
             "dequantize their weights to compute in float"
         )
     return (
-        f"{head} though every layer runs an integer kernel ({kernel_summary(counts)}): each "
+        f" though every layer runs an integer kernel ({kernel_summary(counts)}): each "
         "quantizes its float input and returns float, which costs more than int8 saves at one "
         "sample"
     )

@@ -418,9 +418,10 @@ def test_onnxruntime_target_runs_every_conv_as_qlinearconv(residual_int8, tmp_pa
     assert _optimized_ops(trt, tmp_path).count("QLinearConv") < 4
 
 
-def test_tensorrt_target_keeps_int8_zero_point_0(residual_int8, tmp_path):
+@pytest.mark.parametrize("target", ["tensorrt", "openvino"])
+def test_tensorrt_and_openvino_targets_keep_int8_zero_point_0(residual_int8, tmp_path, target):
     qmodel, x = residual_int8
-    model = onnx.load(export_onnx(qmodel, x[:1], tmp_path / "m.onnx", target="tensorrt"))
+    model = onnx.load(export_onnx(qmodel, x[:1], tmp_path / "m.onnx", target=target))
     inits = {t.name: t for t in model.graph.initializer}
     quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert len(quantizers) == 8
@@ -429,12 +430,16 @@ def test_tensorrt_target_keeps_int8_zero_point_0(residual_int8, tmp_path):
         assert not numpy_helper.to_array(inits[q.input[2]]).any()
     clips = [n for n in model.graph.node if n.op_type in ("Clip", "Relu")]
     assert len(clips) == 3  # left where they were, in float
+
+
+def test_tensorrt_refuses_affine_activations_and_bad_targets(residual_int8, tmp_path):
+    qmodel, x = residual_int8
     asym = quantize(ResidualNet(), presets.int8_asymmetric(), [x], progress=False)
     with pytest.raises(ValueError, match=r"target=.tensorrt. needs symmetric int8.*stem.input"):
         export_onnx(asym, x[:1], tmp_path / "a.onnx", target="tensorrt")
     with pytest.raises(ValueError, match="target must be one of 'onnxruntime', 'openvino'"):
         export_onnx(qmodel, x[:1], tmp_path / "b.onnx", target="ort")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -496,3 +501,20 @@ def _run_plain(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def test_int8_presets_quantize_the_outputs_runtimes_need():
     assert presets.int8().fusable_outputs and presets.int8_asymmetric().fusable_outputs
     assert not presets.int8(fusable_outputs=False).fusable_outputs
+
+
+def test_onnxruntime_export_names_the_convs_it_will_run_in_float(residual_int8, tmp_path):
+    import warnings
+
+    from lowbit import LowbitWarning
+
+    qmodel, x = residual_int8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LowbitWarning)
+        export_onnx(qmodel, x[:1], tmp_path / "fused.onnx")  # output quantizers: no warning
+    config = presets.int8(fusable_outputs=False)
+    plain = quantize(ResidualNet(), config, [x], progress=False)
+    with pytest.warns(
+        LowbitWarning, match=r"3 quantized convolution\(s\) in float \(stem, project, head\)"
+    ):
+        export_onnx(plain, x[:1], tmp_path / "plain.onnx")

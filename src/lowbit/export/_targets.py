@@ -3,26 +3,27 @@
 - ONNX Runtime's x86 integer kernels (QLinearConv, QLinearMatMul) multiply uint8 activations by
   int8 weights; with int8 activations they take a slow path. A signed 8-bit activation with zero
   point z is written as uint8 with zero point z + 128: codes move by 128 and saturate at the same
-  ends, so every dequantized value is the same. OpenVINO reads either form.
+  ends, so every dequantized value is the same. OpenVINO runs int8 with zero point 0 about 10%
+  faster than that uint8 form (EfficientNet-Lite0, benchmarks/onnx_runtime.py): it keeps int8.
 - ONNX Runtime fuses `DQ -> Conv -> Q` into QLinearConv only when nothing sits between the Conv
   and its Q. A Relu / Clip there (ReLU6 before a symmetric quantizer) is moved after the Q as a
   Clip of the integer codes: Q is monotone, so Q(clip(x, lo, hi)) = clamp(Q(x), Q(lo), Q(hi)).
-- TensorRT accepts only int8 Q/DQ with zero point 0: the file stays as traced, and an affine
-  (uint8) activation is a ValueError rather than a file TensorRT refuses.
+- TensorRT accepts only int8 Q/DQ with zero point 0: the file stays as traced, as for OpenVINO,
+  and an affine (uint8) activation is a ValueError rather than a file TensorRT refuses.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
+from lowbit.exceptions import LowbitWarning
 from lowbit.export._graph import consumers
 
 TARGETS = ("onnxruntime", "openvino", "tensorrt")
 DEFAULT_TARGET = "onnxruntime"
-_UINT8_ACTIVATIONS = ("onnxruntime", "openvino")
-_CODES_CLIP = ("onnxruntime",)
 _CLIPS = ("Relu", "Clip")
 _SAFE_FROM_HALF = 1e-3  # a bound this close to a rounding tie keeps its float Clip
 
@@ -36,12 +37,47 @@ def check_target(target: object) -> str:
 
 def retarget(graph: Any, target: str) -> None:
     """Rewrite a QDQ graph (Q/DQ already in place) into `target`'s fast form, values unchanged."""
-    if target in _UINT8_ACTIVATIONS:
+    if target == "onnxruntime":
         activations_as_uint8(graph)
-    if target in _CODES_CLIP:
         clip_codes_after_quantize(graph)
+        _warn_float_convs(graph)
     if target == "tensorrt":
         check_int8_zero_point(graph)
+
+
+def float_convs(graph: Any) -> list[str]:
+    """Quantized convolutions (a DequantizeLinear on their input) whose output meets no single
+    QuantizeLinear, through a Relu / Clip at most, and is no model output: ONNX Runtime runs
+    them in float."""
+    producers = {o: n for n in graph.node for o in n.output}
+    readers = consumers(graph)
+    outputs = {o.name for o in graph.output}  # model outputs stay float by design
+    found = []
+    for conv in graph.node:
+        source = producers.get(conv.input[0])
+        if conv.op_type != "Conv" or source is None or source.op_type != "DequantizeLinear":
+            continue
+        end, users = conv.output[0], readers.get(conv.output[0], [])
+        while len(users) == 1 and users[0].op_type in _CLIPS:
+            end, users = users[0].output[0], readers.get(users[0].output[0], [])
+        if end not in outputs and [u.op_type for u in users] != ["QuantizeLinear"]:
+            weight = producers.get(conv.input[1])
+            codes = weight.input[0] if weight is not None else conv.input[1]
+            found.append(codes.removesuffix(".weight_quantized"))
+    return found
+
+
+def _warn_float_convs(graph: Any) -> None:
+    names = float_convs(graph)
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        warnings.warn(
+            f"ONNX Runtime will run {len(names)} quantized convolution(s) in float ({shown}): "
+            "their outputs reach an Add, a pool or several layers unquantized; quantize with "
+            "fusable_outputs=True (the int8 presets' default) to run them as QLinearConv",
+            LowbitWarning,
+            stacklevel=5,
+        )
 
 
 def check_int8_zero_point(graph: Any) -> None:

@@ -97,10 +97,11 @@ def export_onnx(
 
     target: the runtime the file is for, "onnxruntime" (default), "openvino" or "tensorrt".
         The numbers are the same; the form is the one that runtime runs fast. For ONNX Runtime
-        and OpenVINO signed 8-bit activations are written as uint8 with the zero point moved by
-        128 (ORT's x86 kernels are u8 x s8), and for ORT a Relu / Clip between a layer and its
-        QuantizeLinear becomes a Clip of the codes after it, so the layer fuses into QLinearConv
-        / QLinearMatMul. TensorRT gets int8 activations with zero point 0, which it requires.
+        signed 8-bit activations are written as uint8 with the zero point moved by 128 (its x86
+        kernels are u8 x s8), and a Relu / Clip between a layer and its QuantizeLinear becomes a
+        Clip of the codes after it, so the layer fuses into QLinearConv / QLinearMatMul.
+        OpenVINO and TensorRT get int8 activations with zero point 0 as traced (TensorRT
+        requires it: affine activations are a ValueError for it). See docs/export.md.
 
     The model runs in eval mode (dropout off) while exporting; every submodule's own mode is
     restored afterwards.

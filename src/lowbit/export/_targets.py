@@ -91,14 +91,11 @@ def check_int8_zero_point(graph: Any) -> None:
         ):
             continue
         where = q.name.removesuffix("/QuantizeLinear")
-        kind = (
-            "uint8 with zero point 0"
-            if zero_point is None
-            else (f"{zero_point.dtype} with zero point {zero_point.tolist()}")
-        )
+        kind = "uint8" if zero_point is None else zero_point.dtype
+        value = 0 if zero_point is None else zero_point.tolist()
         raise ValueError(
             f"target='tensorrt' needs symmetric int8 activations (zero point 0), but {where} "
-            f"is quantized as {kind}: "
+            f"is quantized as {kind} with zero point {value}: "
             "quantize with presets.int8() for TensorRT, or export with "
             "target='onnxruntime' / 'openvino'"
         )

@@ -9,8 +9,9 @@ Models, all from the same float network and the same 64 calibration images (sort
   target="tensorrt" (int8 zero point 0, TensorRT's form) in ORT and target="onnxruntime" in
   OpenVINO; both presets also with `fusable_outputs=False` (the outputs that reach the residual
   Adds and the pool left unquantized); `w4a8(None)` (INT4 weights: float convs in ORT);
-- ort quantize_static: `onnxruntime.quantization.quantize_static` of the fp32 file (QDQ,
-  per_channel=True, uint8 activations, int8 weights), with MinMax and Percentile calibration.
+- ort quantize_static: `onnxruntime.quantization.quantize_static` of the fp32 file (after
+  `quant_pre_process`, QDQ, per_channel=True, uint8 activations, int8 weights), with MinMax and
+  Percentile calibration.
 
 With --float64-control (slow: float64 convolutions), lowbit's own simulation of int8_asymmetric is
 also run in float64, to show how many images flip between two exact implementations that differ
@@ -152,6 +153,7 @@ def ort_quantize_static(fp32_path: Path, calib: Tensor, path: Path, method: str)
         QuantType,
         quantize_static,
     )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -160,8 +162,11 @@ def ort_quantize_static(fp32_path: Path, calib: Tensor, path: Path, method: str)
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
+    # ORT's documented flow: pre-process (shape inference, graph optimization) first.
+    prepared = path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(prepared))
     quantize_static(
-        str(fp32_path),
+        str(prepared),
         str(path),
         Reader(),
         quant_format=QuantFormat.QDQ,

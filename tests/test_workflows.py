@@ -380,3 +380,11 @@ def test_override_keyed_by_a_type_the_model_lacks_is_an_error(digits_net):
     config.overrides = {nn.Conv2d: None}  # a type the model has: accepted
     qmodel = quantize(digits_net, config, [torch.rand(2, 1, 8, 8)], progress=False)
     assert [r.name for r in qmodel.lowbit_summary.quantized] == ["classifier"]
+
+
+def test_prepare_qat_without_data_names_the_way_out_of_fusable_outputs(digits_net):
+    with pytest.raises(ValueError, match=r"or set config\.fusable_outputs = False"):
+        prepare_qat(digits_net, presets.int8())
+    config = presets.int8()
+    config.fusable_outputs = False
+    assert prepare_qat(digits_net, config) is not None

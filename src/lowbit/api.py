@@ -179,7 +179,11 @@ def prepare_qat(
     if config.learnable_scales and calib_data is None:
         raise ValueError("learnable scales start from calibrated ranges: pass calib_data")
     if config.fusable_outputs and calib_data is None:
-        raise ValueError("fusable_outputs watches one forward pass: pass calib_data")
+        raise ValueError(
+            "config.fusable_outputs (on in presets.int8() and int8_asymmetric()) finds the "
+            "outputs to quantize in one forward pass: pass calib_data, or set "
+            "config.fusable_outputs = False"
+        )
     if not inplace:
         model = copy.deepcopy(model)
     pairs: list[tuple[str, str]] = []

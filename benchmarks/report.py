@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,21 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model
 from imagenet_sample import find_data_dir
-from onnx_runtime import export_fp32
+from onnx_runtime import cpu_description, export_fp32
 
 N_CALIB = 64
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "report.json"
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def run_report(onnx_path: Path, images: Path, out: Path, threads: int) -> tuple[float, dict]:
@@ -75,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         export_fp32(load_model(), torch.zeros(1, 3, 224, 224), onnx_path)
         wall, result = run_report(onnx_path, data_dir / "dev", tmp / "report.html", args.threads)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"CPU: {cpu_name()}, {args.threads} threads")
+    print(f"CPU: {cpu_description()}, {args.threads} threads")
     print(f"lowbit report, EfficientNet-Lite0 ONNX, {N_CALIB} calibration images:")
     print(f"  wall {wall:.1f} s, peak RSS {peak_mb:.0f} MB")
     print("| variant | latency ms | spread | speed-up | layers run |")
@@ -94,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worst alone: {layer['layer']} {layer['sqnr_db']:.1f} dB, fixes {layer['fixes']}")
     RESULTS.parent.mkdir(exist_ok=True)
     payload = {
-        "cpu": cpu_name(),
+        "cpu": cpu_description(),
         "threads": args.threads,
         "calib_images": N_CALIB,
         "wall_s": wall,

@@ -56,7 +56,8 @@ def batch_error(
     """A TypeError (no tensor in the input, float dtypes that differ from the weights') or a
     ValueError (anything else the model rejected) that says which batch and why."""
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    fed = batch if forward is not None or model_input(batch) is None else model_input(batch)
+    first = None if forward is not None else model_input(batch)
+    fed = batch if first is None else first
     inputs = list(tensors_of(fed))
     if not inputs:
         return TypeError(

@@ -283,9 +283,10 @@ def save_lowbit(model: nn.Module, path: Path, recipe: str) -> None:
 def float_onnx_to_store(path: Path) -> bytes:
     """The float ONNX model at `path` as a .lowbit file stores it: without its weights where
     the model rebuilt that way was checked to compute as the original, else whole."""
-    whole = read_onnx(path).SerializeToString()
+    proto = read_onnx(path)
+    whole = proto.SerializeToString()  # before proto_to_torch, which edits the graph
     light = _without_weights(whole)
-    original, shape = proto_to_torch(_with_zero_weights(whole), path.name)
+    original, shape = proto_to_torch(proto, path.name)
     rebuilt, _ = proto_to_torch(_with_zero_weights(light), path.name)
     return light if shape is not None and _same_function(original, rebuilt, shape) else whole
 

@@ -802,16 +802,17 @@ class IntEmbedding(IntFallback):
         if self.kernel != "gather" or args or kwargs or not isinstance(x, Tensor):
             return super().forward(x, *args, **kwargs)
         index = x.reshape(-1)
-        rows = self._row_codes(index)
-        scale, zero_point = self._row_params(self.weight_scale, index), self.weight_zero_point
-        zero_point = self._row_params(zero_point, index)
+        rows = self._row_codes(index)  # first: it checks the indices
+        scale = self._row_params(self.weight_scale, index)
+        zero_point = self._row_params(self.weight_zero_point, index)
         y = numerics.dequantize(rows, scale, zero_point, self.weight_spec)
         return self._fake_quant("output", y.reshape(*x.shape, self.weight_shape[1]))
 
     def _row_codes(self, index: Tensor) -> Tensor:
         """The integer codes of rows `index`: [len(index), width]."""
         rows, width = self.weight_shape
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
+        lo, hi = (int(v) for v in torch.aminmax(index)) if index.numel() else (0, 0)
+        if lo < 0 or hi >= rows:
             raise IndexError(f"embedding index out of range [0, {rows}): {index.tolist()[:8]}")
         stored = self.qweight.reshape(rows, -1)[index].reshape(-1)
         return load_codes(stored, self.weight_spec, (len(index), width))

@@ -32,10 +32,10 @@ from lowbit import presets
 from lowbit.algorithms.adaround import adaround
 from lowbit.algorithms.bias_correction import bias_correction
 from lowbit.algorithms.cle import equalize
-from lowbit.api import quantize
-from lowbit.auto import auto_quantize
 from lowbit.config import LayerQuant, QuantConfig
+from lowbit.evaluate.mixed_precision import auto_quantize
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
+from lowbit.workflows.quantization import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model

@@ -8,7 +8,7 @@ collapse; the per-tensor row shows it.
 
 Prints a markdown table and writes benchmarks/results/efficientnet_lite0.json. Latency is the
 median of 5 batches of 32 after 1 warm-up batch, at 2 threads: for the simulated model these are
-batches 2-6 of the accuracy pass itself; the converted model (`lowbit.conversion`) runs 6 batches of
+batches 2-6 of the accuracy pass itself; the converted model (`lowbit.convert`) runs 6 batches of
 its own, and its predictions there are compared with the simulated model's.
 """
 
@@ -30,22 +30,22 @@ import torch
 from torch import Tensor, nn
 
 from lowbit import presets
-from lowbit.api import quantize
 from lowbit.config import QuantConfig
 from lowbit.evaluate.size import model_bytes
 from lowbit.nn.modules import QuantModule
 from lowbit.spec import PerTensor
+from lowbit.workflows.quantization import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_sample import calib_eval_split, find_data_dir
 
-# lowbit.conversion and lowbit.io are new; the benchmark runs without them (simulated rows only).
+# lowbit.convert and lowbit.io are new; the benchmark runs without them (simulated rows only).
 try:
-    from lowbit.conversion import convert as lowbit_convert
+    from lowbit.workflows.conversion import convert as lowbit_convert
 except ImportError:  # pragma: no cover - depends on the checkout
     lowbit_convert = None
 try:
-    from lowbit.io import save as lowbit_save
+    from lowbit.io.lowbit_format import save as lowbit_save
 except ImportError:  # pragma: no cover
     lowbit_save = None
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="imagenet-sample folder")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configs to run")
-    parser.add_argument("--no-convert", action="store_true", help="skip lowbit.conversion rows")
+    parser.add_argument("--no-convert", action="store_true", help="skip lowbit.convert rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--eval-limit", type=int, default=None, help="smoke runs: fewer images")
     args = parser.parse_args(argv)
@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if lowbit_convert is None or lowbit_save is None:
         print(
-            "note: lowbit.conversion / lowbit.io not importable: converted latency and file size "
+            "note: lowbit.convert / lowbit.io not importable: converted latency and file size "
             "are left out"
-        )  # TODO: they fill in once lowbit.conversion and lowbit.io exist
+        )  # TODO: they fill in once lowbit.convert and lowbit.io exist
 
     fp32 = load_model()
     fp32_row = Row("fp32", "float model")

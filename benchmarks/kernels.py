@@ -41,9 +41,9 @@ from torch import Tensor, nn
 
 import lowbit
 from lowbit import kernels, presets
-from lowbit.api import quantize
-from lowbit.conversion import convert
 from lowbit.kernels import dynamic, native
+from lowbit.workflows.conversion import convert
+from lowbit.workflows.quantization import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

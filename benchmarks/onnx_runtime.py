@@ -55,9 +55,9 @@ import torch
 from torch import Tensor, nn
 
 from lowbit import presets
-from lowbit.api import quantize
 from lowbit.config import QuantConfig
 from lowbit.export import export_onnx
+from lowbit.workflows.quantization import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model

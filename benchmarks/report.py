@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "report.json"
 def run_report(onnx_path: Path, images: Path, out: Path, threads: int) -> tuple[float, dict]:
     """Wall seconds of `lowbit report` in a child process, and its JSON result."""
     argv = [
-        sys.executable, "-m", "lowbit.cli", "report", str(onnx_path), "--calib", str(images),
+        sys.executable, "-m", "lowbit.cli.main", "report", str(onnx_path), "--calib", str(images),
         "--num-calib", str(N_CALIB), "--preprocess", "inception", "--size", "224",
         "--threads", str(threads), "-o", str(out), "--json",
     ]  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit import demo
+from lowbit.cli import demo
 from lowbit.kernels.compile import set_compile
 
 # torch.compile costs tens of seconds per kernel on a cold cache; the tests of the compiled

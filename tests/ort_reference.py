@@ -12,8 +12,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.api import quant_modules
 from lowbit.numerics import quantize
+from lowbit.workflows.quantization import quant_modules
 
 ONNX_DTYPES = {
     "int8": TensorProto.INT8,

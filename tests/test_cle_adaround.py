@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit import demo, numerics, presets
+from lowbit import numerics, presets
 from lowbit.algorithms.adaround import adaround
 from lowbit.algorithms.bias_correction import bias_correction
 from lowbit.algorithms.cle import equalize
-from lowbit.api import quant_modules, quantize
-from lowbit.auto import auto_quantize
+from lowbit.cli import demo
 from lowbit.config import LayerQuant, QuantConfig
+from lowbit.evaluate.mixed_precision import auto_quantize
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
 from lowbit.transforms.fold_bn import fold_batchnorm
+from lowbit.workflows.quantization import quant_modules, quantize
 
 
 class _MobileBlock(nn.Module):

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.cli import main
-from lowbit.io import read_extra
+from lowbit.cli.main import main
+from lowbit.io.lowbit_format import read_extra
 
 FACTORY_SOURCE = """
 import torch
@@ -464,7 +464,7 @@ def test_console_script(workspace: Workspace) -> None:
 
 
 def test_demo_command_is_registered() -> None:
-    from lowbit.cli import build_parser
+    from lowbit.cli.main import build_parser
 
     args = build_parser().parse_args(["demo", "--calibrator", "entropy"])
     assert args.run.__name__ == "_demo" and args.calibrator == "entropy"
@@ -500,7 +500,7 @@ def test_every_extra_named_in_messages_and_docs_exists() -> None:
 
 
 def test_preprocessing(workspace: Workspace) -> None:
-    from lowbit.data import load_data, make_preprocess
+    from lowbit.cli.data import load_data, make_preprocess
 
     inception = load_data(workspace.images, make_preprocess("inception", size=SIZE), batch_size=4)
     x, y = next(iter(inception))
@@ -586,7 +586,7 @@ def test_quantize_target_chooses_the_activation_type(
     import onnx
     from onnx import TensorProto
 
-    from lowbit.cli import TARGET_CHOICES
+    from lowbit.cli.main import TARGET_CHOICES
     from lowbit.export._targets import TARGETS
 
     assert TARGET_CHOICES == TARGETS

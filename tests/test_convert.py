@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit import demo, presets
-from lowbit.api import quantize
+from lowbit import presets
+from lowbit.cli import demo
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.conversion import convert, int_modules, quantize_dynamic, quantize_weights
 from lowbit.kernels import onednn_conv_available
 from lowbit.kernels.conv import onednn_conv_exact
 from lowbit.nn.int_modules import IntConv, IntEmbedding, IntLinear, PerTokenQuantizer
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import PerChannel, PerGroup, QuantSpec
+from lowbit.workflows.conversion import convert, int_modules, quantize_dynamic, quantize_weights
+from lowbit.workflows.quantization import quantize
 
 INPUT_SHAPES = [(5,), (1,), (0,), (2, 3)]  # leading dims: batch, batch of one, empty, 3-D
 

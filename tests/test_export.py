@@ -16,11 +16,12 @@ from ort_reference import activation_code_flips
 from test_fusable_outputs import ResidualNet
 from torch import nn
 
-from lowbit import demo, presets
-from lowbit.api import prepare_qat, quant_modules, quantize
+from lowbit import presets
+from lowbit.cli import demo
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.export import export_onnx, reduce_range_config
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from lowbit.workflows.quantization import prepare_qat, quant_modules, quantize
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from lowbit import presets
-from lowbit.api import quant_modules, quantize
 from lowbit.export import export_onnx
+from lowbit.workflows.quantization import quant_modules, quantize
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit import presets
-from lowbit.api import prepare_qat, quant_modules, quantize
 from lowbit.export import export_onnx
+from lowbit.workflows.quantization import prepare_qat, quant_modules, quantize
 
 
 class ResidualNet(nn.Module):

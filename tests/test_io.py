@@ -17,12 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import lowbit._atomic
-import lowbit.io
-from lowbit import demo, presets
-from lowbit.api import quantize
-from lowbit.conversion import convert, quantize_dynamic, quantize_weights
-from lowbit.io import load, read_header, save
+import lowbit.io.lowbit_format
+from lowbit import presets
+from lowbit.cli import demo
+from lowbit.io.lowbit_format import load, read_header, save
 from lowbit.nn.int_modules import IntConv, IntLinear
+from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
+from lowbit.workflows.quantization import quantize
 
 
 def _big(seed: int = 0) -> nn.Module:
@@ -202,8 +203,8 @@ import sys, time
 import torch
 from torch import nn
 import lowbit._atomic
-from lowbit.conversion import quantize_dynamic
-from lowbit.io import save
+from lowbit.workflows.conversion import quantize_dynamic
+from lowbit.io.lowbit_format import save
 
 def hang(fd):  # the whole file is written: stop here until killed
     print("written", flush=True)
@@ -273,7 +274,7 @@ def test_read_header_reads_no_tensor(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             return self.file.__exit__(*exc)
 
-    monkeypatch.setattr(lowbit.io, "safe_open", CountingOpen)
+    monkeypatch.setattr(lowbit.io.lowbit_format, "safe_open", CountingOpen)
     assert read_header(path)["format"] == "lowbit"
     assert reads == []
     load(path, _big())
@@ -434,7 +435,7 @@ def test_saved_tensors_read_back_with_safetensors(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("onnx2torch") is None, reason="needs onnx2torch")
 def test_cli_file_from_an_onnx_with_free_input_shape_stores_it_whole(tmp_path):
     """Without a fixed input shape the graph without weights cannot be checked: stored whole."""
-    from lowbit.cli_models import FLOAT_ONNX, load_model, save_lowbit
+    from lowbit.cli.models import FLOAT_ONNX, load_model, save_lowbit
 
     model = _conv_net().eval()
     onnx_path = tmp_path / "free.onnx"

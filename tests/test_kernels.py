@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit import kernels, numerics, presets
-from lowbit.api import quantize
-from lowbit.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.export import reduce_range_config
 from lowbit.kernels import dynamic, native, weight_only
 from lowbit.nn.int_modules import IntConv
 from lowbit.spec import PerChannel, QuantSpec
+from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
+from lowbit.workflows.quantization import quantize
 
 PER_TOKEN = QuantSpec(bits=8, narrow_range=True, granularity=PerChannel(0))
 
@@ -486,8 +486,8 @@ def test_oneDNN_without_vnni_is_seen_and_avoided():
 import sys, warnings, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from lowbit import presets
-from lowbit.api import quantize
-from lowbit.conversion import convert
+from lowbit.workflows.quantization import quantize
+from lowbit.workflows.conversion import convert
 from lowbit.export import reduce_range_config
 from lowbit.kernels import dynamic, set_compile
 from test_kernels import ConvNet, _rel, _saturating_codes

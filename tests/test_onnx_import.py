@@ -17,7 +17,7 @@ from lowbit.nn.padded_conv import ZeroPaddedConv2d
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnx2torch") is None, reason="onnx2torch is not installed"
-)  # imported by lowbit.cli_models, which stands in for a missing torchvision
+)  # imported by lowbit.cli.models, which stands in for a missing torchvision
 
 
 class SamePadded(nn.Module):
@@ -54,8 +54,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]
 def test_zero_pads_fold_into_the_convolutions(exported: tuple[nn.Module, Path]) -> None:
     import onnx
 
-    from lowbit.cli_models import onnx_to_torch
-    from lowbit.onnx_import import fold_zero_pads
+    from lowbit.cli.models import onnx_to_torch
+    from lowbit.io.onnx_import import fold_zero_pads
 
     _, path = exported
     proto = onnx.load(str(path))
@@ -72,7 +72,7 @@ def test_zero_pads_fold_into_the_convolutions(exported: tuple[nn.Module, Path]) 
 def test_imported_model_computes_what_onnx_runtime_does(exported: tuple[nn.Module, Path]) -> None:
     import onnxruntime as ort
 
-    from lowbit.cli_models import onnx_to_torch
+    from lowbit.cli.models import onnx_to_torch
 
     _, path = exported
     imported, _ = onnx_to_torch(path)
@@ -84,7 +84,7 @@ def test_imported_model_computes_what_onnx_runtime_does(exported: tuple[nn.Modul
 
 
 def test_imported_model_runs_the_native_models_kernels(exported: tuple[nn.Module, Path]) -> None:
-    from lowbit.cli_models import onnx_to_torch
+    from lowbit.cli.models import onnx_to_torch
 
     model, path = exported
     imported, _ = onnx_to_torch(path)

@@ -18,7 +18,7 @@ import torch
 from test_cli import FACTORY, THREADS, Workspace, make_workspace
 from torch import nn
 
-from lowbit.cli import main
+from lowbit.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +164,8 @@ def _quantized(model: nn.Module, per_tensor: bool) -> tuple[nn.Module, list, lis
     from dataclasses import replace
 
     import lowbit
-    from lowbit.cli_variants import preset_config
-    from lowbit.data import TensorBatches
+    from lowbit.cli.data import TensorBatches
+    from lowbit.cli.variants import preset_config
     from lowbit.report import analysis
 
     calib = TensorBatches(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)), None, 32)
@@ -222,8 +222,8 @@ def test_no_fix_is_proposed_when_none_helps() -> None:
 
 
 def test_one_calibration_pass_gives_each_calibrators_ranges() -> None:
-    from lowbit.cli_variants import calibrated_variants, make_variant
-    from lowbit.data import TensorBatches
+    from lowbit.cli.data import TensorBatches
+    from lowbit.cli.variants import calibrated_variants, make_variant
     from lowbit.nn.quantizer import TensorQuantizer
 
     torch.manual_seed(0)
@@ -288,7 +288,7 @@ def test_latency_warms_up_then_interleaves_rounds() -> None:
 
 
 def test_latency_spread_flags_a_busy_machine() -> None:
-    from lowbit.cli_variants import Comparison, Variant
+    from lowbit.cli.variants import Comparison, Variant
     from lowbit.evaluate.latency import measure_latencies
 
     clock = FakeClock()
@@ -331,7 +331,7 @@ def test_latency_time_budget_keeps_a_minimum_of_rounds() -> None:
 
 
 def _timed(name: str, median: float, spread: float = 0.02, **kwargs: object) -> object:
-    from lowbit.cli_variants import Variant
+    from lowbit.cli.variants import Variant
     from lowbit.evaluate.latency import Latency
 
     low, high = median * (1 - spread / 2), median * (1 + spread / 2)
@@ -340,7 +340,7 @@ def _timed(name: str, median: float, spread: float = 0.02, **kwargs: object) -> 
 
 
 def test_a_slower_variant_is_explained_in_one_line() -> None:
-    from lowbit.cli_variants import Comparison
+    from lowbit.cli.variants import Comparison
 
     float32 = _timed("float32", 10.0)
     integer = {("conv", "onednn_qconv"): 49, ("linear", "int_mm"): 1}
@@ -368,8 +368,8 @@ def test_a_slower_variant_is_explained_in_one_line() -> None:
 
 
 def test_kernels_of_the_converted_model_are_reported() -> None:
-    from lowbit.cli_variants import Variant, deployable, kernel_summary, layer_kernels, make_variant
-    from lowbit.data import TensorBatches
+    from lowbit.cli.data import TensorBatches
+    from lowbit.cli.variants import Variant, deployable, kernel_summary, layer_kernels, make_variant
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
@@ -402,8 +402,8 @@ def test_report_without_matplotlib_fails_at_once(
 
 
 def test_compare_runs_the_float_model_once_for_agreement() -> None:
-    from lowbit.cli_variants import compare
-    from lowbit.data import TensorBatches
+    from lowbit.cli.data import TensorBatches
+    from lowbit.cli.variants import compare
     from lowbit.evaluate.accuracy import top1_agreement
 
     torch.manual_seed(0)
@@ -423,7 +423,7 @@ def test_compare_runs_the_float_model_once_for_agreement() -> None:
 
 
 def test_another_calibrator_is_proposed_only_when_measured_better() -> None:
-    from lowbit.cli_variants import Variant
+    from lowbit.cli.variants import Variant
     from lowbit.report import _calibrator_advice
 
     net = nn.Linear(2, 2)

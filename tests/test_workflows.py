@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit import demo, presets
-from lowbit.api import prepare_qat, quant_modules, quantize
+from lowbit import presets
+from lowbit.cli import demo
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.nn.modules import QuantModule
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
+from lowbit.workflows.quantization import prepare_qat, quant_modules, quantize
 
 # One test image of the 360, in accuracy points: the resolution of every accuracy below.
 IMAGE = 100 / 360

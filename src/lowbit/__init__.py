@@ -4,15 +4,15 @@ Importing lowbit stays light: onnx, onnxruntime and plotting libraries load only
 """
 
 from lowbit import presets
-from lowbit.api import QuantSummary, calibrate, prepare_qat, quantize
-from lowbit.auto import auto_quantize
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.evaluate import analyze
+from lowbit.evaluate.mixed_precision import auto_quantize
 from lowbit.exceptions import LowbitWarning
 from lowbit.export import export_onnx
 from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
+from lowbit.workflows.quantization import QuantSummary, calibrate, prepare_qat, quantize
 
 __version__ = "0.1.0"
 

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from lowbit import numerics
 from lowbit.algorithms.capture import capture_inputs
 from lowbit.algorithms.smoothquant import ScaleGroup, find_scale_groups, fold_scale, foldable
-from lowbit.api import quant_modules
 from lowbit.batches import Forward, first_batch
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
+from lowbit.workflows.quantization import quant_modules
 
 __all__ = ["InputScale", "awq"]
 

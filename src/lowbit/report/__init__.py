@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lowbit._atomic import write_atomic
-from lowbit.data import Batches
+from lowbit.cli.data import Batches
 
 if TYPE_CHECKING:
-    from lowbit.cli_variants import Variant
+    from lowbit.cli.variants import Variant
 
 __all__ = ["ReportResult", "build_report"]
 
@@ -58,7 +58,7 @@ def build_report(
     it alone on the first `sensitivity_samples` calibration samples, and fixes are proposed only
     where they were measured to raise the model's output SQNR by `analysis.HELPFUL_DB`.
     """
-    from lowbit.cli_variants import compare
+    from lowbit.cli.variants import compare
     from lowbit.nn.modules import QuantModule
     from lowbit.report import analysis, plots
     from lowbit.report.html import Page, render

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from lowbit import presets
 from lowbit.calib import Histogram
+from lowbit.cli.data import Batches
 from lowbit.config import QuantConfig
-from lowbit.data import Batches
 from lowbit.evaluate.latency import Latency
 from lowbit.spec import PerTensor
 
@@ -132,8 +132,8 @@ def make_variant(
     progress: bool = True,
 ) -> Variant:
     """Quantize `model` with a preset (simulated; `dynamic` is converted), timing it."""
-    from lowbit.api import quantize
-    from lowbit.conversion import quantize_dynamic
+    from lowbit.workflows.conversion import quantize_dynamic
+    from lowbit.workflows.quantization import quantize
 
     config = preset_config(preset, calibrator, per_tensor=per_tensor, exclude=exclude)
     start = time.perf_counter()
@@ -218,8 +218,8 @@ def recalibrated(qmodel: nn.Module, histograms: dict[str, Histogram], calibrator
 def deployable(variant: Variant) -> nn.Module:
     """The model that runs in PyTorch after quantization: integer modules (`convert`), built
     once per variant."""
-    from lowbit.conversion import convert
     from lowbit.nn.modules import QuantModule
+    from lowbit.workflows.conversion import convert
 
     if variant.runnable is None:
         quantized = any(isinstance(m, QuantModule) for m in variant.model.modules())

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from lowbit.batches import Forward, first_batch, run_user_batch
-from lowbit.calibration_checks import SignWatch, finish_calibration
 from lowbit.config import QuantConfig
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
@@ -27,6 +26,7 @@ from lowbit.transforms.swap import (
     static_quantizers,
     swap_modules,
 )
+from lowbit.workflows.calibration_checks import SignWatch, finish_calibration
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def calibrate(
 
     A quantizer that saw no data (its layer never ran) or only zeros is switched off and named in
     a warning, as is a binary input that never goes below 0; a model whose output no longer
-    depends on its input is a ValueError (see `lowbit.calibration_checks`).
+    depends on its input is a ValueError (see `lowbit.workflows.calibration_checks`).
     """
     quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.calibrator]
     for q in quantizers:

@@ -29,7 +29,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lowbit.api import quantize
 from lowbit.batches import Forward, first_batch, run_batch
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.exceptions import LowbitWarning
@@ -38,6 +37,7 @@ from lowbit.progress import progress_bar, progress_line
 from lowbit.spec import PerChannel, QuantSpec
 from lowbit.transforms.fold_bn import flatten_outputs
 from lowbit.transforms.swap import describe
+from lowbit.workflows.quantization import quantize
 
 __all__ = ["AutoQuantSummary", "AutoStep", "auto_quantize"]
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lowbit.cli_models import LoadedModel
-    from lowbit.data import Batches
+    from lowbit.cli.data import Batches
+    from lowbit.cli.models import LoadedModel
 
 PRESET_CHOICES = ("int8", "int8-asym", "w8", "w16", "w4", "w4a8", "dynamic", "binary", "ternary")
 CALIBRATOR_CHOICES = ("minmax", "percentile", "entropy", "mse")
@@ -57,7 +57,7 @@ def _emit_json(payload: dict[str, Any]) -> None:
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
-    from lowbit.cli_models import load_model
+    from lowbit.cli.models import load_model
 
     return load_model(
         args.model,
@@ -67,7 +67,7 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 
 
 def _preprocess(args: argparse.Namespace) -> Any:
-    from lowbit.data import make_preprocess
+    from lowbit.cli.data import make_preprocess
 
     return make_preprocess(args.preprocess, args.mean, args.std, args.size)
 
@@ -97,7 +97,7 @@ def _input_shape(args: argparse.Namespace, loaded: LoadedModel) -> tuple[int, ..
 
 def _calibration(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Batches, bool]:
     """The calibration batches, and whether they are random stand-ins."""
-    from lowbit.data import load_data, random_batches
+    from lowbit.cli.data import load_data, random_batches
 
     if args.calib is not None:
         batches = load_data(
@@ -121,7 +121,7 @@ def _calibration(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Batches
 
 
 def _eval_data(args: argparse.Namespace) -> Batches:
-    from lowbit.data import load_data
+    from lowbit.cli.data import load_data
 
     return load_data(
         args.data,
@@ -197,7 +197,7 @@ def _split(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from lowbit.cli_variants import deployable, make_variant
+    from lowbit.cli.variants import deployable, make_variant
     from lowbit.evaluate import model_bytes
 
     out = _check_output(args.output, (".onnx", ".lowbit"))
@@ -225,7 +225,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if out.suffix == ".onnx":
         _export_onnx(variant.model, calib.example(), out, args.target)
     else:
-        from lowbit.cli_models import save_lowbit
+        from lowbit.cli.models import save_lowbit
 
         save_lowbit(deployable(variant), out, loaded.recipe)
     summary = getattr(variant.model, "lowbit_summary", None)
@@ -271,7 +271,7 @@ def _eval(args: argparse.Namespace) -> int:
     from lowbit.evaluate.accuracy import accuracy
 
     if args.model.endswith(".onnx"):
-        from lowbit.cli_models import OnnxRunner
+        from lowbit.cli.models import OnnxRunner
 
         predict: Any = OnnxRunner(Path(args.model))
         engine, declared = "onnxruntime", _fixed_sample_shape(predict.session.get_inputs()[0].shape)
@@ -320,7 +320,7 @@ def _float_model_inputs(
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from lowbit.cli_variants import compare
+    from lowbit.cli.variants import compare
 
     preset_names = _split(args.presets, PRESET_CHOICES, "--presets")
     calibrators, data, loaded, calib, is_random = _float_model_inputs(args, "compare")
@@ -422,9 +422,10 @@ def _demo(args: argparse.Namespace) -> int:
     """Train a small CNN on the bundled digits, quantize it to int8, show what it cost."""
     import torch
 
-    from lowbit import demo, presets
-    from lowbit.api import quantize
+    from lowbit import presets
+    from lowbit.cli import demo
     from lowbit.evaluate import model_bytes
+    from lowbit.workflows.quantization import quantize
 
     torch.manual_seed(args.seed)
     data = demo.load_digits(args.seed)

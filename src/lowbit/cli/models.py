@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lowbit.onnx_import import fold_zero_pads, padded_convolutions
+from lowbit.io.onnx_import import fold_zero_pads, padded_convolutions
 
 __all__ = [
     "LoadedModel",
@@ -237,7 +237,7 @@ def _onnx2torch() -> Callable[[Any], nn.Module]:
 
 
 def _load_lowbit(path: Path, model_factory: str | None) -> LoadedModel:
-    from lowbit.io import load, read_extra, read_header
+    from lowbit.io.lowbit_format import load, read_extra, read_header
 
     read_header(path)  # reports a missing or foreign file first
     recipe = model_factory or read_recipe(path)
@@ -257,7 +257,7 @@ def _load_lowbit(path: Path, model_factory: str | None) -> LoadedModel:
 
 def read_recipe(path: Path) -> str | None:
     """The skeleton recipe the command line stored in a .lowbit file, if any."""
-    from lowbit.io import read_extra
+    from lowbit.io.lowbit_format import read_extra
 
     raw = read_extra(path, RECIPE)
     if raw is None:
@@ -272,7 +272,7 @@ def read_recipe(path: Path) -> str | None:
 def save_lowbit(model: nn.Module, path: Path, recipe: str) -> None:
     """`lowbit.save` with how to build the float skeleton again: the recipe, and for an ONNX
     model the float ONNX model itself, so that the file needs nothing else to load."""
-    from lowbit.io import save
+    from lowbit.io.lowbit_format import save
 
     extras = {RECIPE: json.dumps({"model": recipe}).encode()}
     if recipe.endswith(".onnx"):

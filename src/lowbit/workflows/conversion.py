@@ -178,7 +178,9 @@ def _swap_and_convert(
     make: QuantizerFactory,
     inplace: bool,
 ) -> nn.Module:
-    from lowbit.api import QuantSummary  # api re-exports this module: import lazily
+    from lowbit.workflows.quantization import (
+        QuantSummary,  # api re-exports this module: import lazily
+    )
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from lowbit import numerics
 from lowbit.batches import check_batch, first_batch, tensors_of
-from lowbit.nn.modules import QuantModule
+from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import stderr_console
 from lowbit.spec import Granularity, PerGroup
@@ -42,7 +42,7 @@ def check_qmodel(qmodel: nn.Module, what: str = "qmodel") -> dict[str, QuantModu
     """The model's QuantModules by name; clear errors for a float or uncalibrated model."""
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"{what}: expected an nn.Module, got {type(qmodel).__name__}")
-    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantModule)}
+    layers = quant_modules(qmodel)
     if not layers:
         raise ValueError(
             f"{what} has no quantized layers: pass the model that lowbit.quantize returned"

@@ -29,10 +29,9 @@ from lowbit import numerics
 from lowbit.algorithms.capture import capture_inputs
 from lowbit.algorithms.smoothquant import ScaleGroup, find_scale_groups, fold_scale, foldable
 from lowbit.batches import Forward, first_batch
-from lowbit.nn.modules import QuantModule
+from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
-from lowbit.workflows.quantization import quant_modules
 
 __all__ = ["InputScale", "awq"]
 

@@ -28,11 +28,10 @@ from lowbit import numerics
 from lowbit.algorithms.capture import execution_order, iter_layer_inputs
 from lowbit.batches import Forward, first_batch
 from lowbit.exceptions import LowbitWarning
-from lowbit.nn.modules import QuantModule
+from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import Mode, TensorQuantizer
 from lowbit.progress import progress_bar
 from lowbit.spec import PerChannel, PerGroup, QuantSpec
-from lowbit.workflows.quantization import quant_modules
 
 __all__ = ["GPTQResult", "gptq", "gptq_quantize_weight"]
 

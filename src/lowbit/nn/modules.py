@@ -72,3 +72,8 @@ class QuantModule(nn.Module):
             "output": self.output_quantizer,
         }
         return {role: q for role, q in roles.items() if q is not None}
+
+
+def quant_modules(model: nn.Module) -> dict[str, QuantModule]:
+    """The model's quantized layers by qualified name: the one walk every layer above uses."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}

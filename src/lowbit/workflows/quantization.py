@@ -12,7 +12,7 @@ from torch import nn
 
 from lowbit.batches import Forward, first_batch, run_user_batch
 from lowbit.config import QuantConfig
-from lowbit.nn.modules import QuantModule
+from lowbit.nn.modules import quant_modules as quant_modules  # re-exported for callers
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
 from lowbit.transforms.fold_bn import fold_batchnorm
@@ -147,11 +147,6 @@ def calibrate(
         raise ValueError("calib_data is empty: calibration needs at least one batch")
     finish_calibration(model, quantizers, n_batches)
     watch.check()
-
-
-def quant_modules(model: nn.Module) -> dict[str, QuantModule]:
-    """The quantized layers of a model by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
 
 
 def prepare_qat(

@@ -1,6 +1,11 @@
-"""Ready-made `QuantConfig`s for the common targets. Each returns a fresh config to edit."""
+"""Ready-made `QuantConfig`s for the common targets, as functions and by name (`by_name`).
+
+Configs are frozen: derive a variant with `dataclasses.replace(config, ...)`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from lowbit.config import QuantConfig
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
@@ -59,3 +64,28 @@ def binary(xnor: bool = False) -> QuantConfig:
 def ternary() -> QuantConfig:
     """Ternary weights {-a, 0, +a} per channel (TWN); float inputs."""
     return QuantConfig(weight=QuantSpec(bits=2, scheme="ternary", granularity=PerChannel(0)))
+
+
+# The named presets, as the command line offers them; the calibrator reaches only the presets
+# that calibrate activations.
+_BY_NAME: dict[str, Callable[[str], QuantConfig]] = {
+    "int8": lambda calibrator: int8(calibrator),
+    "int8-asym": lambda calibrator: int8_asymmetric(calibrator),
+    "w8": lambda _: weight_only(8),
+    "w16": lambda _: weight_only(16),
+    "w4": lambda _: weight_only(4),
+    "w4a8": lambda calibrator: w4a8(None, calibrator),
+    "binary": lambda _: binary(),
+    "ternary": lambda _: ternary(),
+}
+NAMES: tuple[str, ...] = tuple(_BY_NAME)
+
+
+def by_name(name: str, calibrator: str = "minmax") -> QuantConfig:
+    """The preset called `name` (one of `NAMES`): "int8", "w4a8", ...; "w4a8" is per channel.
+
+    `calibrator` applies to the presets with calibrated activations (int8, int8-asym, w4a8).
+    """
+    if name not in _BY_NAME:
+        raise ValueError(f"preset must be one of {', '.join(NAMES)}, got {name!r}")
+    return _BY_NAME[name](calibrator)

@@ -27,10 +27,15 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
     "entropy": Entropy,
     "mse": MSE,
 }
+# The calibrators `from_histogram` can make: one histogram pass serves them all, so the command
+# line and the report offer these.
+FROM_HISTOGRAM: tuple[str, ...] = tuple(
+    name for name, cls in CALIBRATORS.items() if issubclass(cls, HistogramCalibrator | MinMax)
+)
 
 
 def make_calibrator(name: str, granularity: Granularity | None = None, **kwargs: Any) -> Calibrator:
-    """A calibrator by name ("minmax", "moving_average", "percentile", "entropy", "mse").
+    """A calibrator by name (a key of `CALIBRATORS`).
 
     `granularity` defaults to PerTensor(); `kwargs` go to the calibrator (p=, momentum=, ...).
     """
@@ -59,6 +64,7 @@ def from_histogram(name: str, histogram: Histogram) -> Calibrator:
 
 __all__ = [
     "CALIBRATORS",
+    "FROM_HISTOGRAM",
     "MSE",
     "Calibrator",
     "Entropy",

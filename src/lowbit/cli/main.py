@@ -17,12 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lowbit.calib import FROM_HISTOGRAM
+from lowbit.cli.variants import PRESETS
+
 if TYPE_CHECKING:
     from lowbit.cli.data import Batches
     from lowbit.cli.models import LoadedModel
 
-PRESET_CHOICES = ("int8", "int8-asym", "w8", "w16", "w4", "w4a8", "dynamic", "binary", "ternary")
-CALIBRATOR_CHOICES = ("minmax", "percentile", "entropy", "mse")
+PRESET_CHOICES = PRESETS
+CALIBRATOR_CHOICES = FROM_HISTOGRAM
 TARGET_CHOICES = ("onnxruntime", "openvino", "tensorrt")  # lowbit.export's targets
 
 
@@ -596,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(run=_report)
 
     demo = commands.add_parser("demo", help="quantize a CNN trained on the bundled digits")
-    demo.add_argument("--calibrator", default="minmax", choices=list(CALIBRATOR_CHOICES))
+    demo.add_argument("--calibrator", default="minmax", choices=CALIBRATOR_CHOICES)
     demo.add_argument("--seed", type=int, default=0)
     _add_verbose(demo)
     demo.set_defaults(run=_demo, json=False)

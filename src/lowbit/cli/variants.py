@@ -13,21 +13,21 @@ import copy
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor, nn
 
 from lowbit import presets
-from lowbit.calib import Histogram
+from lowbit.calib import FROM_HISTOGRAM, Histogram
 from lowbit.cli.data import Batches
 from lowbit.config import QuantConfig
 from lowbit.evaluate.latency import Latency
 from lowbit.spec import PerTensor
 
-PRESETS = ("int8", "int8-asym", "w8", "w16", "w4", "w4a8", "dynamic", "binary", "ternary")
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+DYNAMIC = "dynamic"  # not a config: its own workflow, `quantize_dynamic`
+PRESETS = (*presets.NAMES, DYNAMIC)
 # Presets whose activations are calibrated: only these depend on the calibrator.
 CALIBRATED = ("int8", "int8-asym", "w4a8")
 
@@ -42,25 +42,15 @@ def preset_config(
     """The `QuantConfig` of a preset name; None for `dynamic` (its own workflow)."""
     if name not in PRESETS:
         raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    if calibrator not in CALIBRATORS:
+    if calibrator not in FROM_HISTOGRAM:
         raise ValueError(
-            f"--calibrator must be one of {', '.join(CALIBRATORS)}, got {calibrator!r}"
+            f"--calibrator must be one of {', '.join(FROM_HISTOGRAM)}, got {calibrator!r}"
         )
-    makers: dict[str, Callable[[], QuantConfig]] = {
-        "int8": lambda: presets.int8(calibrator),
-        "int8-asym": lambda: presets.int8_asymmetric(calibrator),
-        "w8": lambda: presets.weight_only(8),
-        "w16": lambda: presets.weight_only(16),
-        "w4": lambda: presets.weight_only(4),
-        "w4a8": lambda: presets.w4a8(None, calibrator),
-        "binary": presets.binary,
-        "ternary": presets.ternary,
-    }
     if name == "dynamic":
         if per_tensor or exclude:
             raise ValueError("--per-tensor and --exclude do not apply to --preset dynamic")
         return None
-    config = makers[name]()
+    config = presets.by_name(name, calibrator)
     if per_tensor and config.weight is not None:
         if config.weight.scheme != "uniform":
             raise ValueError(f"--per-tensor applies to integer presets, not {name}")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.batches import run_batch
-from lowbit.calib import Histogram, from_histogram
+from lowbit.calib import FROM_HISTOGRAM, Histogram, from_histogram
 from lowbit.evaluate.accuracy import top1_agreement
 from lowbit.evaluate.sqnr import output_sqnr
 from lowbit.nn.modules import QuantModule
@@ -24,7 +24,6 @@ from lowbit.numerics import fake_quantize, tensor_qparams
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
 from lowbit.transforms.fold_bn import fold_batchnorm
 
-REPORT_CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 _INT8_WEIGHT = QuantSpec(bits=8, narrow_range=True, granularity=PerTensor())
 
 
@@ -83,7 +82,7 @@ def activation_stats(
     qmodel: nn.Module,
     layers: Sequence[str],
     histograms: Mapping[str, Histogram],
-    calibrators: Sequence[str] = REPORT_CALIBRATORS,
+    calibrators: Sequence[str] = FROM_HISTOGRAM,
 ) -> list[ActivationStats]:
     """Each layer's input histogram from calibration, and the range every calibrator picks from
     it for the layer's input spec: no further pass over the data.

@@ -20,19 +20,20 @@ search takes about 2 log2(k) evaluations. Every evaluation is kept in the summar
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lowbit.batches import Forward, first_batch, run_batch
+from lowbit.batches import Forward, first_batch, run_batch, tensors_of
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.exceptions import LowbitWarning
-from lowbit.nn.modules import QuantModule
+from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.progress import progress_bar, progress_line
 from lowbit.spec import PerChannel, QuantSpec
 from lowbit.transforms.fold_bn import flatten_outputs
@@ -71,6 +72,7 @@ class AutoQuantSummary:
 
     @property
     def drop(self) -> float:
+        """Accuracy points lost against the float model."""
         return self.float_accuracy - self.accuracy
 
     def __str__(self) -> str:
@@ -127,6 +129,38 @@ def auto_quantize(
     sensitivity ranking and the accuracy at every step. If no candidate meets the budget, the
     best model found is returned with a warning.
     """
+    _check_arguments(model, config, eval_fn, max_drop, sensitivity, sensitivity_samples)
+    chosen = default_candidates(config) if candidates is None else tuple(candidates)
+    _check_candidates(chosen)
+    first_batch(calib_data)
+    run = _Run(
+        copy.deepcopy(model).eval(),
+        config,
+        calib_data,
+        forward,
+        chosen,
+        sensitivity,
+        sensitivity_samples,
+        progress,
+    )
+    log = _Evaluations(eval_fn, max_drop, progress)
+    log.float_accuracy = log.accuracy(run.model)
+    low = run.quantize(config)
+    names = tuple(quant_modules(low))
+    first = log.record((), "none", low)
+    if first.meets_budget or not names:
+        return _finish(_Choice(first, low, {}), log, (), len(names))
+    return _search(run, low, names, log)
+
+
+def _check_arguments(
+    model: object,
+    config: object,
+    eval_fn: object,
+    max_drop: object,
+    sensitivity: object,
+    sensitivity_samples: object,
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
@@ -141,115 +175,160 @@ def auto_quantize(
         raise ValueError(f"sensitivity must be one of {_SENSITIVITIES}, got {sensitivity!r}")
     if not isinstance(sensitivity_samples, int) or sensitivity_samples < 1:
         raise ValueError(f"sensitivity_samples must be a positive int, got {sensitivity_samples!r}")
-    candidates = default_candidates(config) if candidates is None else tuple(candidates)
+
+
+def _check_candidates(candidates: tuple[object, ...]) -> None:
     if not candidates:
         raise ValueError("candidates is empty: give at least one higher precision (or None)")
     for c in candidates:
         if c is not None and not isinstance(c, LayerQuant):
             raise TypeError(f"candidates must hold LayerQuant or None, got {type(c).__name__}")
-    first_batch(calib_data)
-    model = copy.deepcopy(model).eval()
 
-    def evaluate(m: nn.Module) -> float:
-        value = eval_fn(m)
+
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one `auto_quantize` call shares: the float model (a private copy), its
+    data and the caller's choices."""
+
+    model: nn.Module
+    config: QuantConfig
+    calib_data: Iterable[Any]
+    forward: Forward | None
+    candidates: tuple[LayerQuant | None, ...]
+    sensitivity: Sensitivity
+    sensitivity_samples: int
+    progress: bool
+
+    def quantize(self, config: QuantConfig) -> nn.Module:
+        """A quantized copy of the float model (the float model itself is never changed)."""
+        return quantize(self.model, config, self.calib_data, forward=self.forward, progress=False)
+
+
+@dataclass
+class _Evaluations:
+    """Calls `eval_fn`, checks what it returns, and keeps every step of the search in order."""
+
+    eval_fn: Callable[[nn.Module], float]
+    max_drop: float
+    progress: bool
+    float_accuracy: float = math.nan
+    steps: list[AutoStep] = field(default_factory=list)
+
+    def accuracy(self, model: nn.Module) -> float:
+        value = self.eval_fn(model)
         if not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError(f"eval_fn must return a finite accuracy in percent, got {value!r}")
         return float(value)
 
-    float_acc = evaluate(model)
-    low = quantize(model, config, calib_data, forward=forward, progress=False)
-    names = [n for n, m in low.named_modules() if isinstance(m, QuantModule)]
-    steps: list[AutoStep] = []
-
-    def record(kept: tuple[str, ...], what: str, acc: float) -> AutoStep:
-        step = AutoStep(kept, what, acc, float_acc - acc, float_acc - acc <= max_drop)
-        steps.append(step)
-        progress_line(f"auto_quantize: {len(kept)} kept ({what}): {acc:.2f}%", enabled=progress)
+    def record(self, kept: tuple[str, ...], candidate: str, model: nn.Module) -> AutoStep:
+        """Evaluate `model`, in which the layers `kept` are at precision `candidate`."""
+        accuracy = self.accuracy(model)
+        drop = self.float_accuracy - accuracy
+        step = AutoStep(kept, candidate, accuracy, drop, drop <= self.max_drop)
+        self.steps.append(step)
+        progress_line(
+            f"auto_quantize: {len(kept)} kept ({candidate}): {accuracy:.2f}%",
+            enabled=self.progress,
+        )
         return step
 
-    if record((), "none", evaluate(low)).meets_budget or not names:
-        return _finish(low, {}, float_acc, max_drop, steps, (), len(names))
 
+@dataclass(frozen=True)
+class _Choice:
+    """A model the search may return, with the step that measured it."""
+
+    step: AutoStep
+    model: nn.Module
+    kept: dict[str, str]  # layer -> the precision it kept
+
+
+@dataclass(frozen=True)
+class _Mix:
+    """The low-precision model and, per layer, its module at one higher precision: builds the
+    model that keeps the `k` most sensitive layers at that precision."""
+
+    low: nn.Module
+    high: dict[str, nn.Module]
+    order: tuple[str, ...]  # most sensitive first
+    candidate: str
+
+    def build(self, k: int) -> nn.Module:
+        model = copy.deepcopy(self.low)
+        for name in self.order[:k]:
+            model.set_submodule(name, copy.deepcopy(self.high[name]))
+        return model
+
+    def attempt(self, k: int, log: _Evaluations) -> AutoStep:
+        return log.record(self.order[:k], self.candidate, self.build(k))
+
+    def choice(self, step: AutoStep) -> _Choice:
+        """The model measured by `step` (one of this mix's attempts), built afresh."""
+        kept = dict.fromkeys(step.kept, self.candidate)
+        return _Choice(step, self.build(len(step.kept)), kept)
+
+
+def _search(run: _Run, low: nn.Module, names: tuple[str, ...], log: _Evaluations) -> nn.Module:
+    """Try each candidate precision in turn; the first that meets the budget with some number
+    of kept layers wins. Otherwise the best model seen, with a warning."""
     ranking: tuple[tuple[str, float], ...] = ()
-    best: tuple[float, nn.Module, dict[str, str]] = (steps[0].accuracy, low, {})
-    for candidate in candidates:
-        what = describe_layer(candidate)
-        override = copy.copy(config)
-        override.overrides = {**config.overrides, **{_escape(n): candidate for n in names}}
-        high = quantize(model, override, calib_data, forward=forward, progress=False)
-        high_modules = {n: high.get_submodule(n) for n in names}
-        if not ranking:
-            ranking = _rank(
-                model,
-                low,
-                high,
-                names,
-                sensitivity,
-                calib_data,
-                sensitivity_samples,
-                evaluate,
-                float_acc,
-                forward,
-                progress,
-            )
-        order = [n for n, _ in ranking]
-
-        def mixed(
-            k: int, order: list[str] = order, modules: dict[str, nn.Module] = high_modules
-        ) -> nn.Module:
-            m = copy.deepcopy(low)
-            for n in order[:k]:
-                _set_submodule(m, n, copy.deepcopy(modules[n]))
-            return m
-
-        def attempt(k: int, what: str = what, order: list[str] = order) -> AutoStep:
-            return record(tuple(order[:k]), what, evaluate(mixed(k)))
-
-        passing: int | None = None
-        failing = 0
-        k = 1
-        while k < len(order):
-            step = attempt(k)
-            if step.accuracy > best[0]:
-                best = (step.accuracy, mixed(k), dict.fromkeys(order[:k], what))
-            if step.meets_budget:
-                passing = k
-                break
-            failing = k
-            k *= 2
-        if passing is None:
-            step = attempt(len(order))
-            if step.accuracy > best[0]:
-                best = (step.accuracy, mixed(len(order)), dict.fromkeys(order, what))
-            if not step.meets_budget:
-                continue
-            passing = len(order)
-        while passing - failing > 1:
-            mid = (passing + failing) // 2
-            if attempt(mid).meets_budget:
-                passing = mid
-            else:
-                failing = mid
-        result = mixed(passing)
-        return _finish(
-            result,
-            dict.fromkeys(order[:passing], what),
-            float_acc,
-            max_drop,
-            steps,
-            ranking,
-            len(names),
+    best = _Choice(log.steps[0], low, {})
+    for candidate in run.candidates:
+        high = run.quantize(_keep_all(run.config, names, candidate))
+        ranking = ranking or _rank(run, low, high, names, log)
+        mix = _Mix(
+            low,
+            {n: high.get_submodule(n) for n in names},
+            tuple(n for n, _ in ranking),
+            describe_layer(candidate),
         )
+        tried = len(log.steps)
+        passing = _fewest_kept(mix, log)
+        if passing is not None:
+            return _finish(mix.choice(passing), log, ranking, len(names))
+        top = max(log.steps[tried:], key=lambda s: s.accuracy)
+        if top.accuracy > best.step.accuracy:
+            best = mix.choice(top)
     warnings.warn(
-        f"auto_quantize: no candidate met the budget of {max_drop:g} pt; returning the best "
-        f"model found ({best[0]:.2f}% vs float {float_acc:.2f}%)",
+        f"auto_quantize: no candidate met the budget of {log.max_drop:g} pt; returning the best "
+        f"model found ({best.step.accuracy:.2f}% vs float {log.float_accuracy:.2f}%)",
         LowbitWarning,
-        stacklevel=2,
+        stacklevel=3,  # the caller of auto_quantize
     )
-    return _finish(best[1], best[2], float_acc, max_drop, steps, ranking, len(names))
+    return _finish(best, log, ranking, len(names))
+
+
+def _keep_all(
+    config: QuantConfig, names: tuple[str, ...], candidate: LayerQuant | None
+) -> QuantConfig:
+    """`config` with every layer in `names` at precision `candidate` (a new config)."""
+    overrides = dict(config.overrides)
+    overrides.update({_escape(n): candidate for n in names})
+    return dataclasses.replace(config, overrides=overrides)
+
+
+def _fewest_kept(mix: _Mix, log: _Evaluations) -> AutoStep | None:
+    """Keep 1, 2, 4, ... of the most sensitive layers, then all of them, until the budget is met;
+    then bisect between the last failure and that success. The step with the fewest kept layers
+    that meets the budget, or None when keeping every layer does not."""
+    layers = len(mix.order)
+    failing, k = 0, 1
+    while not (step := mix.attempt(k, log)).meets_budget:
+        if k == layers:
+            return None
+        failing, k = k, min(2 * k, layers)
+    passing = step
+    while len(passing.kept) - failing > 1:
+        mid = (len(passing.kept) + failing) // 2
+        step = mix.attempt(mid, log)
+        if step.meets_budget:
+            passing = step
+        else:
+            failing = mid
+    return passing
 
 
 def describe_layer(candidate: LayerQuant | None) -> str:
+    """A candidate precision in a few words ("W int8 per-channel, I int8"), or "float"."""
     if candidate is None:
         return "float"
     parts = [
@@ -269,36 +348,25 @@ def _escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, new)
-
-
 def _finish(
-    model: nn.Module,
-    kept: dict[str, str],
-    float_acc: float,
-    max_drop: float,
-    steps: list[AutoStep],
+    choice: _Choice,
+    log: _Evaluations,
     ranking: tuple[tuple[str, float], ...],
     n_layers: int,
 ) -> nn.Module:
-    final = next(
-        (s for s in reversed(steps) if set(s.kept) == set(kept)),
-        steps[0],
-    )
+    """The chosen model, carrying the summary of the search as `lowbit_auto`."""
     summary = AutoQuantSummary(
-        float_accuracy=float_acc,
-        max_drop=max_drop,
-        accuracy=final.accuracy,
-        meets_budget=final.meets_budget,
-        kept=tuple(kept.items()),
+        float_accuracy=log.float_accuracy,
+        max_drop=log.max_drop,
+        accuracy=choice.step.accuracy,
+        meets_budget=choice.step.meets_budget,
+        kept=tuple(choice.kept.items()),
         sensitivity=ranking,
-        steps=tuple(steps),
+        steps=tuple(log.steps),
         quantized_layers=n_layers,
     )
-    model.lowbit_auto = summary  # type: ignore[assignment]
-    return model
+    choice.model.lowbit_auto = summary  # type: ignore[assignment]
+    return choice.model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,20 +374,15 @@ def _finish(
 
 
 def _samples(calib_data: Iterable[Any], n: int) -> list[Any]:
+    """The first batches of `calib_data` that hold at least `n` samples between them."""
     out, count = [], 0
     for batch in calib_data:
         out.append(batch)
-        first = next((t for t in _tensors(batch) if t.dim() > 0), None)
+        first = next((t for t in tensors_of(batch) if t.dim() > 0), None)
         count += 1 if first is None else int(first.shape[0])
         if count >= n:
             break
     return out
-
-
-def _tensors(batch: Any) -> list[Tensor]:
-    from lowbit.batches import tensors_of
-
-    return list(tensors_of(batch))
 
 
 def _outputs(model: nn.Module, batches: list[Any], forward: Forward | None) -> list[Tensor]:
@@ -336,49 +399,47 @@ def _outputs(model: nn.Module, batches: list[Any], forward: Forward | None) -> l
 
 
 def _rank(
-    float_model: nn.Module,
+    run: _Run,
     low: nn.Module,
     high: nn.Module,
-    names: list[str],
-    sensitivity: Sensitivity,
-    calib_data: Iterable[Any],
-    n_samples: int,
-    evaluate: Callable[[nn.Module], float],
-    float_acc: float,
-    forward: Forward | None,
-    progress: bool,
+    names: tuple[str, ...],
+    log: _Evaluations,
 ) -> tuple[tuple[str, float], ...]:
-    """Layers with their sensitivity, most sensitive first."""
-    scores: dict[str, float] = {}
-    batches = _samples(calib_data, n_samples)
-    if sensitivity == "local":
-        scores = _local_noise(low, names, batches, forward)
+    """Layers with their sensitivity, most sensitive first: each layer alone at low precision in
+    the `high` model ("output", "eval"), or each layer's own error in `low` ("local")."""
+    batches = _samples(run.calib_data, run.sensitivity_samples)
+    if run.sensitivity == "local":
+        scores = _local_noise(low, names, batches, run.forward)
     else:
-        reference = _outputs(float_model, batches, forward) if sensitivity == "output" else []
-        for name in progress_bar(names, "auto_quantize: sensitivity", enabled=progress):
+        scores = {}
+        reference = _outputs(run.model, batches, run.forward) if run.sensitivity == "output" else []
+        for name in progress_bar(names, "auto_quantize: sensitivity", enabled=run.progress):
             kept = high.get_submodule(name)
-            _set_submodule(high, name, low.get_submodule(name))
+            high.set_submodule(name, low.get_submodule(name))
             try:
-                if sensitivity == "eval":
-                    scores[name] = float_acc - evaluate(high)
+                if run.sensitivity == "eval":
+                    scores[name] = log.float_accuracy - log.accuracy(high)
                 else:
-                    out = _outputs(high, batches, forward)
-                    scores[name] = float(
-                        sum(((a - b) ** 2).mean() for a, b in zip(out, reference, strict=True))
-                    ) / len(out)
+                    scores[name] = _output_error(_outputs(high, batches, run.forward), reference)
             finally:
-                _set_submodule(high, name, kept)
+                high.set_submodule(name, kept)
     return tuple(sorted(scores.items(), key=lambda kv: -kv[1]))
 
 
+def _output_error(outputs: list[Tensor], reference: list[Tensor]) -> float:
+    """Mean squared error of the outputs against the float model's, averaged over batches."""
+    total = sum(((a - b) ** 2).mean() for a, b in zip(outputs, reference, strict=True))
+    return float(total) / len(outputs)
+
+
 def _local_noise(
-    low: nn.Module, names: list[str], batches: list[Any], forward: Forward | None
+    low: nn.Module, names: tuple[str, ...], batches: list[Any], forward: Forward | None
 ) -> dict[str, float]:
     """Noise-to-signal ratio of each layer's output against its float layer on the same input."""
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
 
-    def make_hook(name: str):
+    def make_hook(name: str) -> Callable[[QuantModule, tuple[Any, ...], Any], None]:
         def hook(qm: QuantModule, args: tuple[Any, ...], out: Any) -> None:
             if not isinstance(out, Tensor):
                 return

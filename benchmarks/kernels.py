@@ -267,7 +267,7 @@ def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:
     quantize_s = time.perf_counter() - t0
     kernels_used: dict[str, int] = {}
     for m in int_model.modules():
-        if isinstance(m, lowbit.nn.int_modules.IntModule):
+        if isinstance(m, lowbit.nn.IntModule):
             kernels_used[m.kernel] = kernels_used.get(m.kernel, 0) + 1
 
     cands: dict[str, Callable[[], Any]] = {}

@@ -14,7 +14,7 @@ from lowbit.cli import demo
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.kernels import onednn_conv_available
 from lowbit.kernels.conv import onednn_conv_exact
-from lowbit.nn.int_modules import IntConv, IntEmbedding, IntLinear, PerTokenQuantizer
+from lowbit.nn import IntConv, IntEmbedding, IntLinear, PerTokenQuantizer
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import PerChannel, PerGroup, QuantSpec

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import lowbit
 from lowbit import numerics, presets
 from lowbit.config import QuantConfig
-from lowbit.nn.int_modules import IntEmbedding
+from lowbit.nn import IntEmbedding
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 ROWS, WIDTH = 50, 16

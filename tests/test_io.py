@@ -21,7 +21,7 @@ import lowbit.io.lowbit_format
 from lowbit import presets
 from lowbit.cli import demo
 from lowbit.io.lowbit_format import load, read_header, save
-from lowbit.nn.int_modules import IntConv, IntLinear
+from lowbit.nn import IntConv, IntLinear
 from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.workflows.quantization import quantize
 

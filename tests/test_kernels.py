@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lowbit import kernels, numerics, presets
 from lowbit.export import reduce_range_config
 from lowbit.kernels import dynamic, native, weight_only
-from lowbit.nn.int_modules import IntConv
+from lowbit.nn import IntConv
 from lowbit.spec import PerChannel, QuantSpec
 from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.workflows.quantization import quantize

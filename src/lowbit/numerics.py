@@ -24,6 +24,8 @@ _DEGENERATE_SCALE = 1.0
 _TINY = torch.finfo(torch.float32).tiny
 # TWN (Li et al. 2016): weights with |w| <= 0.7 * mean|w| become zero.
 TERNARY_THRESHOLD = 0.7
+# The random source of stochastic rounding (None: torch's global one).
+Rng = torch.Generator | None
 
 
 def check_finite(x: Tensor, name: str = "input") -> None:
@@ -187,12 +189,7 @@ def _layout(x: Tensor, g: Granularity) -> tuple[Tensor, Callable[[Tensor], Tenso
 
 
 def quantize(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    spec: QuantSpec,
-    *,
-    generator: torch.Generator | None = None,
+    x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *, generator: Rng = None
 ) -> Tensor:
     """Real values to integer codes, in `spec.storage_dtype`."""
     check_finite(x)
@@ -221,12 +218,7 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) ->
 
 
 def fake_quantize(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    spec: QuantSpec,
-    *,
-    generator: torch.Generator | None = None,
+    x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *, generator: Rng = None
 ) -> Tensor:
     """dequantize(quantize(x)) that stays differentiable.
 
@@ -249,7 +241,7 @@ def fake_quantize(
     return restore((q - z) * s)
 
 
-def _round(v: Tensor, spec: QuantSpec, generator: torch.Generator | None) -> Tensor:
+def _round(v: Tensor, spec: QuantSpec, generator: Rng) -> Tensor:
     if spec.rounding == "stochastic":
         noise = torch.rand(v.shape, generator=generator, dtype=v.dtype, device=v.device)
         return torch.floor(v + noise)
@@ -334,3 +326,76 @@ def _per_byte(bits: int) -> int:
     if bits not in (1, 2, 4):
         raise ValueError(f"pack bits must be 1, 2 or 4, got {bits}")
     return 8 // bits
+
+
+# Codes as stored: 4 bits and fewer packed into bytes, more in their own dtype
+
+
+def packed_bits(spec: QuantSpec) -> int | None:
+    """Bits per code in packed storage, or None when codes are stored in their own dtype."""
+    if spec.scheme == "binary":
+        return 1
+    if spec.bits <= 2:
+        return 2
+    if spec.bits <= 4:
+        return 4
+    return None
+
+
+def store_codes(q: Tensor, spec: QuantSpec) -> Tensor:
+    """Codes as saved: packed uint8 (flattened) for 4 bits and fewer, else the storage dtype."""
+    bits = packed_bits(spec)
+    if bits is None:
+        return q.to(spec.storage_dtype).contiguous()
+    flat = q.reshape(-1)
+    if spec.scheme == "binary":  # codes are -1 / +1: store the sign bit as 0 / 1
+        return pack((flat > 0).to(torch.uint8), 1, signed=False)
+    return pack(flat, bits, signed=spec.signed)
+
+
+def stored_codes_layout(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[torch.Size, torch.dtype]:
+    """Shape and dtype of `store_codes` for codes of `shape`, without computing them."""
+    bits = packed_bits(spec)
+    if bits is None:
+        return torch.Size(shape), spec.storage_dtype
+    per_byte = 8 // bits
+    return torch.Size([-(-math.prod(shape) // per_byte)]), torch.uint8
+
+
+def load_codes(stored: Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of `store_codes`: integer codes in their original shape."""
+    bits = packed_bits(spec)
+    if bits is None:
+        return stored.reshape(shape)
+    numel = math.prod(shape)
+    if spec.scheme == "binary":
+        sign = unpack(stored, 1, numel, signed=False)
+        return (sign.to(torch.int8) * 2 - 1).reshape(shape)
+    return unpack(stored, bits, numel, signed=spec.signed).reshape(shape)
+
+
+def check_codes(codes: Tensor, spec: QuantSpec) -> None:
+    """ValueError if integer codes (or zero points) fall outside [qmin, qmax] of `spec`."""
+    if codes.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(codes))
+    if lo < spec.qmin or hi > spec.qmax:
+        raise ValueError(
+            f"values in [{lo}, {hi}] are outside [{spec.qmin}, {spec.qmax}] of the "
+            f"{spec.bits}-bit spec"
+        )
+
+
+def check_stored_codes(stored: Tensor, spec: QuantSpec) -> None:
+    """`check_codes` on codes as `store_codes` wrote them, without unpacking them: each byte
+    value present is decoded once."""
+    if spec.scheme == "binary":
+        return  # every bit pattern is a code, -1 or +1
+    bits = packed_bits(spec)
+    if bits is None:
+        return check_codes(stored, spec)
+    per_byte = 8 // bits
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    decoded = load_codes(every_byte, spec, (256 * per_byte,)).reshape(256, per_byte)
+    present = torch.bincount(stored.reshape(-1), minlength=256) > 0
+    check_codes(decoded[present], spec)

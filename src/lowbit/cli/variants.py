@@ -233,7 +233,7 @@ KERNEL_NAMES = {
 
 def layer_kernels(model: nn.Module) -> dict[tuple[str, str], int]:
     """How many converted layers of each kind run each kernel: {("conv", "onednn_qconv"): 49}."""
-    from lowbit.nn.int_modules import IntModule
+    from lowbit.nn import IntModule
 
     counts: Counter[tuple[str, str]] = Counter()
     for m in model.modules():

@@ -34,15 +34,11 @@ from torch import Tensor, nn
 
 from lowbit import numerics
 from lowbit._atomic import write_atomic
-from lowbit.nn.int_modules import (
-    IntModule,
-    check_codes,
-    check_stored_codes,
-    int_module_from_record,
-    spec_from_dict,
-    stored_codes_layout,
-)
+from lowbit.nn.int_base import IntModule
+from lowbit.nn.int_build import int_module_from_record
 from lowbit.nn.modules import QuantModule
+from lowbit.nn.records import spec_from_dict
+from lowbit.numerics import check_codes, check_stored_codes, stored_codes_layout
 from lowbit.spec import PerTensor, QuantSpec
 
 __all__ = ["FORMAT", "VERSION", "load", "read_extra", "read_header", "save"]

@@ -1,4 +1,4 @@
-"""Integer kernels behind the converted modules of `lowbit.nn.int_modules`.
+"""Integer kernels behind the converted modules of `lowbit.nn` (`int_linear`, `int_conv`).
 
 - `dynamic`: int8 Linear with per-token activation scales: exact per-row codes, then the GEMM by
   the fastest route for the shape (lowbit's VNNI kernel, fbgemm or oneDNN on VNNI CPUs,

@@ -11,6 +11,7 @@ from lowbit.calib import make_calibrator
 from lowbit.config import LayerQuant, QuantConfig, weight_spec_for
 from lowbit.nn.modules import QUANTIZABLE, QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.nn.records import describe
 from lowbit.spec import QuantSpec
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -24,24 +25,6 @@ class LayerRecord:
     kind: str
     quantized: bool
     detail: str
-
-
-def describe(spec: QuantSpec | None) -> str:
-    """A short human name for a spec: 'int8 per-channel', 'uint8 affine', 'binary'."""
-    if spec is None:
-        return "float"
-    base: str
-    if spec.scheme in ("binary", "ternary"):
-        base = spec.scheme
-    else:
-        base = f"{'int' if spec.signed else 'uint'}{spec.bits}"
-        base += "" if spec.scheme == "uniform" else f" {spec.scheme}"
-        base += "" if spec.symmetric else " affine"
-    gran = type(spec.granularity).__name__
-    gran = {"PerTensor": "per-tensor", "PerChannel": "per-channel"}.get(gran, "")
-    if not gran:
-        gran = f"group {spec.granularity.size}"  # type: ignore[union-attr]
-    return f"{base} {gran}"
 
 
 QuantizerFactory = Callable[[QuantSpec, str], TensorQuantizer]

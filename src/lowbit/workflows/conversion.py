@@ -1,6 +1,6 @@
 """From a simulated model to a real integer one: `convert`, `quantize_dynamic`, `quantize_weights`.
 
-`convert` replaces every `QuantModule` by its integer module (`lowbit.nn.int_modules`). The other
+`convert` replaces every `QuantModule` by its integer module (`lowbit.nn.int_build`). The other
 two are whole workflows that need no calibration data: they swap layers with the same
 `swap_modules` as static PTQ, then convert.
 """
@@ -16,7 +16,8 @@ from torch import nn
 from lowbit import presets
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.exceptions import LowbitWarning
-from lowbit.nn.int_modules import IntModule, PerTokenQuantizer, int_module_from_quant
+from lowbit.nn import IntModule, PerTokenQuantizer
+from lowbit.nn.int_build import int_module_from_quant
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -134,6 +134,33 @@ def tensors_of(obj: Any) -> Iterator[Tensor]:
             value = getattr(obj, attr, None)
             if value is not None:
                 yield from tensors_of(value)
+
+
+def outputs_match(before: Sequence[Tensor], after: Sequence[Tensor], rtol: float = 1e-4) -> bool:
+    """Whether a rewrite that should not change a model (BN folding, equalization) kept its
+    outputs: same count and shapes, integer tensors equal, and float ones within `rtol` of the
+    largest finite magnitude of `before`, with NaN / Inf in the same places (a model whose output
+    holds -inf, a masked logit, still compares its finite part)."""
+    if len(before) != len(after):
+        return False
+    for a, b in zip(before, after, strict=True):
+        if a.shape != b.shape:
+            return False
+        if not (a.is_floating_point() or a.is_complex()):
+            if not torch.equal(a, b):
+                return False
+            continue
+        wide = torch.complex128 if a.is_complex() else torch.float64
+        a64, b64 = a.detach().to(wide), b.detach().to(wide)
+        finite = torch.isfinite(a64)
+        if not torch.equal(finite, torch.isfinite(b64)):
+            return False
+        if not finite.any():
+            continue
+        scale = a64[finite].abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        if (a64[finite] - b64[finite]).abs().max() > rtol * scale:
+            return False
+    return True
 
 
 def first_batch(data: Iterable[Any], what: str = "calib_data") -> Any:

@@ -36,7 +36,6 @@ from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.progress import progress_bar, progress_line
 from lowbit.spec import PerChannel, QuantSpec
-from lowbit.transforms.fold_bn import flatten_outputs
 from lowbit.transforms.swap import describe
 from lowbit.workflows.quantization import quantize
 
@@ -389,10 +388,7 @@ def _outputs(model: nn.Module, batches: list[Any], forward: Forward | None) -> l
     with torch.no_grad():
         return [
             torch.cat(
-                [
-                    t.detach().double().flatten()
-                    for t in flatten_outputs(run_batch(model, b, forward))
-                ]
+                [t.detach().double().flatten() for t in tensors_of(run_batch(model, b, forward))]
             )
             for b in batches
         ]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.batches import Forward, first_batch, run_batch
-from lowbit.nn.modules import QuantModule
+from lowbit.nn.modules import quant_modules
 from lowbit.transforms.fold_bn import fold_batchnorm
 
 
@@ -38,7 +38,7 @@ def analyze(
     passed on, as a deployed model would see it. BatchNorm is folded in a copy of the float
     model first, so each layer's output means the same thing in both models.
     """
-    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantModule)}
+    layers = quant_modules(qmodel)
     if not layers:
         raise ValueError("qmodel has no quantized layers: pass the model lowbit.quantize returned")
     example = first_batch(data, "data")

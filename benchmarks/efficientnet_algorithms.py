@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -94,10 +94,12 @@ def compare(pred: Tensor, base: Tensor, labels: Tensor) -> dict[str, int]:
 def w4_config(activations: bool) -> QuantConfig:
     """4-bit per-channel weights; first and last layer at 8 bits; int8 inputs if asked."""
     act = QuantSpec(bits=8, narrow_range=True) if activations else None
-    config = QuantConfig(weight=QuantSpec(bits=4, granularity=PerChannel(0)), input=act)
     w8 = QuantSpec(bits=8, narrow_range=True, granularity=PerChannel(0))
-    config.overrides = {name: LayerQuant(weight=w8, input=act) for name in FIRST_LAST}
-    return config
+    return QuantConfig(
+        weight=QuantSpec(bits=4, granularity=PerChannel(0)),
+        input=act,
+        overrides={name: LayerQuant(weight=w8, input=act) for name in FIRST_LAST},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         config = presets.int8()
         if per_tensor:
             assert config.weight is not None
-            config.weight = config.weight.with_(granularity=PerTensor())
+            config = replace(config, weight=config.weight.with_(granularity=PerTensor()))
         base = fp32
         if cle:
             base = timed(row, "cle", lambda: equalize(fp32, calib, config=config, progress=False))

@@ -22,7 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +140,7 @@ def file_size(model: nn.Module) -> float:
 def per_tensor_weights() -> QuantConfig:
     config = presets.int8()
     assert config.weight is not None
-    config.weight = config.weight.with_(granularity=PerTensor())
-    return config
+    return replace(config, weight=config.weight.with_(granularity=PerTensor()))
 
 
 CONFIGS: dict[str, tuple[str, Callable[[], QuantConfig], bool]] = {

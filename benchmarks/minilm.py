@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,8 @@ def main() -> None:
     model, tok = load()
     calib, evals = batches(tok, CALIB), batches(tok, EVAL)
     ref = embed_all(model, evals)
-    config = lowbit.presets.weight_only(4, 128)
-    config.overrides[nn.Embedding] = None  # the Linear layers only; embeddings stay float
+    # the Linear layers only; embeddings stay float
+    config = replace(lowbit.presets.weight_only(4, 128), overrides={nn.Embedding: None})
     rtn = lowbit.quantize(model, config, calib, progress=False)
 
     methods: dict[str, Callable[[nn.Module], Any]] = {

@@ -6,6 +6,7 @@ accuracy budget."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -119,8 +120,11 @@ def test_cle_skips_pairs_per_channel_weights_cannot_use():
     with torch.no_grad():
         torch.testing.assert_close(per_channel.dw.weight, _folded(model, data).dw.weight)
     per_tensor = presets.int8()
-    per_tensor.weight = per_tensor.weight.with_(granularity=PerTensor())
-    per_tensor.overrides = {"expand": None}  # kept in float: nothing to even out
+    per_tensor = replace(
+        per_tensor,
+        weight=per_tensor.weight.with_(granularity=PerTensor()),
+        overrides={"expand": None},  # kept in float: nothing to even out
+    )
     eq = equalize(model, data, config=per_tensor, progress=False)
     assert [(p.first, p.second) for p in eq.lowbit_equalization.pairs] == [("dw", "project")]
     assert "stays in float" in str(eq.lowbit_equalization)
@@ -265,7 +269,7 @@ def test_adaround_beats_nearest_rounding_on_layer_output():
 def test_adaround_with_quantized_inputs_and_bad_inputs(digits_net, digits):
     calib = demo.calibration_batches(digits)
     config = presets.w4a8(group_size=None)
-    config.weight = config.weight.with_(granularity=PerChannel(0))
+    config = replace(config, weight=config.weight.with_(granularity=PerChannel(0)))
     qmodel = quantize(digits_net, config, calib, progress=False)
     before = demo.accuracy(qmodel, digits.x_test, digits.y_test)
     adaround(qmodel, calib, iterations=200, progress=False)

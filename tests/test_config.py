@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import pickle
+
 import pytest
 import torch
+from torch import nn
 
 from lowbit import presets
 from lowbit.calib import CALIBRATORS, FROM_HISTOGRAM, Histogram, from_histogram
-from lowbit.config import QuantConfig
+from lowbit.config import LayerQuant, QuantConfig
+from lowbit.spec import PerChannel, QuantSpec
 
 
 @pytest.mark.parametrize("name", presets.NAMES)
@@ -50,3 +56,63 @@ def test_every_histogram_calibrator_comes_from_a_histogram(name: str) -> None:
 
 def test_calibrators_without_a_histogram_form_are_not_offered() -> None:
     assert set(FROM_HISTOGRAM) == set(CALIBRATORS) - {"moving_average"}
+
+
+# ---------------------------------------------------------------- QuantConfig checked when built
+
+
+def test_a_misspelt_calibrator_fails_when_the_config_is_built() -> None:
+    with pytest.raises(ValueError, match=r"QuantConfig.calibrator must be one of .*'entorpy'"):
+        presets.int8("entorpy")
+    with pytest.raises(ValueError, match=r"calibrator_args \{'pp': 99.9\}"):
+        QuantConfig(input=QuantSpec(), calibrator="percentile", calibrator_args={"pp": 99.9})
+    with pytest.raises(ValueError, match=r"Percentile p must be in \(0, 100\]"):
+        QuantConfig(input=QuantSpec(), calibrator="percentile", calibrator_args={"p": 120})
+
+
+def test_a_histogram_calibrator_on_per_channel_activations_fails_when_built() -> None:
+    with pytest.raises(ValueError, match="Entropy supports only PerTensor"):
+        QuantConfig(input=QuantSpec(granularity=PerChannel(1)), calibrator="entropy")
+    with pytest.raises(ValueError, match="MSE supports only PerTensor"):
+        QuantConfig(
+            calibrator="mse",
+            overrides={"head": LayerQuant(output=QuantSpec(granularity=PerChannel(1)))},
+        )
+    assert QuantConfig(input=QuantSpec(granularity=PerChannel(1))).calibrator == "minmax"
+
+
+def test_bits_out_of_range_and_wrong_types_fail_when_built() -> None:
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(weight=QuantSpec(bits=17))
+    with pytest.raises(ValueError, match="bits"):
+        presets.weight_only(bits=1)
+    with pytest.raises(
+        TypeError, match=r"QuantConfig\.weight must be a QuantSpec or None"
+    ):
+        QuantConfig(weight=8)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"LayerQuant\.input must be a QuantSpec or None"):
+        LayerQuant(input="int8")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"QuantConfig\.fusable_outputs must be a bool"):
+        QuantConfig(fusable_outputs=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"QuantConfig\.overrides must be a dict"):
+        QuantConfig(overrides=[("fc", None)])  # type: ignore[arg-type]
+
+
+def test_a_config_cannot_change_after_it_is_built() -> None:
+    config = presets.int8()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.calibrator = "entorpy"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.overrides["fc"] = None  # type: ignore[index]
+    with pytest.raises(ValueError, match=r"QuantConfig\.calibrator"):
+        dataclasses.replace(config, calibrator="entorpy")
+    edited = dataclasses.replace(config, overrides={"fc": None}, fusable_outputs=False)
+    assert edited.overrides == {"fc": None} and config.overrides == {}
+    assert copy.deepcopy(edited) == edited == pickle.loads(pickle.dumps(edited))
+
+
+def test_the_caller_s_dicts_are_copied() -> None:
+    overrides: dict[str | type[nn.Module], LayerQuant | None] = {"fc": None}
+    config = QuantConfig(weight=QuantSpec(), overrides=overrides)
+    overrides["head"] = None
+    assert list(config.overrides) == ["fc"]

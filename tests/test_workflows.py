@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -86,8 +87,7 @@ def test_qat_recovers_low_bit_accuracy(digits, digits_net, digits_fp32):
 
 
 def test_qat_learnable_scales_train(digits, digits_net, digits_fp32):
-    config = presets.w4a8(group_size=None)
-    config.learnable_scales = True
+    config = replace(presets.w4a8(group_size=None), learnable_scales=True)
     qat_model = prepare_qat(digits_net, config, demo.calibration_batches(digits), progress=False)
     scales = [p for n, p in qat_model.named_parameters() if n.endswith("scale")]
     assert len(scales) == 8  # a weight and an input scale per layer
@@ -122,9 +122,11 @@ def test_subclassed_layers_keep_their_forward():
     torch.manual_seed(0)
     model = nn.Sequential(_Subclassed(3, 8, 4), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(2, 3, 9, 9)
-    config = presets.int8()
-    config.weight = QuantSpec(bits=16, granularity=PerChannel(0))
-    config.input = QuantSpec(bits=16)
+    config = replace(
+        presets.int8(),
+        weight=QuantSpec(bits=16, granularity=PerChannel(0)),
+        input=QuantSpec(bits=16),
+    )
     qmodel = quantize(model, config, [x], progress=False)
     assert isinstance(qmodel[0], QuantModule)
     torch.testing.assert_close(qmodel(x), model(x), rtol=1e-3, atol=1e-3)
@@ -132,7 +134,9 @@ def test_subclassed_layers_keep_their_forward():
 
 def test_overrides_keep_layers_float_and_are_reported(digits, digits_net):
     config = presets.int8()
-    config.overrides = {"classifier": None, nn.Conv2d: LayerQuant(weight=config.weight)}
+    config = replace(
+        config, overrides={"classifier": None, nn.Conv2d: LayerQuant(weight=config.weight)}
+    )
     qmodel = quantize(digits_net, config, demo.calibration_batches(digits), progress=False)
     assert isinstance(qmodel.classifier, nn.Linear)
     conv = quant_modules(qmodel)["features.0"]
@@ -202,7 +206,7 @@ def test_bad_inputs_raise_clear_errors(digits_net):
         quantize(digits_net, config, [], progress=False)
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize(digits_net, config, [torch.full((2, 1, 8, 8), float("nan"))], progress=False)
-    config.overrides = {"no_such_layer.*": None}
+    config = replace(config, overrides={"no_such_layer.*": None})
     with pytest.raises(ValueError, match="match no module"):
         quantize(digits_net, config, [torch.rand(2, 1, 8, 8)], progress=False)
     with pytest.raises(TypeError, match="QuantConfig"):
@@ -234,8 +238,7 @@ def test_analyze_ranks_layers_by_sqnr(digits, digits_net):
     assert [e.sqnr_db for e in int8] == sorted(e.sqnr_db for e in int8)
     assert {e.name for e in int8} == {"features.0", "features.3", "features.6", "classifier"}
     assert min(e.sqnr_db for e in int8) > 25.0  # int8 costs little everywhere
-    config = presets.int8()
-    config.weight = QuantSpec(bits=4, granularity=PerTensor())
+    config = replace(presets.int8(), weight=QuantSpec(bits=4, granularity=PerTensor()))
     w4 = lowbit.analyze(digits_net, quantize(digits_net, config, batches, progress=False), batches)
     assert max(e.sqnr_db for e in w4) < min(e.sqnr_db for e in int8)
     with pytest.raises(ValueError, match="no quantized layers"):
@@ -355,8 +358,7 @@ def test_xnor_on_a_relu_cnn_is_an_error_not_a_constant_model():
     assert "layer '0'" not in str(error.value)  # its input is signed
     # Following the advice (those layers' inputs in float) gives a model that depends on x.
     weights_only = LayerQuant(weight=presets.binary().weight)
-    config = presets.binary(xnor=True)
-    config.overrides = {"3": weights_only, "7": weights_only}
+    config = replace(presets.binary(xnor=True), overrides={"3": weights_only, "7": weights_only})
     qmodel = quantize(_relu_cnn(), config, calib, progress=False)
     with torch.no_grad():
         assert float(qmodel(torch.randn(16, 3, 8, 8)).std(0).max()) > 1e-3
@@ -374,11 +376,10 @@ def test_xnor_warns_for_a_signless_input_that_does_not_make_the_model_constant()
 
 
 def test_override_keyed_by_a_type_the_model_lacks_is_an_error(digits_net):
-    config = presets.int8()
-    config.overrides = {nn.Conv1d: None}
+    config = replace(presets.int8(), overrides={nn.Conv1d: None})
     with pytest.raises(ValueError, match=r"overrides key\(s\) Conv1d match no module"):
         quantize(digits_net, config, [torch.rand(2, 1, 8, 8)], progress=False)
-    config.overrides = {nn.Conv2d: None}  # a type the model has: accepted
+    config = replace(config, overrides={nn.Conv2d: None})  # a type the model has: accepted
     qmodel = quantize(digits_net, config, [torch.rand(2, 1, 8, 8)], progress=False)
     assert [r.name for r in qmodel.lowbit_summary.quantized] == ["classifier"]
 
@@ -386,6 +387,5 @@ def test_override_keyed_by_a_type_the_model_lacks_is_an_error(digits_net):
 def test_prepare_qat_without_data_names_the_way_out_of_fusable_outputs(digits_net):
     with pytest.raises(ValueError, match=r"or set config\.fusable_outputs = False"):
         prepare_qat(digits_net, presets.int8())
-    config = presets.int8()
-    config.fusable_outputs = False
+    config = replace(presets.int8(), fusable_outputs=False)
     assert prepare_qat(digits_net, config) is not None

@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
-from lowbit.spec import PerChannel, PerGroup, QuantSpec
+from lowbit.calib import CALIBRATORS, make_calibrator
+from lowbit.spec import Granularity, PerChannel, PerGroup, QuantSpec
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class FrozenMapping(Mapping[K, V]):
+    """A read-only copy of a dict, so that a frozen config cannot change behind its checks."""
+
+    def __init__(self, items: Mapping[K, V]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: K) -> V:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+def _check_spec(value: object, where: str) -> None:
+    if value is not None and not isinstance(value, QuantSpec):
+        raise TypeError(f"{where} must be a QuantSpec or None, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -19,10 +48,17 @@ class LayerQuant:
     input: QuantSpec | None = None
     output: QuantSpec | None = None
 
+    def __post_init__(self) -> None:
+        for role in ("weight", "input", "output"):
+            _check_spec(getattr(self, role), f"LayerQuant.{role}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Specs for the weight, input and output of every quantizable layer, with overrides.
+
+    Frozen and checked when built (spec types, the calibrator's name and arguments against every
+    activation spec, override keys); derive a variant with `dataclasses.replace`.
 
     calibrator: how activation ranges are chosen: "minmax", "moving_average", "percentile",
         "entropy" or "mse", with `calibrator_args` passed to it (e.g. {"p": 99.99}).
@@ -42,12 +78,25 @@ class QuantConfig:
     input: QuantSpec | None = None
     output: QuantSpec | None = None
     calibrator: str = "minmax"
-    calibrator_args: dict[str, Any] = field(default_factory=dict)
-    overrides: dict[type[nn.Module] | str, LayerQuant | None] = field(default_factory=dict)
+    calibrator_args: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[type[nn.Module] | str, LayerQuant | None] = field(default_factory=dict)
     learnable_scales: bool = False
     fusable_outputs: bool = False
 
     def __post_init__(self) -> None:
+        for role in ("weight", "input", "output"):
+            _check_spec(getattr(self, role), f"QuantConfig.{role}")
+        for flag in ("learnable_scales", "fusable_outputs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"QuantConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
+        for name in ("calibrator_args", "overrides"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise TypeError(f"QuantConfig.{name} must be a dict, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, FrozenMapping(getattr(self, name)))
+        self._check_overrides()
+        self._check_calibrator()
+
+    def _check_overrides(self) -> None:
         for key, value in self.overrides.items():
             if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
                 raise TypeError(
@@ -59,6 +108,28 @@ class QuantConfig:
                     f"QuantConfig.overrides[{key!r}] must be a LayerQuant or None, "
                     f"got {type(value).__name__}"
                 )
+
+    def _check_calibrator(self) -> None:
+        """The calibrator exists and takes its arguments for every calibrated activation spec,
+        so that a typo fails here and not when a model is quantized."""
+        if not isinstance(self.calibrator, str) or self.calibrator not in CALIBRATORS:
+            raise ValueError(
+                f"QuantConfig.calibrator must be one of {', '.join(CALIBRATORS)}, "
+                f"got {self.calibrator!r}"
+            )
+        layers = [self.default, *(v for v in self.overrides.values() if v is not None)]
+        specs = {s for lq in layers for s in (lq.input, lq.output) if s is not None}
+        granularities: set[Granularity | None] = {
+            s.granularity for s in specs if s.scheme not in ("binary", "ternary")
+        }
+        for granularity in granularities or {None}:
+            try:
+                make_calibrator(self.calibrator, granularity, **self.calibrator_args)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"QuantConfig.calibrator {self.calibrator!r} with calibrator_args "
+                    f"{dict(self.calibrator_args)}: {error}"
+                ) from None
 
     @property
     def default(self) -> LayerQuant:

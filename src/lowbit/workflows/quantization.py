@@ -177,7 +177,7 @@ def prepare_qat(
         raise ValueError(
             "config.fusable_outputs (on in presets.int8() and int8_asymmetric()) finds the "
             "outputs to quantize in one forward pass: pass calib_data, or set "
-            "config.fusable_outputs = False"
+            "config.fusable_outputs = False (dataclasses.replace(config, fusable_outputs=False))"
         )
     if not inplace:
         model = copy.deepcopy(model)

@@ -39,7 +39,15 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lowbit.batches import Forward, check_batch, first_batch, run_batch, run_user_batch, tensors_of
+from lowbit.batches import (
+    Forward,
+    check_batch,
+    first_batch,
+    outputs_match,
+    run_batch,
+    run_user_batch,
+    tensors_of,
+)
 from lowbit.config import QuantConfig, weight_spec_for
 from lowbit.nn.modules import QuantModule
 from lowbit.spec import PerChannel, PerGroup
@@ -210,7 +218,7 @@ def equalize(
             if change < tolerance:
                 break
         after = [t.detach() for t in flatten_outputs(run(model))]
-        if not _outputs_match(before, after):
+        if not outputs_match(before, after):
             for name, (weight, bias) in saved.items():
                 modules[name].weight.copy_(weight)
                 if bias is not None:
@@ -358,23 +366,6 @@ def _channel_maxima(
         for h in handles:
             h.remove()
     return maxima
-
-
-def _outputs_match(before: list[Tensor], after: list[Tensor], rtol: float = 1e-4) -> bool:
-    if len(before) != len(after):
-        return False
-    for a, b in zip(before, after, strict=True):
-        if a.shape != b.shape:
-            return False
-        if not a.is_floating_point():
-            if not torch.equal(a, b):
-                return False
-            continue
-        a64, b64 = a.double(), b.double()
-        scale = a64.abs().max().clamp_min(1e-30)
-        if not bool(((a64 - b64).abs() <= rtol * scale).all()):
-            return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

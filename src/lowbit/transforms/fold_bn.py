@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from lowbit.batches import tensors_of
+from lowbit.batches import outputs_match, tensors_of
 
 __all__ = ["PRODUCER_TYPES", "flatten_outputs", "fold_batchnorm", "fold_bn_into", "is_metadata"]
 
@@ -259,28 +259,6 @@ def _find_pairs(model: nn.Module, trace: _Trace) -> list[tuple[str, str]]:
     return pairs
 
 
-def _outputs_match(before: list[Tensor], after: list[Tensor], rtol: float) -> bool:
-    if len(before) != len(after):
-        return False
-    for a, b in zip(before, after, strict=True):
-        if a.shape != b.shape:
-            return False
-        if not (a.is_floating_point() or a.is_complex()):
-            if not torch.equal(a, b):
-                return False
-            continue
-        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-        if not torch.equal(torch.isfinite(a64), torch.isfinite(b64)):
-            return False
-        finite = torch.isfinite(a64)
-        if not finite.any():
-            continue
-        scale = a64[finite].abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-        if (a64[finite] - b64[finite]).abs().max() > rtol * scale:
-            return False
-    return True
-
-
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name), attr, new)
@@ -355,7 +333,7 @@ def fold_batchnorm(
     except BaseException:
         restore()
         raise
-    if not _outputs_match(before, after, rtol):
+    if not outputs_match(before, after, rtol):
         restore()
         raise RuntimeError(
             "fold_batchnorm: outputs changed after folding, so the model was restored; a folded "

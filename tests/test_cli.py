@@ -586,7 +586,7 @@ def test_quantize_target_chooses_the_activation_type(
     import onnx
     from onnx import TensorProto
 
-    from lowbit.cli.main import TARGET_CHOICES
+    from lowbit.cli.quantize_cmd import TARGET_CHOICES
     from lowbit.export._targets import TARGETS
 
     assert TARGET_CHOICES == TARGETS

@@ -223,7 +223,8 @@ def test_no_fix_is_proposed_when_none_helps() -> None:
 
 def test_one_calibration_pass_gives_each_calibrators_ranges() -> None:
     from lowbit.cli.data import TensorBatches
-    from lowbit.cli.variants import calibrated_variants, make_variant
+    from lowbit.cli.variants import make_variant, preset_variant
+    from lowbit.evaluate.compare import quantize_variants
     from lowbit.nn.quantizer import TensorQuantizer
 
     torch.manual_seed(0)
@@ -237,7 +238,8 @@ def test_one_calibration_pass_gives_each_calibrators_ranges() -> None:
     one_quantization = len(calls)
     calls.clear()
     names = ["minmax", "percentile", "entropy", "mse"]
-    variants = calibrated_variants(model, "int8", calib, calibrators=names, progress=False)
+    configs = dict(preset_variant("int8", name) for name in names)
+    variants = quantize_variants(model, configs, calib, progress=False)
     assert len(calls) == one_quantization  # four calibrators, the forward passes of one
 
     def scales(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -288,7 +290,7 @@ def test_latency_warms_up_then_interleaves_rounds() -> None:
 
 
 def test_latency_spread_flags_a_busy_machine() -> None:
-    from lowbit.cli.variants import Comparison, Variant
+    from lowbit.evaluate.compare import Comparison, Variant
     from lowbit.evaluate.latency import measure_latencies
 
     clock = FakeClock()
@@ -308,7 +310,7 @@ def test_latency_spread_flags_a_busy_machine() -> None:
     assert result["busy"].noisy and not result["steady"].noisy
     net = nn.Linear(2, 2)
     variants = [Variant("float32", net, latency=result["steady"])]
-    variants.append(Variant("int8 (minmax)", net, preset="int8", latency=result["busy"]))
+    variants.append(Variant("int8 (minmax)", net, latency=result["busy"]))
     (note,) = Comparison(variants).notes()
     assert "spread up to 125%" in note and "int8 (minmax)" in note and "float32" not in note
 
@@ -331,7 +333,7 @@ def test_latency_time_budget_keeps_a_minimum_of_rounds() -> None:
 
 
 def _timed(name: str, median: float, spread: float = 0.02, **kwargs: object) -> object:
-    from lowbit.cli.variants import Variant
+    from lowbit.evaluate.compare import Variant
     from lowbit.evaluate.latency import Latency
 
     low, high = median * (1 - spread / 2), median * (1 + spread / 2)
@@ -340,17 +342,17 @@ def _timed(name: str, median: float, spread: float = 0.02, **kwargs: object) -> 
 
 
 def test_a_slower_variant_is_explained_in_one_line() -> None:
-    from lowbit.cli.variants import Comparison
+    from lowbit.evaluate.compare import Comparison
 
     float32 = _timed("float32", 10.0)
     integer = {("conv", "onednn_qconv"): 49, ("linear", "int_mm"): 1}
-    fast = _timed("int8 (minmax)", 4.0, preset="int8", kernel_counts=integer)
+    fast = _timed("int8 (minmax)", 4.0, kernel_counts=integer)
     weight_only = {("conv", "dequantize"): 49, ("linear", "int8pack"): 1}
-    w8 = _timed("w8", 13.0, preset="w8", kernel_counts=weight_only)
-    same = _timed("int8 (mse)", 10.1, spread=0.1, preset="int8", kernel_counts=integer)
-    tiny = _timed("int8 (entropy)", 12.0, preset="int8", kernel_counts=integer)
-    same2 = _timed("int8 (percentile)", 10.3, spread=0.1, preset="int8", kernel_counts=integer)
-    tiny2 = _timed("w4a8", 12.5, preset="w4a8", kernel_counts=integer)
+    w8 = _timed("w8", 13.0, kernel_counts=weight_only)
+    same = _timed("int8 (mse)", 10.1, spread=0.1, kernel_counts=integer)
+    tiny = _timed("int8 (entropy)", 12.0, kernel_counts=integer)
+    same2 = _timed("int8 (percentile)", 10.3, spread=0.1, kernel_counts=integer)
+    tiny2 = _timed("w4a8", 12.5, kernel_counts=integer)
     variants = [float32, fast, w8, same, tiny, same2, tiny2]
     notes = Comparison(variants).notes()  # type: ignore[arg-type]
     assert len(notes) == 3 and all("\n" not in n for n in notes)  # one line per reason
@@ -369,7 +371,8 @@ def test_a_slower_variant_is_explained_in_one_line() -> None:
 
 def test_kernels_of_the_converted_model_are_reported() -> None:
     from lowbit.cli.data import TensorBatches
-    from lowbit.cli.variants import Variant, deployable, kernel_summary, layer_kernels, make_variant
+    from lowbit.cli.variants import make_variant
+    from lowbit.evaluate.compare import Variant, deployable, kernel_summary, layer_kernels
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
@@ -403,18 +406,17 @@ def test_report_without_matplotlib_fails_at_once(
 
 def test_compare_runs_the_float_model_once_for_agreement() -> None:
     from lowbit.cli.data import TensorBatches
-    from lowbit.cli.variants import compare
+    from lowbit.cli.variants import preset_variant
     from lowbit.evaluate.accuracy import top1_agreement
+    from lowbit.evaluate.compare import compare
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     calib = TensorBatches(torch.randn(40, 8, generator=torch.Generator().manual_seed(5)), None, 16)
     calls = []
     model.register_forward_pre_hook(lambda m, _i: calls.append(m is model))  # copies keep it
-    result = compare(
-        model, calib, data=None, preset_names=["int8"], calibrators=["minmax", "mse"],
-        latency=False, progress=False,
-    )  # fmt: skip
+    configs = dict(preset_variant("int8", name) for name in ["minmax", "mse"])
+    result = compare(model, calib, configs, data=None, latency=False, progress=False)
     assert sum(calls) == len(calib)  # quantizing works on copies; agreement reuses the logits
     assert all(v.agreement is not None and v.agreement > 80 for v in result.variants[1:])
     a = [torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 1.0]])]
@@ -423,13 +425,13 @@ def test_compare_runs_the_float_model_once_for_agreement() -> None:
 
 
 def test_another_calibrator_is_proposed_only_when_measured_better() -> None:
-    from lowbit.cli.variants import Variant
+    from lowbit.evaluate.compare import Variant
     from lowbit.report import _calibrator_advice
 
     net = nn.Linear(2, 2)
 
     def variant(calibrator: str, db: float) -> Variant:
-        return Variant(f"int8 ({calibrator})", net, "int8", calibrator, output_sqnr_db=db)
+        return Variant(f"int8 ({calibrator})", net, calibrator=calibrator, output_sqnr_db=db)
 
     chosen = variant("minmax", 20.0)
     assert _calibrator_advice([chosen, variant("mse", 20.9), variant("entropy", 18.0)]) == []

@@ -117,11 +117,7 @@ class QuantConfig:
                 f"QuantConfig.calibrator must be one of {', '.join(CALIBRATORS)}, "
                 f"got {self.calibrator!r}"
             )
-        layers = [self.default, *(v for v in self.overrides.values() if v is not None)]
-        specs = {s for lq in layers for s in (lq.input, lq.output) if s is not None}
-        granularities: set[Granularity | None] = {
-            s.granularity for s in specs if s.scheme not in ("binary", "ternary")
-        }
+        granularities: set[Granularity | None] = {s.granularity for s in self._calibrated_specs()}
         for granularity in granularities or {None}:
             try:
                 make_calibrator(self.calibrator, granularity, **self.calibrator_args)
@@ -130,6 +126,21 @@ class QuantConfig:
                     f"QuantConfig.calibrator {self.calibrator!r} with calibrator_args "
                     f"{dict(self.calibrator_args)}: {error}"
                 ) from None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether some activation takes its range from the calibrator (binary and ternary
+        activations do not), so that the calibrator matters."""
+        return bool(self._calibrated_specs())
+
+    def _calibrated_specs(self) -> set[QuantSpec]:
+        layers = [self.default, *(v for v in self.overrides.values() if v is not None)]
+        return {
+            spec
+            for lq in layers
+            for spec in (lq.input, lq.output)
+            if spec is not None and spec.scheme not in ("binary", "ternary")
+        }
 
     @property
     def default(self) -> LayerQuant:

@@ -127,8 +127,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in columns)
     body = []
-    for r in rows:
-        slow = r.get("speedup") is not None and r["speedup"] < 1.0 and r.get("preset")
+    for i, r in enumerate(rows):  # the first row is the float model
+        slow = i > 0 and r.get("speedup") is not None and r["speedup"] < 1.0
         cells = "".join(
             f"<td>{html.escape(fmt.format(r[key]) if r.get(key) is not None else '-')}</td>"
             for key, _, fmt in columns

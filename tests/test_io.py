@@ -460,3 +460,28 @@ def test_cli_file_from_an_onnx_with_free_input_shape_stores_it_whole(tmp_path):
     x = torch.randn(2, 3, 10, 12)
     with torch.no_grad():
         assert torch.equal(load_model(str(saved)).model(x), int_model(x))
+
+
+def test_load_checks_every_layer_name_before_touching_the_model(tmp_path):
+    int_model = _quiet(
+        convert, quantize(_conv_net(), presets.int8(), [torch.randn(16, 3, 8, 8)], progress=False)
+    )
+    path = tmp_path / "good.lowbit"
+    save(int_model, path)
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["lowbit"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    assert header["identity"] == ["1"]  # the folded BatchNorm
+    # "training" is an attribute of the skeleton but not a layer; "9" does not exist.
+    for identity, message in (
+        (["1", "training"], "no layer 'training'"),
+        (["1", "9"], "no layer '9'"),
+        (["1", ""], "a layer without a name"),
+    ):
+        bad = tmp_path / "bad.lowbit"
+        save_file(tensors, bad, metadata={"lowbit": json.dumps(dict(header, identity=identity))})
+        skeleton = _conv_net(seed=1)
+        before = _fingerprint(skeleton)
+        with pytest.raises(ValueError, match=message):
+            load(bad, skeleton)
+        assert _unchanged(skeleton, before)

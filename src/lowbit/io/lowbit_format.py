@@ -161,14 +161,14 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     header, tensors = _read(path, tensors=True)
     for name in header["extras"]:
         tensors.pop(_EXTRA + name, None)
+    for name in [*header["identity"], *(r["name"] for r in header["modules"])]:
+        _check_layer(model, name, path)
     built = {r["name"]: _build(model, r, tensors, path) for r in header["modules"]}
-    for name in header["identity"]:
-        _parent(model, name, path)
     _check_state(_state_after(model, header["identity"], built), tensors, path)
     for name in header["identity"]:
-        _set_submodule(model, name, nn.Identity(), path)
+        model.set_submodule(name, nn.Identity())
     for name, int_module in built.items():
-        _set_submodule(model, name, int_module, path)
+        model.set_submodule(name, int_module)
     model.load_state_dict(tensors, strict=True)
     return model
 
@@ -364,13 +364,11 @@ def _read(
     return header, loaded
 
 
-def _parent(model: nn.Module, name: str, path: object) -> tuple[nn.Module, str]:
-    """The module that holds layer `name`, and the layer's attribute name in it."""
-    parent_name, _, child = name.rpartition(".")
-    parent = _get_submodule(model, parent_name, path) if parent_name else model
-    if not hasattr(parent, child):
-        raise ValueError(f"model does not match the file {path}: it has no layer {name!r}")
-    return parent, child
+def _check_layer(model: nn.Module, name: str, path: object) -> None:
+    """A layer the file replaces must be a module of `model` (checked before `model` changes)."""
+    if not name:
+        raise ValueError(f"not a lowbit file: {path}: a layer without a name")
+    _get_submodule(model, name, path)
 
 
 def _get_submodule(model: nn.Module, name: str, path: object) -> nn.Module:
@@ -381,8 +379,3 @@ def _get_submodule(model: nn.Module, name: str, path: object) -> nn.Module:
             f"model does not match the file {path}: it has no layer {name!r}; "
             "pass a float model of the same architecture"
         ) from error
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module, path: object) -> None:
-    parent, child = _parent(model, name, path)
-    setattr(parent, child, new)

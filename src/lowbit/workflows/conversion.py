@@ -18,7 +18,7 @@ from lowbit.config import LayerQuant, QuantConfig
 from lowbit.exceptions import LowbitWarning
 from lowbit.nn import IntModule, PerTokenQuantizer
 from lowbit.nn.int_build import int_module_from_quant
-from lowbit.nn.modules import QuantModule
+from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
 from lowbit.transforms.fold_bn import fold_bn_into
@@ -28,6 +28,7 @@ from lowbit.transforms.swap import (
     static_quantizers,
     swap_modules,
 )
+from lowbit.workflows.quantization import QuantSummary
 
 __all__ = ["convert", "quantize_dynamic", "quantize_weights"]
 
@@ -51,8 +52,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     fallbacks: list[str] = []
     with torch.no_grad():
         fold_qat_batchnorms(model)
-        targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
-        for name, qm in targets:
+        for name, qm in quant_modules(model).items():
             int_module = int_module_from_quant(qm)
             if int_module is None:
                 fallbacks.append(f"{name or '<model>'} (QuantModule without weight quantizer)")
@@ -62,8 +62,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             if not name:
                 model = int_module
             else:
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, int_module)
+                model.set_submodule(name, int_module)
     if summary is not None:
         model.lowbit_summary = summary
     if fallbacks:
@@ -89,8 +88,7 @@ def fold_qat_batchnorms(model: nn.Module) -> None:
         if not isinstance(layer, QuantModule) or not isinstance(bn, nn.modules.batchnorm._NormBase):
             continue
         fold_bn_into(layer.module, bn)
-        parent, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent), child, nn.Identity())
+        model.set_submodule(bn_name, nn.Identity())
         quantizer = layer.weight_quantizer
         if quantizer is not None and not quantizer.dynamic:
             quantizer.set_qparams_from(layer.module.weight)
@@ -179,10 +177,6 @@ def _swap_and_convert(
     make: QuantizerFactory,
     inplace: bool,
 ) -> nn.Module:
-    from lowbit.workflows.quantization import (
-        QuantSummary,  # api re-exports this module: import lazily
-    )
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:

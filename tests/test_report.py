@@ -253,6 +253,43 @@ def test_one_calibration_pass_gives_each_calibrators_ranges() -> None:
     assert len({float(scales(v.model)["0.input_quantizer"]) for v in variants}) > 1
 
 
+def test_configs_alike_but_for_the_calibrator_share_one_calibration_pass() -> None:
+    from dataclasses import replace
+
+    from lowbit import presets
+    from lowbit.cli.data import TensorBatches
+    from lowbit.evaluate.compare import quantize_variants
+    from lowbit.workflows.conversion import quantize_dynamic
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    calib = TensorBatches(torch.randn(32, 8, generator=torch.Generator().manual_seed(3)), None, 8)
+    calls = []
+    model[0].register_forward_pre_hook(lambda _m, _i: calls.append(1))  # copies keep it
+    configs = {
+        "minmax": presets.int8("minmax"),
+        "w8": presets.weight_only(8),
+        "mse": presets.int8("mse"),
+        "p99": replace(presets.int8("percentile"), calibrator_args={"p": 99.0}),
+        "dynamic": quantize_dynamic,
+    }
+
+    def passes(chosen: dict) -> int:
+        calls.clear()
+        quantize_variants(model, chosen, calib, progress=False)
+        return len(calls)
+
+    alone = {name: passes({name: how}) for name, how in configs.items()}
+    assert alone["mse"] > 0
+    assert passes(configs) == sum(alone.values()) - alone["mse"]  # mse rode on minmax's pass
+    variants = {v.name: v for v in quantize_variants(model, configs, calib, progress=False)}
+    assert list(variants) == list(configs)
+    assert variants["minmax"].histograms and variants["minmax"].model is not variants["mse"].model
+    assert variants["mse"].histograms is variants["minmax"].histograms
+    assert variants["p99"].histograms == {} and variants["p99"].calibrator == "percentile"
+    assert variants["w8"].calibrator is None and variants["dynamic"].config is None
+
+
 # ---------------------------------------------------------------- latency
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lowbit.calib import FROM_HISTOGRAM, Histogram
 from lowbit.config import QuantConfig
 from lowbit.evaluate.latency import Latency
+from lowbit.progress import progress_bar
 
 # A quantization workflow that needs no calibration data, e.g. `quantize_dynamic`.
 Workflow = Callable[[nn.Module], nn.Module]
@@ -123,28 +124,23 @@ def quantize_variants(
     are computed from those histograms, which every variant of the group keeps in `histograms`.
     """
     # Jobs: a calibration pass shared by the configs it serves, or one config or workflow alone.
-    jobs: list[tuple[QuantConfig | Workflow, dict[str, Any]]] = []
+    jobs: list[tuple[QuantConfig | Workflow, dict[str, Any], bool]] = []
     for name, how in configs.items():
         shared = _histogram_pass(how) if isinstance(how, QuantConfig) else None
-        job = next((j for j in jobs if shared is not None and j[0] == shared), None)
-        if job is None:
-            jobs.append((how if shared is None else shared, {name: how}))
-        else:
+        job = next((j for j in jobs if j[2] and j[0] == shared), None)
+        if job is not None:
             job[1][name] = how
+        else:
+            jobs.append((how if shared is None else shared, {name: how}, shared is not None))
     made: dict[str, Variant] = {}
-    for how, members in _progress(jobs, progress):
-        if isinstance(how, QuantConfig) and _histogram_pass(how) is not None:
+    for how, members, is_shared in progress_bar(jobs, "quantizing", enabled=progress):
+        if is_shared:
+            assert isinstance(how, QuantConfig)
             made.update(_recalibrated_group(model, how, members, calib))
         else:
             (name,) = members
             made[name] = quantize_variant(model, name, how, calib, progress=False)
     return [made[name] for name in configs]
-
-
-def _progress(groups: list[Any], enabled: bool) -> Any:
-    from lowbit.progress import progress_bar
-
-    return progress_bar(groups, "quantizing", enabled=enabled)
 
 
 def _histogram_pass(config: QuantConfig) -> QuantConfig | None:
@@ -375,7 +371,6 @@ def compare(
     measured as converted models: accuracy on labelled `data`, top-1 agreement and output SQNR
     against the float model on the calibration data, and latency, all timed together."""
     from lowbit.evaluate.accuracy import logits
-    from lowbit.progress import progress_bar
 
     variants = [Variant("float32", model.eval())]
     variants += quantize_variants(model, configs, calib, progress=progress)

@@ -37,6 +37,8 @@ _HISTOGRAM_CAPTION = (
 
 @dataclass
 class ReportResult:
+    """Where the report went and what it found, for the command line to print or emit as JSON."""
+
     path: Path
     rows: list[dict[str, Any]]
     worst_layers: list[dict[str, Any]]

@@ -1,6 +1,7 @@
-"""Private helpers for the layer-by-layer CNN algorithms (bias correction, AdaRound).
+"""Private helpers of the algorithms: the checks of their model argument, the text of their
+reports, and what the layer-by-layer CNN algorithms (bias correction, AdaRound) share.
 
-Both run the quantized model once over the calibration set, concatenated into one batch, and do
+Those two run the quantized model once over the calibration set, concatenated into one batch, and do
 their work for each layer inside a hook on that layer: every layer then sees inputs that already
 include the corrections made upstream, exactly as the final model will, in one forward pass
 instead of one pass per layer. Memory is that of one forward pass over at most `max_samples`
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from lowbit import numerics
 from lowbit.batches import check_batch, first_batch, tensors_of
@@ -25,9 +25,11 @@ from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import stderr_console
 from lowbit.spec import Granularity, PerGroup
+from lowbit.transforms.trace import Value, trace
 
 __all__ = [
     "ConvCall",
+    "check_float_model",
     "check_qmodel",
     "concat_batches",
     "conv_call",
@@ -35,7 +37,26 @@ __all__ = [
     "layer_progress",
     "pick_rows",
     "rows_at",
+    "summary_text",
 ]
+
+
+def check_float_model(model: nn.Module, algorithm: str) -> None:
+    """Reject anything but a float model: algorithms that rewrite weights run before quantize."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if quant_modules(model):
+        raise TypeError(
+            f"model: {algorithm} works on the float model, before lowbit.quantize; this model "
+            "already has quantized layers"
+        )
+
+
+def summary_text(head: str, rows: Iterable[str], skipped: Iterable[tuple[str, str]]) -> str:
+    """A report's `str()`: its head line, one indented line per row, then what was skipped."""
+    lines = [head, *(f"  {row}" for row in rows)]
+    lines += [f"  skipped {what}: {why}" for what, why in skipped]
+    return "\n".join(lines)
 
 
 def check_qmodel(qmodel: nn.Module, what: str = "qmodel") -> dict[str, QuantModule]:
@@ -136,31 +157,13 @@ class ConvCall:
 
 
 _CONV_FUNCS = {"conv1d": 1, "conv2d": 2, "linear": 0}
+_TRACED = {*_CONV_FUNCS, "conv3d", "conv_transpose1d", "conv_transpose2d"}
 
 
 def _pair(v: Any, dims: int) -> tuple[int, ...]:
     if isinstance(v, int):
         return (v,) * dims
     return tuple(int(x) for x in v)
-
-
-class _Intercept(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in _CONV_FUNCS or name in ("conv3d", "conv_transpose1d", "conv_transpose2d"):
-            self.calls.append((name, args, kwargs))
-        return func(*args, **kwargs)
 
 
 def conv_call(module: nn.Module, x: Tensor) -> ConvCall:
@@ -170,18 +173,17 @@ def conv_call(module: nn.Module, x: Tensor) -> ConvCall:
     Raises TypeError for layers this cannot describe (3-d or transposed convolutions, several
     calls, non-zero padding modes handled inside the call).
     """
-    mode = _Intercept()
-    with torch.no_grad(), mode:
-        module(x)
+    seen = trace(module, lambda m: m(x), keep_tensors=True)
+    calls = [c for c in seen.calls if c.module is None and c.op in _TRACED]
     kind = type(module).__name__
-    if len(mode.calls) != 1 or mode.calls[0][0] not in _CONV_FUNCS:
-        found = [c[0] for c in mode.calls]
+    if len(calls) != 1 or calls[0].op not in _CONV_FUNCS:
+        found = [c.op for c in calls]
         raise TypeError(
             f"{kind}: expected one conv1d, conv2d or linear call in its forward, found {found}"
         )
-    name, args, kwargs = mode.calls[0]
-    inp: Tensor = args[0]
-    weight: Tensor = args[1] if len(args) > 1 else kwargs["weight"]
+    name, args, kwargs = calls[0].op, calls[0].args, calls[0].kwargs
+    inp: Tensor = seen.tensors[args[0].id]
+    weight: Value = args[1] if len(args) > 1 else kwargs["weight"]
     if name == "linear":
         return ConvCall(inp.reshape(-1, inp.shape[-1]), "linear", (1, 1), (1, 1), (1, 1), 1)
     dims = _CONV_FUNCS[name]
@@ -193,7 +195,7 @@ def conv_call(module: nn.Module, x: Tensor) -> ConvCall:
     ]
     stride, padding, dilation = (_pair(values[0], dims), values[1], _pair(values[2], dims))
     groups = int(values[3])
-    kernel = tuple(int(k) for k in weight.shape[2:])
+    kernel = tuple(weight.shape[2:])
     if isinstance(padding, str):
         if padding == "valid":
             pad = (0,) * (2 * dims)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.overrides import TorchFunctionMode
 
 from lowbit.batches import outputs_match, tensors_of
+from lowbit.transforms.trace import Trace, Value, trace
 
-__all__ = ["PRODUCER_TYPES", "flatten_outputs", "fold_batchnorm", "fold_bn_into", "is_metadata"]
+__all__ = ["PRODUCER_TYPES", "flatten_outputs", "fold_batchnorm", "fold_bn_into"]
 
 _BN_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -33,25 +33,6 @@ _CONVT_TYPES: tuple[type[nn.Module], ...] = (
 )
 PRODUCER_TYPES: tuple[type[nn.Module], ...] = (*_CONV_TYPES, *_CONVT_TYPES, nn.Linear)
 """Module types a BatchNorm can be folded into."""
-
-# Tensor properties that read metadata only; touching them does not consume the values.
-_METADATA_ATTRS = frozenset(
-    {
-        "shape",
-        "dtype",
-        "device",
-        "ndim",
-        "layout",
-        "is_cuda",
-        "is_sparse",
-        "is_quantized",
-        "is_meta",
-        "requires_grad",
-        "grad_fn",
-        "names",
-    }
-)
-_METADATA_FUNCS = frozenset({"size", "dim", "numel", "__len__", "is_floating_point", "stride"})
 
 
 def _output_channel_count(module: nn.Module) -> int:
@@ -131,86 +112,36 @@ def flatten_outputs(output: object) -> list[Tensor]:
 
 
 @dataclass
-class _Trace:
-    """What one traced forward pass saw: producer outputs, their consumers, BN inputs."""
+class _Uses:
+    """What BN folding needs from one traced pass: producer outputs, who reads them, BN
+    inputs, and how often each module ran."""
 
-    names: dict[int, str]
-    outputs: dict[int, tuple[str, Tensor]] = field(default_factory=dict)
+    outputs: dict[int, tuple[str, Value]] = field(default_factory=dict)
     module_users: dict[int, set[str]] = field(default_factory=dict)
     function_users: dict[int, int] = field(default_factory=dict)
     bn_inputs: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
-    bn_depth: int = 0
 
 
-def is_metadata(func: Callable[..., Any]) -> bool:
-    """Whether a torch function seen by a TorchFunctionMode only reads a tensor's metadata
-    (x.shape, x.size(), ...): such a call does not consume the tensor's values."""
-    name = getattr(func, "__name__", "")
-    if name == "__get__":
-        owner = getattr(func, "__self__", None)
-        return getattr(owner, "__name__", "") in _METADATA_ATTRS
-    return name in _METADATA_FUNCS
-
-
-class _UseRecorder(TorchFunctionMode):
-    """Counts functional uses of producer outputs outside BN forwards (residuals and the like)."""
-
-    def __init__(self, trace: _Trace) -> None:
-        super().__init__()
-        self.trace = trace
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        trace = self.trace
-        if trace.bn_depth == 0 and trace.outputs and not is_metadata(func):
-            for t in tensors_of((args, kwargs)):
-                if id(t) in trace.outputs:
-                    trace.function_users[id(t)] = trace.function_users.get(id(t), 0) + 1
-        return func(*args, **kwargs)
-
-
-def _trace(model: nn.Module, run: Callable[[nn.Module], object]) -> tuple[_Trace, object]:
-    """Run ``model`` once under hooks and a function mode; return the trace and the output."""
-    trace = _Trace(names={id(m): n for n, m in model.named_modules()})
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        name = trace.names[id(module)]
-        trace.calls[name] = trace.calls.get(name, 0) + 1
-        first = args[0] if args else None
-        if isinstance(module, _BN_TYPES) and isinstance(first, Tensor):
-            trace.bn_inputs.setdefault(name, id(first))
-        for t in tensors_of(args):
-            if id(t) in trace.outputs:
-                trace.module_users.setdefault(id(t), set()).add(name)
-        if isinstance(module, _BN_TYPES):
-            trace.bn_depth += 1
-
-    def post_hook(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
-        if isinstance(module, _BN_TYPES):
-            trace.bn_depth -= 1
-        elif isinstance(module, PRODUCER_TYPES) and isinstance(output, Tensor):
-            # Keep a reference so the id cannot be reused by a later tensor.
-            trace.outputs[id(output)] = (trace.names[id(module)], output)
-
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(pre_hook))
-        if isinstance(module, _BN_TYPES + PRODUCER_TYPES):
-            handles.append(module.register_forward_hook(post_hook))
-    try:
-        with torch.no_grad(), _UseRecorder(trace):
-            output = run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return trace, output
+def _uses(model: nn.Module, seen: Trace) -> _Uses:
+    """Read the trace: torch functions inside a BatchNorm's own forward are not uses."""
+    modules = dict(model.named_modules())
+    uses = _Uses(calls=seen.module_calls())
+    for call in seen.calls:
+        readers = [v.id for v in call.inputs if v.id in uses.outputs]
+        if call.module is None:
+            if not any(isinstance(modules[s], _BN_TYPES) for s in call.scope):
+                for key in readers:
+                    uses.function_users[key] = uses.function_users.get(key, 0) + 1
+            continue
+        module = modules[call.module]
+        for key in readers:
+            uses.module_users.setdefault(key, set()).add(call.module)
+        if isinstance(module, _BN_TYPES) and call.first is not None:
+            uses.bn_inputs.setdefault(call.module, call.first.id)
+        elif isinstance(module, PRODUCER_TYPES) and call.output is not None:
+            uses.outputs[call.output.id] = (call.module, call.output)
+    return uses
 
 
 def _is_ancestor(ancestor: str, name: str) -> bool:
@@ -224,17 +155,17 @@ def _expected_output_dim(module: nn.Module) -> int:
     return len(module.kernel_size) + 2  # type: ignore[arg-type]
 
 
-def _find_pairs(model: nn.Module, trace: _Trace) -> list[tuple[str, str]]:
+def _find_pairs(model: nn.Module, uses: _Uses) -> list[tuple[str, str]]:
     """Pairs where the BN's input is exactly a producer's output and nothing else reads it."""
     modules = dict(model.named_modules())
     name_counts: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         name_counts[id(m)] = name_counts.get(id(m), 0) + 1
     pairs: list[tuple[str, str]] = []
-    for bn_name, input_id in trace.bn_inputs.items():
-        if input_id not in trace.outputs or bn_name == "":
+    for bn_name, input_id in uses.bn_inputs.items():
+        if input_id not in uses.outputs or bn_name == "":
             continue
-        producer_name, output = trace.outputs[input_id]
+        producer_name, output = uses.outputs[input_id]
         bn = modules[bn_name]
         producer = modules[producer_name]
         assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
@@ -243,25 +174,20 @@ def _find_pairs(model: nn.Module, trace: _Trace) -> list[tuple[str, str]]:
             and bn.track_running_stats
             and bn.running_mean is not None
             and bn.running_var is not None
-            and trace.calls.get(bn_name) == 1
-            and trace.calls.get(producer_name) == 1
+            and uses.calls.get(bn_name) == 1
+            and uses.calls.get(producer_name) == 1
             and name_counts[id(bn)] == 1
             and name_counts[id(producer)] == 1
             and not parametrize.is_parametrized(producer)
             and isinstance(getattr(producer, "weight", None), nn.Parameter)
-            and output.dim() == _expected_output_dim(producer)
+            and len(output.shape) == _expected_output_dim(producer)
             and bn.num_features == _output_channel_count(producer)
-            and trace.function_users.get(input_id, 0) == 0
-            and all(_is_ancestor(u, bn_name) for u in trace.module_users.get(input_id, set()))
+            and uses.function_users.get(input_id, 0) == 0
+            and all(_is_ancestor(u, bn_name) for u in uses.module_users.get(input_id, set()))
         )
         if usable:
             pairs.append((producer_name, bn_name))
     return pairs
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attr, new)
 
 
 def fold_batchnorm(
@@ -290,10 +216,10 @@ def fold_batchnorm(
             "running statistics, which are what gets folded"
         )
 
-    trace, reference = _trace(model, run)
-    before = [t.detach().clone() for t in flatten_outputs(reference)]
-    pairs = _find_pairs(model, trace)
-    del trace, reference
+    seen = trace(model, run)
+    before = [t.detach().clone() for t in flatten_outputs(seen.output)]
+    pairs = _find_pairs(model, _uses(model, seen))
+    del seen
     if not pairs:
         return []
 
@@ -322,12 +248,12 @@ def fold_batchnorm(
                     producer.register_parameter("bias", None)
                 else:
                     producer.bias.copy_(bias)  # type: ignore[operator]
-                _set_submodule(model, bn_name, bn)
+                model.set_submodule(bn_name, bn)
 
     try:
         for (producer_name, bn_name), entry in zip(pairs, saved, strict=True):
             fold_bn_into(modules[producer_name], entry[4])
-            _set_submodule(model, bn_name, nn.Identity())
+            model.set_submodule(bn_name, nn.Identity())
         with torch.no_grad():
             after = flatten_outputs(run(model))
     except BaseException:

@@ -40,6 +40,7 @@ class Latency:
 
     @property
     def noisy(self) -> bool:
+        """Whether the rounds spread too widely for the median to be trusted."""
         return self.spread > WIDE_SPREAD
 
     def overlaps(self, other: Latency) -> bool:

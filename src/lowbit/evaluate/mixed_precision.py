@@ -214,6 +214,7 @@ class _Evaluations:
     steps: list[AutoStep] = field(default_factory=list)
 
     def accuracy(self, model: nn.Module) -> float:
+        """`eval_fn(model)`, checked: a NaN or Inf would make every drop meaningless."""
         value = self.eval_fn(model)
         if not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError(f"eval_fn must return a finite accuracy in percent, got {value!r}")
@@ -252,12 +253,14 @@ class _Mix:
     candidate: str
 
     def build(self, k: int) -> nn.Module:
+        """A fresh model (copies only), so nothing an evaluation does to it reaches the next."""
         model = copy.deepcopy(self.low)
         for name in self.order[:k]:
             model.set_submodule(name, copy.deepcopy(self.high[name]))
         return model
 
     def attempt(self, k: int, log: _Evaluations) -> AutoStep:
+        """Evaluate the model that keeps the `k` most sensitive layers, and log the step."""
         return log.record(self.order[:k], self.candidate, self.build(k))
 
     def choice(self, step: AutoStep) -> _Choice:

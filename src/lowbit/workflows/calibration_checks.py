@@ -16,6 +16,7 @@ constant and `quantize` raises instead of returning it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,7 +75,7 @@ class SignWatch:
             for name, q in binary_activation_quantizers(model).items()
         ]
 
-    def _recorder(self, name: str) -> Any:
+    def _recorder(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
             low = float(args[0].detach().min())
             self.lowest[name] = min(low, self.lowest.get(name, low))
@@ -89,6 +90,7 @@ class SignWatch:
         self.output_varied = self.output_varied or _rows_differ(output)
 
     def remove(self) -> None:
+        """Take the hooks off (calibration is over; the model must run without them)."""
         for handle in self.handles:
             handle.remove()
 

@@ -38,10 +38,12 @@ class QuantSummary:
 
     @property
     def quantized(self) -> list[LayerRecord]:
+        """The layers that were quantized."""
         return [r for r in self.layers if r.quantized]
 
     @property
     def kept_float(self) -> list[LayerRecord]:
+        """The layers left in float, each with its reason."""
         return [r for r in self.layers if not r.quantized]
 
     def __str__(self) -> str:

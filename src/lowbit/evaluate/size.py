@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lowbit.nn.modules import QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.numerics import tensor_qparams
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -26,7 +28,6 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def _dynamic_params(q: nn.Module, weight: Tensor) -> int:
-    from lowbit.numerics import tensor_qparams
-
-    return tensor_qparams(weight, q.spec)[0].numel()  # type: ignore[arg-type]
+def _dynamic_params(q: TensorQuantizer, weight: Tensor) -> int:
+    """How many scales a quantizer without stored ones computes for `weight`."""
+    return tensor_qparams(weight, q.spec)[0].numel()

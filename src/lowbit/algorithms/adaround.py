@@ -36,8 +36,8 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ from lowbit.algorithms._sequential import (
     layer_progress,
     pick_rows,
     rows_at,
+    summary_text,
 )
 from lowbit.batches import Forward, run_batch, run_hooked
 from lowbit.exceptions import LowbitWarning
@@ -84,15 +85,13 @@ class AdaRoundReport:
     seconds: float
 
     def __str__(self) -> str:
-        lines = [f"lowbit: AdaRound of {len(self.layers)} layer(s) in {self.seconds:.0f}s"]
-        for r in self.layers:
-            lines.append(
-                f"  {r.name}: output MSE {r.mse_nearest:.3g} -> {r.mse_adaround:.3g} "
-                f"({100 * r.flipped:.1f}% of codes changed, {r.seconds:.1f}s)"
-            )
-        for name, why in self.skipped:
-            lines.append(f"  skipped {name}: {why}")
-        return "\n".join(lines)
+        head = f"lowbit: AdaRound of {len(self.layers)} layer(s) in {self.seconds:.0f}s"
+        rows = [
+            f"{r.name}: output MSE {r.mse_nearest:.3g} -> {r.mse_adaround:.3g} "
+            f"({100 * r.flipped:.1f}% of codes changed, {r.seconds:.1f}s)"
+            for r in self.layers
+        ]
+        return summary_text(head, rows, self.skipped)
 
 
 def adaround(
@@ -123,13 +122,48 @@ def adaround(
     AdaRound, and the time taken.
     """
     layers = check_qmodel(qmodel)
-    for name, value in (("iterations", iterations), ("rows", rows), ("batch_rows", batch_rows)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_settings(iterations=iterations, rows=rows, batch_rows=batch_rows)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     if not reg_weight >= 0:
         raise ValueError(f"reg_weight must be >= 0, got {reg_weight!r}")
+    targets, skipped = _targets(layers)
+    batch = concat_batches(calib_data, max_samples)
+    start = time.perf_counter()
+    qmodel.eval()
+    reference = _float_copy(qmodel)
+    ref_layers = {n: _quant_module(reference, n) for n in targets}
+    settings = _Settings(iterations, lr, reg_weight, rows, batch_rows)
+    with (
+        layer_progress("AdaRound", len(targets), progress) as advance,
+        _Lockstep(reference, ref_layers, batch, forward) as lockstep,
+    ):
+        run = _Run(settings, torch.Generator().manual_seed(seed), lockstep, ref_layers, advance)
+        handles = [qm.register_forward_pre_hook(run.hook(n)) for n, qm in targets.items()]
+        run_hooked(qmodel, batch, forward, handles)
+    never = [n for n in targets if n not in run.seen]
+    skipped += run.skipped + [(n, "did not run on the calibration data") for n in never]
+    if never:
+        warnings.warn(
+            f"AdaRound: {len(never)} layer(s) never ran and keep rounding to nearest: {never[:5]}",
+            LowbitWarning,
+            stacklevel=2,
+        )
+    report = AdaRoundReport(tuple(run.done), tuple(skipped), time.perf_counter() - start)
+    qmodel.lowbit_adaround = report  # type: ignore[assignment]
+    return qmodel
+
+
+def _check_settings(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _targets(
+    layers: dict[str, QuantModule],
+) -> tuple[dict[str, QuantModule], list[tuple[str, str]]]:
+    """The layers AdaRound can optimize, and (name, why) for the quantized ones it cannot."""
     targets: dict[str, QuantModule] = {}
     skipped: list[tuple[str, str]] = []
     for name, qm in layers.items():
@@ -143,60 +177,59 @@ def adaround(
             "qmodel has no layer AdaRound can optimize (uniform, static weight quantizers on "
             f"Linear / Conv1d / Conv2d): {skipped[:3]}"
         )
-    batch = concat_batches(calib_data, max_samples)
-    generator = torch.Generator().manual_seed(seed)
-    done: list[AdaRoundLayer] = []
-    seen: set[str] = set()
-    start = time.perf_counter()
-    qmodel.eval()
-    reference = _float_copy(qmodel)
-    ref_layers = {n: _quant_module(reference, n) for n in targets}
-    with (
-        layer_progress("AdaRound", len(targets), progress) as advance,
-        _Lockstep(reference, ref_layers, batch, forward) as lockstep,
-    ):
+    return targets, skipped
 
-        def make_hook(name: str):
-            def hook(qm: QuantModule, args: tuple[Any, ...]) -> None:
-                if name in seen or not args or not isinstance(args[0], Tensor):
-                    return
-                seen.add(name)
-                x_float = lockstep.take(name)
-                try:
-                    x = args[0] if qm.input_quantizer is None else qm.input_quantizer(args[0])
-                    call = conv_call(qm.module, x)
-                    ref_call = conv_call(ref_layers[name].module, x_float)
-                except TypeError as error:
-                    lockstep.release()
-                    skipped.append((name, str(error)))
-                    return
-                t0 = time.perf_counter()
-                pick = pick_rows(call, _rows_for(qm, rows), generator)
-                xq, xf = rows_at(call, pick), rows_at(ref_call, pick)
-                del call, ref_call, x_float
-                lockstep.release()
-                with torch.enable_grad():
-                    result = _optimize(
-                        qm, xq, xf, iterations, lr, reg_weight, batch_rows, generator
-                    )
-                done.append(AdaRoundLayer(name, xq.shape[0], *result, time.perf_counter() - t0))
-                advance(name)
 
-            return hook
+@dataclass(frozen=True)
+class _Settings:
+    iterations: int
+    lr: float
+    reg_weight: float
+    rows: int
+    batch_rows: int
 
-        handles = [qm.register_forward_pre_hook(make_hook(n)) for n, qm in targets.items()]
-        run_hooked(qmodel, batch, forward, handles)
-    never = [n for n in targets if n not in seen]
-    skipped += [(n, "did not run on the calibration data") for n in never]
-    if never:
-        warnings.warn(
-            f"AdaRound: {len(never)} layer(s) never ran and keep rounding to nearest: {never[:5]}",
-            LowbitWarning,
-            stacklevel=2,
-        )
-    report = AdaRoundReport(tuple(done), tuple(skipped), time.perf_counter() - start)
-    qmodel.lowbit_adaround = report  # type: ignore[assignment]
-    return qmodel
+
+@dataclass
+class _Run:
+    """The pass over the quantized model: a hook per layer learns its rounding on the inputs it
+    receives, against the float model's input of the same layer (from `lockstep`)."""
+
+    settings: _Settings
+    generator: torch.Generator
+    lockstep: _Lockstep
+    ref_layers: dict[str, QuantModule]
+    advance: Callable[[str], None]
+    seen: set[str] = field(default_factory=set)
+    done: list[AdaRoundLayer] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def hook(self, name: str) -> Callable[[QuantModule, tuple[Any, ...]], None]:
+        def pre_hook(qm: QuantModule, args: tuple[Any, ...]) -> None:
+            if name not in self.seen and args and isinstance(args[0], Tensor):
+                self.seen.add(name)
+                self.layer(name, qm, args[0])
+
+        return pre_hook
+
+    def layer(self, name: str, qm: QuantModule, x: Tensor) -> None:
+        x_float = self.lockstep.take(name)
+        try:
+            x = x if qm.input_quantizer is None else qm.input_quantizer(x)
+            call = conv_call(qm.module, x)
+            ref_call = conv_call(self.ref_layers[name].module, x_float)
+        except TypeError as error:
+            self.lockstep.release()
+            self.skipped.append((name, str(error)))
+            return
+        t0 = time.perf_counter()
+        pick = pick_rows(call, _rows_for(qm, self.settings.rows), self.generator)
+        xq, xf = rows_at(call, pick), rows_at(ref_call, pick)
+        del call, ref_call, x_float
+        self.lockstep.release()
+        with torch.enable_grad():
+            result = _optimize(qm, xq, xf, self.settings, self.generator)
+        self.done.append(AdaRoundLayer(name, xq.shape[0], *result, time.perf_counter() - t0))
+        self.advance(name)
 
 
 def _quant_module(model: nn.Module, name: str) -> QuantModule:
@@ -304,76 +337,102 @@ def rectified_sigmoid(v: Tensor) -> Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
+class _Layer:
+    """One layer's rounding problem: its weight on the quantizer's grid, and the rows [R,
+    groups, K] of its quantized-model input `xq` and float-model input `xf`."""
+
+    def __init__(self, qm: QuantModule, xq: Tensor, xf: Tensor) -> None:
+        quantizer = qm.weight_quantizer
+        assert quantizer is not None
+        self.quantizer, self.spec = quantizer, quantizer.spec
+        self.weight: Tensor = qm.module.weight
+        w = self.weight.detach().float()
+        self.w = w
+        self.scale = full_param(quantizer.scale.detach().float(), w, self.spec.granularity)
+        self.zero = full_param(quantizer.zero_point.float(), w, self.spec.granularity)
+        self.xq, self.xf = xq, xf
+        self.n_rows, self.groups, self.k = xq.shape
+        self.w_g = self.grouped(w)
+        self.floor = torch.floor(w / self.scale)
+
+    def grouped(self, t: Tensor) -> Tensor:
+        """Weight layout -> [groups, out per group, K]."""
+        return t.reshape(self.groups, t.shape[0] // self.groups, -1)
+
+    def start(self) -> Tensor:
+        """V where h(V) equals each weight's fraction above its floor."""
+        frac = (self.w / self.scale - self.floor).clamp(0.0, 1.0)
+        v = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
+        return v.clamp(-10.0, 10.0).requires_grad_(True)
+
+    def dequant(self, h: Tensor) -> Tensor:
+        q = torch.clamp(self.floor + h + self.zero, self.spec.qmin, self.spec.qmax)
+        return (q - self.zero) * self.scale
+
+    def mse(self, w_new: Tensor) -> float:
+        """Output MSE of `w_new` on the quantized inputs against the float layer, in float64."""
+        with torch.no_grad():
+            total = 0.0
+            for a, b in zip(self.xq.split(2048), self.xf.split(2048), strict=True):
+                out = torch.einsum("rgk,gok->rgo", a.double(), self.grouped(w_new).double())
+                ref = torch.einsum("rgk,gok->rgo", b.double(), self.w_g.double())
+                total += float((out - ref).pow(2).sum())
+            return total / self.n_rows
+
+    def nearest(self) -> Tensor:
+        q = self.quantizer
+        codes = numerics.quantize(self.w, q.scale, q.zero_point, self.spec)
+        return numerics.dequantize(codes, q.scale, q.zero_point, self.spec)
+
+    def learned(self, v: Tensor) -> Tensor:
+        hard = (v >= 0).float()
+        spec = self.spec
+        codes = torch.clamp(self.floor + hard + self.zero, spec.qmin, spec.qmax)
+        q = self.quantizer
+        return numerics.dequantize(codes.to(spec.storage_dtype), q.scale, q.zero_point, spec)
+
+
+def _reconstruction(
+    layer: _Layer, batch_rows: int, generator: torch.Generator
+) -> Callable[[Tensor], Tensor]:
+    """The loss ||W~ xq - W xf||^2 / R of a candidate weight W~: exact from second moments
+    where the patches or the rows are few, else on `batch_rows` rows drawn per step."""
+    xq, xf, w_g, n_rows = layer.xq, layer.xf, layer.w_g, layer.n_rows
+    if layer.k <= batch_rows or n_rows <= batch_rows:
+        # sum W~ Hqq W~^T - 2 W~ Hqf W^T + const: exact over all rows.
+        hqq = torch.einsum("rgk,rgl->gkl", xq, xq) / n_rows
+        cross = torch.einsum("rgk,rgl,gol->gok", xq, xf, w_g) / n_rows
+
+        def exact(w_new: Tensor) -> Tensor:
+            wn = layer.grouped(w_new)
+            return (torch.einsum("gok,gkl->gol", wn, hqq) * wn).sum() - 2 * (cross * wn).sum()
+
+        return exact
+    target = torch.einsum("rgk,gok->rgo", xf, w_g)
+
+    def sampled(w_new: Tensor) -> Tensor:
+        idx = torch.randint(n_rows, (batch_rows,), generator=generator)
+        out = torch.einsum("rgk,gok->rgo", xq[idx], layer.grouped(w_new))
+        return (out - target[idx]).pow(2).sum() / batch_rows
+
+    return sampled
+
+
 def _optimize(
-    qm: QuantModule,
-    xq: Tensor,
-    xf: Tensor,
-    iterations: int,
-    lr: float,
-    reg_weight: float,
-    batch_rows: int,
-    generator: torch.Generator,
+    qm: QuantModule, xq: Tensor, xf: Tensor, settings: _Settings, generator: torch.Generator
 ) -> tuple[float, float, float]:
     """Optimize one layer's rounding so that W~ xq matches W xf on rows [R, groups, K]; write
     back the codes. Returns output MSE with nearest rounding, with AdaRound, fraction changed."""
-    quantizer = qm.weight_quantizer
-    assert quantizer is not None
-    spec = quantizer.spec
-    weight: Tensor = qm.module.weight
-    w = weight.detach().float()
-    scale = full_param(quantizer.scale.detach().float(), w, spec.granularity)
-    zero = full_param(quantizer.zero_point.float(), w, spec.granularity)
-    n_rows, groups, k = xq.shape
-
-    def grouped(t: Tensor) -> Tensor:  # weight layout -> [groups, out per group, K]
-        return t.reshape(groups, t.shape[0] // groups, -1)
-
-    w_g = grouped(w)
-    floor = torch.floor(w / scale)
-    frac = (w / scale - floor).clamp(0.0, 1.0)
-    v = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
-    v = v.clamp(-10.0, 10.0).requires_grad_(True)
-
-    def dequant(h: Tensor) -> Tensor:
-        q = torch.clamp(floor + h + zero, spec.qmin, spec.qmax)
-        return (q - zero) * scale
-
-    def mse(w_new: Tensor) -> float:
-        with torch.no_grad():
-            total = 0.0
-            for a, b in zip(xq.split(2048), xf.split(2048), strict=True):
-                out = torch.einsum("rgk,gok->rgo", a.double(), grouped(w_new).double())
-                ref = torch.einsum("rgk,gok->rgo", b.double(), w_g.double())
-                total += float((out - ref).pow(2).sum())
-            return total / n_rows
-
-    gram = k <= batch_rows or n_rows <= batch_rows
-    if gram:
-        # ||W~ xq - W xf||^2 / R = sum W~ Hqq W~^T - 2 W~ Hqf W^T + const: exact over all rows.
-        hqq = torch.einsum("rgk,rgl->gkl", xq, xq) / n_rows
-        cross = torch.einsum("rgk,rgl,gol->gok", xq, xf, w_g) / n_rows
-    else:
-        target = torch.einsum("rgk,gok->rgo", xf, w_g)
-
-    def recon(w_new: Tensor) -> Tensor:
-        wn = grouped(w_new)
-        if gram:
-            return (torch.einsum("gok,gkl->gol", wn, hqq) * wn).sum() - 2 * (cross * wn).sum()
-        idx = torch.randint(n_rows, (batch_rows,), generator=generator)
-        out = torch.einsum("rgk,gok->rgo", xq[idx], wn)
-        return (out - target[idx]).pow(2).sum() / batch_rows
-
-    nearest = numerics.dequantize(
-        numerics.quantize(w, quantizer.scale, quantizer.zero_point, spec),
-        quantizer.scale,
-        quantizer.zero_point,
-        spec,
-    )
-    optimizer = torch.optim.Adam([v], lr=lr)
+    layer = _Layer(qm, xq, xf)
+    v = layer.start()
+    recon = _reconstruction(layer, settings.batch_rows, generator)
+    nearest = layer.nearest()
+    optimizer = torch.optim.Adam([v], lr=settings.lr)
+    iterations, reg_weight = settings.iterations, settings.reg_weight
     warm = int(WARM_START * iterations)
     for step in range(iterations):
         h = rectified_sigmoid(v)
-        loss = recon(dequant(h))
+        loss = recon(layer.dequant(h))
         if step >= warm and reg_weight > 0:
             progress = (step - warm) / max(1, iterations - warm)
             beta = BETA_RANGE[1] + (BETA_RANGE[0] - BETA_RANGE[1]) * (1.0 - progress)
@@ -382,12 +441,10 @@ def _optimize(
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        hard = (v >= 0).float()
-        codes = torch.clamp(floor + hard + zero, spec.qmin, spec.qmax).to(spec.storage_dtype)
-        learned = numerics.dequantize(codes, quantizer.scale, quantizer.zero_point, spec)
-        mse_nearest, mse_ada = mse(nearest), mse(learned)
+        learned = layer.learned(v)
+        mse_nearest, mse_ada = layer.mse(nearest), layer.mse(learned)
         if mse_ada > mse_nearest:  # too few iterations to beat nearest: keep nearest
             learned, mse_ada = nearest, mse_nearest
         flipped = float((learned != nearest).float().mean())
-        weight.copy_(learned.to(weight.dtype))
+        layer.weight.copy_(learned.to(layer.weight.dtype))
     return mse_nearest, mse_ada, flipped

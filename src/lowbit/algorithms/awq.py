@@ -189,11 +189,9 @@ def _awq_group(
         where = g.producer_name
     else:
         name = g.consumer_names[0]
-        parent_name, _, child = name.rpartition(".")
-        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
         with torch.no_grad():
             layers[0].module.weight.mul_(s)
-        setattr(parent, child, InputScale(layers[0], 1.0 / s))
+        qmodel.set_submodule(name, InputScale(layers[0], 1.0 / s))
         where = f"{name}.inv_scale"
     for qm in layers:
         assert qm.weight_quantizer is not None

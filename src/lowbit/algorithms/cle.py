@@ -162,22 +162,24 @@ def equalize(
                 f"{[(a, b) for a, b, _ in pairs]}"
             )
     model.lowbit_equalization = EqualizationReport(  # type: ignore[assignment]
-        pairs=tuple(
-            EqualizedPair(
-                first,
-                second,
-                act.name or act.kind,
-                frozen.get(first, 0),
-                ratios[first],
-                _range_ratio(modules[first]),
-            )
-            for first, second, act in pairs
-        ),
-        skipped=tuple(skipped),
-        iterations=rounds,
-        folded_batchnorms=tuple(folded),
+        tuple(_pair_record(modules, p, frozen, ratios) for p in pairs),
+        tuple(skipped),
+        rounds,
+        tuple(folded),
     )
     return model
+
+
+def _pair_record(
+    modules: dict[str, nn.Module],
+    pair: tuple[str, str, Act],
+    frozen: dict[str, int],
+    ratios_before: dict[str, float],
+) -> EqualizedPair:
+    first, second, act = pair
+    after = _range_ratio(modules[first])
+    name = act.name or act.kind
+    return EqualizedPair(first, second, name, frozen.get(first, 0), ratios_before[first], after)
 
 
 def _check_settings(

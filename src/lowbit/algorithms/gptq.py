@@ -348,24 +348,8 @@ def gptq_quantize_weight(
         raise ValueError("pass either static scale / zero_point or group_columns")
     if act_order and group_columns is not None:
         raise ValueError("act_order needs static parameters (static groups)")
-    check = weight.detach()
-    numerics.check_finite(check, "weight")
-    numerics.check_finite(hessian, "Hessian")
-    dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
-    w = weight.detach().to(dtype).clone()
-    h = hessian.to(dtype).clone()
-    n_out, cols = w.shape
-    if h.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match {cols} weight columns")
-    es = scale.to(dtype).clone() if scale is not None else torch.ones_like(w)
-    ez = zero_point.to(dtype).clone() if zero_point is not None else torch.zeros_like(w)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm: Tensor | None = None
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h, es, ez = w[:, perm], h[perm][:, perm], es[:, perm], ez[:, perm]
+    w, h, es, ez, perm = _prepared(weight, hessian, scale, zero_point, act_order)
+    cols = w.shape[1]
     u = _inverse_hessian_cholesky(h, damp)
     bs = block_size
     if group_columns is not None:  # keep every group inside one block
@@ -383,21 +367,10 @@ def gptq_quantize_weight(
             col = i1 + i
             if group_columns is not None and col % group_columns == 0:
                 block = w1[:, i : i + group_columns].float()
-                if group_shape:
-                    k = math.prod(group_shape)
-                    # [out, size, k] -> per (row, kernel position) over the group's channels
-                    sub = block.reshape(n_out, -1, k).transpose(1, 2).reshape(n_out * k, -1)
-                    s, z = numerics.tensor_qparams(sub, per_row_spec)
-                    s, z = s.reshape(n_out, k), z.reshape(n_out, k)
-                    reps = group_columns // k
-                    es[:, col : col + group_columns] = s.to(dtype).repeat(1, reps)
-                    ez[:, col : col + group_columns] = z.to(dtype).repeat(1, reps)
-                    group_params += [(s[:, j], z[:, j]) for j in range(k)]
-                else:
-                    s, z = numerics.tensor_qparams(block, per_row_spec)
-                    es[:, col : col + group_columns] = s.to(dtype).unsqueeze(1)
-                    ez[:, col : col + group_columns] = z.to(dtype).unsqueeze(1)
-                    group_params.append((s, z))
+                s, z, params = _group_qparams(block, per_row_spec, group_shape)
+                es[:, col : col + group_columns] = s.to(w.dtype)
+                ez[:, col : col + group_columns] = z.to(w.dtype)
+                group_params += params
             wc = w1[:, i]
             qc, deq = _quantize_column(wc, es[:, col], ez[:, col], spec)
             codes[:, col] = qc
@@ -416,3 +389,50 @@ def gptq_quantize_weight(
         zero_point=ez.to(torch.int32),
         group_params=group_params,
     )
+
+
+def _prepared(
+    weight: Tensor,
+    hessian: Tensor,
+    scale: Tensor | None,
+    zero_point: Tensor | None,
+    act_order: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Working copies (float64 on CPU) of the weight, Hessian and elementwise parameters, dead
+    inputs (zero Hessian diagonal) zeroed, columns in act order (and that order) if asked."""
+    numerics.check_finite(weight.detach(), "weight")
+    numerics.check_finite(hessian, "Hessian")
+    dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
+    w = weight.detach().to(dtype).clone()
+    h = hessian.to(dtype).clone()
+    cols = w.shape[1]
+    if h.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match {cols} weight columns")
+    es = scale.to(dtype).clone() if scale is not None else torch.ones_like(w)
+    ez = zero_point.to(dtype).clone() if zero_point is not None else torch.zeros_like(w)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    if not act_order:
+        return w, h, es, ez, None
+    perm = torch.argsort(torch.diag(h), descending=True)
+    return w[:, perm], h[perm][:, perm], es[:, perm], ez[:, perm], perm
+
+
+def _group_qparams(
+    block: Tensor, per_row_spec: QuantSpec, group_shape: tuple[int, ...]
+) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+    """A group's parameters from its current weights `block` [out, group columns]: elementwise
+    over the block, and as the (scale, zero point) per row of each kernel position (one pair
+    without `group_shape`)."""
+    n_out, size = block.shape
+    if not group_shape:
+        s, z = numerics.tensor_qparams(block, per_row_spec)
+        return s.unsqueeze(1).expand(n_out, size), z.unsqueeze(1).expand(n_out, size), [(s, z)]
+    k = math.prod(group_shape)
+    # [out, size, k] -> per (row, kernel position) over the group's channels
+    sub = block.reshape(n_out, -1, k).transpose(1, 2).reshape(n_out * k, -1)
+    s, z = numerics.tensor_qparams(sub, per_row_spec)
+    s, z = s.reshape(n_out, k), z.reshape(n_out, k)
+    params = [(s[:, j], z[:, j]) for j in range(k)]
+    return s.repeat(1, size // k), z.repeat(1, size // k), params

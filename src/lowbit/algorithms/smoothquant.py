@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lowbit.algorithms._sequential import check_float_model
 from lowbit.batches import Forward, check_batch, first_batch, run_batch, run_hooked, tensors_of
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
@@ -62,13 +63,7 @@ def smoothquant(
     input producer cannot absorb the factors are left as they are; `model.lowbit_smoothquant`
     lists the groups smoothed, as (producer, [consumers]) names.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if any(isinstance(m, QuantModule) for m in model.modules()):
-        raise TypeError(
-            "smoothquant transforms a float model before quantization: call it before "
-            "lowbit.quantize (the model holds QuantModules)"
-        )
+    check_float_model(model, "smoothquant")
     if not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     first_batch(calib_data)

@@ -261,7 +261,7 @@ class _Lockstep:
         self.stopped = False
         seen: set[str] = set()
 
-        def make_hook(name: str):
+        def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
                 if name in seen or self.stopped:
                     return

@@ -22,7 +22,7 @@ downstream layers see the corrected values in that same pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,7 +160,7 @@ def bias_correction(
     qmodel.eval()
     with layer_progress("bias correction", len(targets), progress) as advance:
 
-        def correct(name: str, float_weight: Tensor):
+        def correct(name: str, float_weight: Tensor) -> Callable[..., Any]:
             def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
                 if running or not isinstance(out, Tensor) or any(c.name == name for c in done):
                     return None  # the float call below, or a layer's second call

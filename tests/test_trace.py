@@ -97,10 +97,16 @@ def test_hooks_are_removed_also_when_the_pass_raises() -> None:
         m(torch.randn(2, 3, 4, 4))
         raise KeyError("boom")
 
-    with pytest.raises(KeyError):
-        trace(model, broken)
-    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
-    assert not torch.overrides._get_current_function_mode_stack()
+    class Raises(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            raise KeyError("inside a module")
+
+    inner = nn.Sequential(nn.ReLU(), Raises())
+    for m, run in ((model, broken), (inner, lambda m: m(torch.randn(2)))):
+        with pytest.raises(KeyError):  # the model's own error, not one of the tracer's hooks
+            trace(m, run)
+        assert all(not s._forward_pre_hooks and not s._forward_hooks for s in m.modules())
+        assert not torch.overrides._get_current_function_mode_stack()
 
 
 def test_rejects_bad_arguments() -> None:

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lowbit"
 # Low to high. A unit is a top-level module or package of lowbit; "lowbit" is the facade
 # (lowbit/__init__.py), which may import everything and which nothing inside lowbit imports.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("exceptions", "progress", "_atomic", "batches"),  # support: no lowbit imports
+    ("exceptions", "progress", "_atomic", "batches"),  # support: warnings, progress, files, batches
     ("spec",),  # what a quantized number is
     ("numerics",),  # pure tensor functions over a spec
     ("calib", "kernels"),  # ranges from observed tensors; integer kernels
@@ -35,14 +35,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 LEVEL: dict[str, int] = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 
-# Upward imports still in the code, each naming its issue; empty once the redesign is done.
-# An entry that no longer occurs fails the test too, so the list cannot go stale.
-KNOWN_UPWARD: dict[tuple[str, str], str] = {}
-
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
-# (path relative to src/lowbit, function name or "" for the file) -> issue; same rules as above.
-KNOWN_LONG: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:
@@ -99,12 +93,9 @@ def test_no_module_imports_a_higher_layer():
         for imported in _imported(path, tree):
             if LEVEL[_unit(imported)] > LEVEL[_unit(importer)]:
                 upward[(importer, imported)] = f"{_unit(importer)} -> {_unit(imported)}"
-    new = {edge: why for edge, why in upward.items() if edge not in KNOWN_UPWARD}
-    assert not new, "imports of a higher layer:\n" + "\n".join(
-        f"  {a} imports {b} ({why})" for (a, b), why in sorted(new.items())
+    assert not upward, "imports of a higher layer:\n" + "\n".join(
+        f"  {a} imports {b} ({why})" for (a, b), why in sorted(upward.items())
     )
-    gone = sorted(KNOWN_UPWARD.keys() - upward.keys())
-    assert not gone, f"fixed, remove from KNOWN_UPWARD: {gone}"
 
 
 def test_files_and_functions_stay_small():
@@ -119,13 +110,10 @@ def test_files_and_functions_stay_small():
                 size = (node.end_lineno or node.lineno) - node.lineno + 1
                 if size > MAX_FUNCTION_LINES:
                     long[(where, node.name)] = size
-    new = {key: n for key, n in long.items() if key not in KNOWN_LONG}
-    assert not new, (
+    assert not long, (
         f"files over {MAX_FILE_LINES} lines or functions over {MAX_FUNCTION_LINES}:\n"
-        + "\n".join(f"  {f} {fn or '(file)'}: {n} lines" for (f, fn), n in sorted(new.items()))
+        + "\n".join(f"  {f} {fn or '(file)'}: {n} lines" for (f, fn), n in sorted(long.items()))
     )
-    gone = sorted(KNOWN_LONG.keys() - long.keys())
-    assert not gone, f"now small enough, remove from KNOWN_LONG: {gone}"
 
 
 @pytest.mark.parametrize(

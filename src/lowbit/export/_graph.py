@@ -77,8 +77,9 @@ def _tensor(name: str, values: Any, elem: str | None = None) -> Any:
     return tensor
 
 
-def fold_constants(graph: Any) -> None:
-    """Evaluate small all-constant subgraphs (Pad amounts, reshape targets) into initializers."""
+def fold_constants(graph: Any, opset: int) -> None:
+    """Evaluate small all-constant subgraphs (Pad amounts, reshape targets) into initializers;
+    `opset`: the one the exporter wrote them at (Slice, Pad and Reduce* change across opsets)."""
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
@@ -92,7 +93,7 @@ def fold_constants(graph: Any) -> None:
             and all(i in known for i in inputs)
             and sum(known[i].size for i in inputs) <= _FOLD_MAX_ELEMENTS
         ):
-            values = _evaluate(ReferenceEvaluator, node, {i: known[i] for i in inputs})
+            values = _evaluate(ReferenceEvaluator, node, {i: known[i] for i in inputs}, opset)
             if values is not None:
                 for name, value in zip(node.output, values, strict=True):
                     known[name] = folded[name] = value
@@ -106,7 +107,9 @@ def fold_constants(graph: Any) -> None:
             graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
 
 
-def _evaluate(evaluator: Any, node: Any, feeds: dict[str, np.ndarray]) -> list[Any] | None:
+def _evaluate(
+    evaluator: Any, node: Any, feeds: dict[str, np.ndarray], opset: int
+) -> list[Any] | None:
     from onnx import helper, numpy_helper
 
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in feeds.items()]
@@ -117,7 +120,7 @@ def _evaluate(evaluator: Any, node: Any, feeds: dict[str, np.ndarray]) -> list[A
         [helper.make_empty_tensor_value_info(o) for o in node.output],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     try:
         return [np.asarray(v) for v in evaluator(model).run(None, {})]
     except Exception:  # an op the reference cannot run here: leave it to the runtime

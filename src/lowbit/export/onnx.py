@@ -1,33 +1,33 @@
 """`export_onnx`: a lowbit-quantized (simulated) model to an ONNX QDQ file.
 
-How: every quantizer of every `QuantModule` is swapped, for the length of the export, for a stub
-whose forward is lowbit's own simulation and whose ONNX symbolic is one `lowbit::Quant` marker
-node. The TorchScript exporter (`torch.onnx.export(..., dynamo=False)`) traces the model with
-those stubs, so the markers land exactly where the simulation quantizes: inside subclassed layers
-too, whatever their forward does. Then `_graph` turns each marker into integer initializer ->
-DequantizeLinear (weights, with codes from `lowbit.numerics.quantize`, bit-exact with the
-simulation) or QuantizeLinear -> DequantizeLinear (activations), and the file is checked and
-written atomically. onnx is imported here only, never by `import lowbit`.
-"""
+How: `_exporters` traces the model with a `lowbit::Quant` marker where each quantizer of each
+`QuantModule` acts (the TorchScript exporter by default; the dynamo one is ready, see
+docs/export.md), so the markers land exactly where the simulation quantizes, inside subclassed
+layers too. Then `_graph` turns each marker into integer initializer -> DequantizeLinear
+(weights, with codes from `lowbit.numerics.quantize`, bit-exact with the simulation) or
+QuantizeLinear -> DequantizeLinear (activations), `_targets` writes the target runtime's form,
+and the file is checked and written atomically. onnx is imported here only, never by
+`import lowbit`."""
 
 from __future__ import annotations
 
-import io
 import os
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from lowbit._atomic import write_atomic
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.export import _graph
+from lowbit.export import _exporters, _graph
+from lowbit.export._exporters import (
+    TORCHSCRIPT_MAX_OPSET,
+    Exporter,
+    export_graph,
+    exporter_opset,
+)
 from lowbit.export._sites import (
     INT16,
     MAX_OPSET,
@@ -42,7 +42,6 @@ from lowbit.export._targets import DEFAULT_TARGET, check_target, retarget
 from lowbit.export._trace import (
     DynamicAxes,
     KeywordCall,
-    Signature,
     as_inputs,
     eval_mode,
     needed_opset,
@@ -52,9 +51,6 @@ from lowbit.export._trace import (
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import QuantSpec
-
-_TORCH_MAX_OPSET = 20  # the TorchScript exporter's newest; 21 only adds INT4 types and blocks
-_ACTIVE: dict[str, Site] = {}  # the sites of the export in progress, read by _Marker.forward
 
 
 def export_onnx(
@@ -119,15 +115,16 @@ def export_onnx(
     out = Path(path)
     quantized = _quant_modules(model)
     explicit = opset is not None
-    opset = _choose_opset(quantized, opset)
+    exporter = _exporters.DEFAULT_EXPORTER
+    opset = exporter_opset(exporter, _choose_opset(quantized, opset), explicit)
     sites = _collect_sites(quantized, opset, reduce_range)  # checks them before any forward
 
     with eval_mode(model):
         call = KeywordCall(model, len(inputs.args), list(inputs.kwargs)).eval()
         names = signature(call, inputs, input_names, output_names, dynamic_axes)
-        if opset != (opset := _operator_opset(names.functions, opset, explicit)):
+        if opset != (opset := _operator_opset(exporter, names.functions, opset, explicit)):
             sites = _collect_sites(quantized, opset, reduce_range)
-        traced = _trace(call, inputs.tensors, names, opset, quantized, sites)
+        traced = export_graph(exporter, call, inputs.tensors, names, opset, quantized, sites)
     proto = onnx.load_from_string(traced)
     strip_prefix(proto.graph, "model.")
     _rewrite(proto, sites, opset, reduce_range, runtime)
@@ -155,42 +152,21 @@ def reduce_range_config(config: QuantConfig) -> QuantConfig:
     return replace(config, weight=seven(config.weight), overrides=overrides)
 
 
-def _trace(
-    call: KeywordCall,
-    tensors: tuple[Tensor, ...],
-    names: Signature,
-    opset: int,
-    quantized: dict[str, QuantModule],
-    sites: dict[str, Site],
-) -> bytes:
-    """The TorchScript exporter's graph of the model, a marker node at each quantization site."""
-    buffer = io.BytesIO()
-    with _stubs(quantized, sites), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation notes
-        torch.onnx.export(
-            call,
-            tensors,
-            buffer,  # type: ignore[arg-type]
-            opset_version=min(opset, _TORCH_MAX_OPSET),
-            dynamo=False,
-            input_names=names.input_names,
-            output_names=names.output_names,
-            dynamic_axes=names.dynamic_axes,
-            custom_opsets={_graph.MARKER_DOMAIN: 1},
-        )
-    return buffer.getvalue()
-
-
-def _operator_opset(functions: frozenset[str], opset: int, explicit: bool) -> int:
-    """`opset`, or the newer one an operator of the model needs (an error if it was explicit)."""
-    needed = needed_opset(functions, min(opset, _TORCH_MAX_OPSET))
+def _operator_opset(
+    exporter: Exporter, functions: frozenset[str], opset: int, explicit: bool
+) -> int:
+    """`opset`, or the newer one an operator of the model needs in the TorchScript exporter (an
+    error if it was explicit); the dynamo exporter's opsets (18+) have every operator here."""
+    if exporter == "dynamo":
+        return opset
+    needed = needed_opset(functions, min(opset, TORCHSCRIPT_MAX_OPSET))
     if needed is None:
         return opset
     op, version = needed
-    if version > _TORCH_MAX_OPSET:
+    if version > TORCHSCRIPT_MAX_OPSET:
         raise NotImplementedError(
             f"the model uses {op}, which the TorchScript exporter writes from opset {version} "
-            f"only, above its newest ({_TORCH_MAX_OPSET})"
+            f"only, above its newest ({TORCHSCRIPT_MAX_OPSET})"
         )
     if explicit:
         raise ValueError(
@@ -277,74 +253,14 @@ def _collect_sites(
     return sites
 
 
-class _Marker(torch.autograd.Function):
-    """Identity-to-the-simulation in eager mode; one `lowbit::Quant` node in the ONNX trace."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, key: str) -> Tensor:
-        return _ACTIVE[key].simulate(x)
-
-    @staticmethod
-    def symbolic(g: Any, x: Any, key: str) -> Any:
-        out = g.op(f"{_graph.MARKER_DOMAIN}::{_graph.MARKER_OP}", x, key_s=key)
-        out.setType(x.type())
-        return out
-
-
-class _Stub(nn.Module):
-    def __init__(self, key: str) -> None:
-        super().__init__()
-        self.key = key
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = _Marker.apply(x, self.key)
-        return out
-
-
-@contextmanager
-def _stubs(quantized: dict[str, QuantModule], sites: dict[str, Site]) -> Iterator[None]:
-    """Swap quantizers for markers; put everything back afterwards.
-
-    `functional_call` refuses to run under the tracer, so a weight marker is a parametrization
-    of the wrapped layer's weight (computed at each access, inside the layer's own forward) and
-    the QuantModule's weight quantizer is unset meanwhile.
-    """
-    saved: list[tuple[QuantModule, str, TensorQuantizer]] = []
-    parametrized: list[nn.Module] = []
-    _ACTIVE.clear()
-    _ACTIVE.update(sites)
-    try:
-        for name, m in quantized.items():
-            for role, q in m.quantizers().items():
-                key = f"{name}.{role}"
-                if key not in sites:
-                    continue
-                attr = f"{role}_quantizer"
-                saved.append((m, attr, q))
-                if role == "weight":
-                    setattr(m, attr, None)
-                    parametrize.register_parametrization(
-                        m.module, "weight", _Stub(key), unsafe=True
-                    )
-                    parametrized.append(m.module)
-                else:
-                    setattr(m, attr, _Stub(key))
-        yield
-    finally:
-        for layer in parametrized:
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-        for m, attr, q in saved:
-            setattr(m, attr, q)
-        _ACTIVE.clear()
-
-
 def _rewrite(
     proto: Any, sites: dict[str, Site], opset: int, reduce_range: bool, target: str
 ) -> None:
     from onnx import helper
 
     graph = proto.graph
-    _graph.fold_constants(graph)
+    traced_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    _graph.fold_constants(graph, traced_opset)
     _graph.replace_markers(graph, sites)
     _graph.fold_zero_pad_into_conv(graph)
     retarget(graph, target)

@@ -10,6 +10,7 @@ quantization and ONNX Runtime's QDQ fusions look for), and unused initializers g
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -77,13 +78,43 @@ def _tensor(name: str, values: Any, elem: str | None = None) -> Any:
     return tensor
 
 
+class Constants(Mapping[str, np.ndarray]):
+    """A graph's initializers as numpy arrays, each converted once, when first read: the float
+    weights the markers replace (pruned at the end) never are."""
+
+    def __init__(self, graph: Any) -> None:
+        self._protos = {t.name: t for t in graph.initializer}
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = self._arrays.get(name)
+        if array is None:
+            from onnx import numpy_helper
+
+            array = self._arrays[name] = numpy_helper.to_array(self._protos[name])
+        return array
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._arrays or name in self._protos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._protos.keys() | self._arrays.keys())
+
+    def __len__(self) -> int:
+        return len(self._protos.keys() | self._arrays.keys())
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """A value computed at export (a folded constant), read like an initializer."""
+        self._arrays[name] = array
+
+
 def fold_constants(graph: Any, opset: int) -> None:
     """Evaluate small all-constant subgraphs (Pad amounts, reshape targets) into initializers;
     `opset`: the one the exporter wrote them at (Slice, Pad and Reduce* change across opsets)."""
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    known = Constants(graph)
     kept, folded = [], {}
     for node in graph.node:
         inputs = [i for i in node.input if i]
@@ -96,7 +127,8 @@ def fold_constants(graph: Any, opset: int) -> None:
             values = _evaluate(ReferenceEvaluator, node, {i: known[i] for i in inputs}, opset)
             if values is not None:
                 for name, value in zip(node.output, values, strict=True):
-                    known[name] = folded[name] = value
+                    known.add(name, value)
+                    folded[name] = value
                 continue
         kept.append(node)
     used = {i for n in kept for i in n.input} | {o.name for o in graph.output}
@@ -129,8 +161,6 @@ def _evaluate(
 
 def replace_markers(graph: Any, sites: dict[str, Site]) -> None:
     """Each `lowbit::Quant` node -> integer initializer + DQ, or Q + DQ, with named parameters."""
-    from onnx import helper
-
     nodes: list[Any] = []
     have = {t.name for t in graph.initializer}
 
@@ -143,52 +173,33 @@ def replace_markers(graph: Any, sites: dict[str, Site]) -> None:
         if node.domain != MARKER_DOMAIN:
             nodes.append(node)
             continue
-        key = next(a.s.decode() for a in node.attribute if a.name == "key")
-        site = sites[key]
-        attrs: dict[str, Any] = {}
-        if site.axis is not None:
-            attrs["axis"] = site.axis
-        if site.block_size is not None:
-            attrs["block_size"] = site.block_size
+        site = sites[next(a.s.decode() for a in node.attribute if a.name == "key")]
         scale, zp = f"{site.key}_scale", f"{site.key}_zero_point"
         add(_tensor(scale, site.scale.numpy()))
         add(_tensor(zp, site.zero_point.numpy(), site.elem))
-        out = node.output[0]
         if site.is_weight:
             assert site.codes is not None
-            codes = f"{site.key}_quantized"
-            add(_tensor(codes, site.codes.to(torch.int32).numpy(), site.elem))
-            nodes.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [codes, scale, zp],
-                    [out],
-                    name=f"{site.key}/DequantizeLinear",
-                    **attrs,
-                )
-            )
-            continue
-        q_out = f"{site.key}_q"
-        nodes.append(
-            helper.make_node(
-                "QuantizeLinear",
-                [node.input[0], scale, zp],
-                [q_out],
-                name=f"{site.key}/QuantizeLinear",
-                **attrs,
-            )
-        )
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [q_out, scale, zp],
-                [out],
-                name=f"{site.key}/DequantizeLinear",
-                **attrs,
-            )
-        )
+            source = f"{site.key}_quantized"
+            add(_tensor(source, site.codes.to(torch.int32).numpy(), site.elem))
+        else:
+            source = f"{site.key}_q"
+            nodes.append(_qdq_node("QuantizeLinear", site, node.input[0], source))
+        nodes.append(_qdq_node("DequantizeLinear", site, source, node.output[0]))
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _qdq_node(op: str, site: Site, source: str, out: str) -> Any:
+    """`op` (QuantizeLinear / DequantizeLinear) of `source` with the site's named parameters."""
+    from onnx import helper
+
+    attrs: dict[str, Any] = {}
+    if site.axis is not None:
+        attrs["axis"] = site.axis
+    if site.block_size is not None:
+        attrs["block_size"] = site.block_size
+    inputs = [source, f"{site.key}_scale", f"{site.key}_zero_point"]
+    return helper.make_node(op, inputs, [out], name=f"{site.key}/{op}", **attrs)
 
 
 def fold_zero_pad_into_conv(graph: Any) -> int:

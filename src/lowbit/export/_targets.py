@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.exceptions import LowbitWarning
-from lowbit.export._graph import consumers
+from lowbit.export._graph import Constants, consumers
 
 TARGETS = ("onnxruntime", "openvino", "tensorrt")
 DEFAULT_TARGET = "onnxruntime"
@@ -41,7 +41,7 @@ def retarget(graph: Any, target: str) -> None:
         activations_as_uint8(graph)
         clip_codes_after_quantize(graph)
         _warn_float_convs(graph)
-    if target == "tensorrt":
+    elif target == "tensorrt":
         check_int8_zero_point(graph)
 
 
@@ -83,7 +83,7 @@ def _warn_float_convs(graph: Any) -> None:
 def check_int8_zero_point(graph: Any) -> None:
     """TensorRT reads only int8 QuantizeLinear with zero point 0: a ValueError naming the first
     quantizer that is not (uint8 / affine activations have no exact int8 zero-point-0 form)."""
-    inits = _constants(graph)
+    inits = Constants(graph)
     for q in graph.node:
         zero_point = inits.get(q.input[2]) if len(q.input) > 2 else None
         if q.op_type != "QuantizeLinear" or (
@@ -130,7 +130,7 @@ def clip_codes_after_quantize(graph: Any) -> int:
     """
     from onnx import helper
 
-    inits = _constants(graph)
+    inits = Constants(graph)
     users = consumers(graph)
     outputs = {o.name for o in graph.output}
     moved: dict[str, tuple[Any, list[str]]] = {}  # Q name -> (clip node, its new inputs)
@@ -168,15 +168,7 @@ def clip_codes_after_quantize(graph: Any) -> int:
     return len(moved)
 
 
-def _constants(graph: Any) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-
-
-def _code_bounds(
-    clip: Any, q: Any, inits: dict[str, np.ndarray]
-) -> tuple[int | None, int | None] | None:
+def _code_bounds(clip: Any, q: Any, inits: Constants) -> tuple[int | None, int | None] | None:
     """The clip's bounds as codes of `q` (None where it removes no code), or None if not exact."""
     scale, zero_point = inits.get(q.input[1]), inits.get(q.input[2])
     if scale is None or zero_point is None or scale.size != 1:
@@ -198,9 +190,7 @@ def _code_bounds(
     return codes[0], codes[1]
 
 
-def _float_bounds(
-    clip: Any, inits: dict[str, np.ndarray]
-) -> tuple[float | None, float | None] | None:
+def _float_bounds(clip: Any, inits: Constants) -> tuple[float | None, float | None] | None:
     """(min, max) of a Relu / Clip with constant bounds (None for an absent one)."""
     if clip.op_type == "Relu":
         return 0.0, None
@@ -216,7 +206,7 @@ def _float_bounds(
 
 
 def _bound_inputs(
-    graph: Any, q: Any, bounds: tuple[int | None, int | None], inits: dict[str, np.ndarray]
+    graph: Any, q: Any, bounds: tuple[int | None, int | None], inits: Constants
 ) -> list[str]:
     """Initializers holding the code bounds, in the zero point's type; [] when none clips."""
     from onnx import numpy_helper

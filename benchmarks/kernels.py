@@ -185,7 +185,7 @@ def _bench_dynamic_shape(m: int, k: int, n: int, rounds: int) -> dict[str, Any]:
             "lowbit_int_mm": rel_err(int_mm(), ref),
             "lowbit_eager": rel_err(eager(), ref),
         }
-    weights = layer._dynamic_weights
+    weights = layer.current_packs().get("dynamic")
     assert weights is not None
     return {
         "bench": "dynamic",

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit import presets
+from lowbit import kernels, presets
 from lowbit.cli import demo
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.kernels import onednn_conv_available
+from lowbit.kernels import compile as kernel_compile
+from lowbit.kernels import dynamic, onednn_conv_available, weight_only
 from lowbit.kernels.conv import onednn_conv_exact
-from lowbit.nn import IntConv, IntEmbedding, IntLinear, PerTokenQuantizer
+from lowbit.nn import IntConv, IntEmbedding, IntLinear, IntModule, PerTokenQuantizer, int_linear
 from lowbit.nn.modules import QuantModule
+from lowbit.nn.padded_conv import ZeroPaddedConv2d
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import PerChannel, PerGroup, QuantSpec
 from lowbit.workflows.conversion import convert, int_modules, quantize_dynamic, quantize_weights
@@ -315,3 +318,103 @@ def test_convert_rejects_uncalibrated_models():
     swap_modules(model, config, static_quantizers(config))
     with pytest.raises(ValueError, match="calibrate"):
         convert(model)
+
+
+def _record_kernels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each forward appends the kernel it ran, seen by the functions only that kernel calls."""
+    ran: list[str] = []
+
+    def spy(owner: object, name: str, kernel: str) -> None:
+        fn = getattr(owner, name)
+
+        def wrapper(*args: object, **kwargs: object) -> object:
+            ran.append(kernel)
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    spy(dynamic, "dynamic_int8_linear", "int_mm")
+    spy(int_linear, "_int_matmul", "int_mm")
+    spy(weight_only, "linear_int8", "int8pack")
+    spy(torch.ops.aten, "_weight_int8pack_mm", "int8pack")
+    spy(weight_only, "linear_int4", "int4pack")
+    spy(torch.ops.aten, "_weight_int4pack_mm_for_cpu", "int4pack")
+    spy(kernels, "qconv2d", "onednn_qconv")
+    spy(IntModule, "dequantized_weight", "dequantize")
+    return ran
+
+
+class PaddedThenScaled(nn.Conv2d):
+    """Has a static zero padding, like Conv2dStaticSamePadding, but its forward does more."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(self.static_padding(x)) * 2
+
+
+PaddedThenScaled.__name__ = "Conv2dStaticSamePadding"  # a name is no proof of a forward
+
+
+def _kernel_layers() -> list[tuple[nn.Module, Tensor]]:
+    torch.manual_seed(0)
+    k, n = 64, 32  # int4: N % 16 == 0, groups of 32
+    layers: list[tuple[nn.Module, Tensor]] = []
+    x = torch.randn(3, k)
+    sim = quantize(_linear_model(k, n), presets.int8(), _calib(k), progress=False)
+    static = _convert_quiet(sim)
+    layers.append((static[0], x))
+    layers.append((quantize_dynamic(_linear_model(k, n))[0], x))
+    layers.append((quantize_dynamic(_linear_model(k, n))[0], x.bfloat16()))
+    for bits, group in ((8, None), (4, 32)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wo = quantize_weights(_linear_model(k, n), bits=bits, group_size=group)
+        layers.append((wo[0], x))
+    convs = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        ZeroPaddedConv2d(8, 8, 3, pad=(0, 1, 0, 1)),
+        PaddedThenScaled(8, 4, 3),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
+    )
+    calib = [torch.randn(2, 3, 9, 9)]
+    int_convs = _convert_quiet(quantize(convs, presets.int8(), calib, progress=False))
+    xc = torch.randn(2, 3, 9, 9)
+    for layer in int_convs:
+        layers.append((layer, xc))
+        with torch.no_grad():
+            xc = layer(xc)
+    return layers
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("vnni", [True, False])
+def test_kernel_names_what_runs(compiled, vnni, monkeypatch):
+    """`module.kernel` is the kernel its forward runs: on this CPU, without VNNI (as the
+    kernel tests simulate), with lowbit's C++ kernels and without, and on another device
+    (meta), where the weight-packed and oneDNN kernels do not run."""
+    monkeypatch.setitem(kernel_compile._state, "enabled", compiled)
+    if not vnni:
+        monkeypatch.setattr(dynamic, "u8_gemm_safe", lambda: False)
+    layers = _kernel_layers()
+    kernels_seen = {layer.kernel for layer, _ in layers}
+    assert {"int_mm", "int8pack", "int4pack", "dequantize"} <= kernels_seen
+    int8_conv = onednn_conv_available() and onednn_conv_exact(-127, 127)
+    assert layers[5][0].kernel == ("onednn_qconv" if int8_conv else "dequantize")
+    assert layers[7][0].kernel == "dequantize"  # a static padding, but a forward of its own
+    ran = _record_kernels(monkeypatch)
+    for layer, x in layers:
+        ran.clear()
+        with torch.no_grad():
+            layer(x)
+        assert ran and set(ran) == {layer.kernel}, (type(layer).__name__, layer.kernel, ran)
+    for layer, x in layers[:5]:  # the Linear layers
+        layer.to("meta")
+        assert layer.kernel == ("int_mm" if layer.input_spec is not None else "dequantize")
+        if layer.kernel == "dequantize":
+            ran.clear()
+            with torch.no_grad():
+                assert layer(x.to("meta")).device.type == "meta"
+            assert ran == ["dequantize"]

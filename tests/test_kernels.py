@@ -208,16 +208,16 @@ def test_packed_weights_are_a_cache_not_state():
     x = torch.randn(40, 37)  # packs the oneDNN weight where it is used
     with torch.no_grad():
         y = dyn(x)
-        assert dyn[0]._dynamic_weights is not None
+        assert "dynamic" in dyn[0].current_packs()
         assert set(dyn.state_dict()) == keys
         twin = copy.deepcopy(dyn)  # oneDNN's packed tensors cannot be copied: not copied
-        assert twin[0]._dynamic_weights is None
+        assert "dynamic" not in twin[0].current_packs()
         torch.testing.assert_close(twin(x), y, rtol=0, atol=0)
         other = quantize_dynamic(nn.Sequential(nn.Linear(37, 50)))
         twin.load_state_dict(other.state_dict())  # new weights: the packs are rebuilt
         torch.testing.assert_close(twin(x), other(x), rtol=0, atol=0)
-        dyn.to(torch.device("cpu"))
-        assert dyn[0]._dynamic_weights is None
+        dyn.double()  # new buffers: the packs made from the old ones are dropped
+        assert "dynamic" not in dyn[0].current_packs()
 
 
 def test_weight_only_int8_too_deep_for_vnni_runs_the_float_loop(monkeypatch):
@@ -265,9 +265,6 @@ class StaticSamePad(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
 
 
-StaticSamePad.__name__ = "Conv2dStaticSamePadding"
-
-
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -311,6 +308,25 @@ def test_onednn_conv_matches_simulation(config, fused, monkeypatch):
             assert _rel(int_model(x), sim(x)) < 1e-5, shape
     with torch.no_grad():
         assert int_model(torch.randn(0, 3, 15, 13)).shape == sim(torch.randn(0, 3, 15, 13)).shape
+
+
+@pytest.mark.skipif(not kernels.onednn_conv_available(), reason="no oneDNN in this torch")
+def test_conv_packs_are_rebuilt_after_reload_and_in_place_changes():
+    """The prepacked oneDNN weights follow the buffers they come from: a load_state_dict (which
+    copies into the same tensors) or an in-place change is seen at the next call."""
+    torch.manual_seed(0)
+    calib = [torch.randn(4, 3, 15, 13)]
+    config = reduce_range_config(presets.int8_asymmetric())  # 7-bit weights: oneDNN on any x86
+    one, two = (convert(quantize(ConvNet(), config, calib, progress=False)) for _ in range(2))
+    x = torch.randn(2, 3, 15, 13)
+    with torch.no_grad():
+        assert one.pw.kernel == "onednn_qconv"
+        one(x)  # packs its convolutions
+        one.load_state_dict(two.state_dict())
+        torch.testing.assert_close(one(x), two(x), rtol=0, atol=0)
+        one.pw.weight_scale.mul_(2)
+        two.pw.weight_scale.mul_(2)
+        torch.testing.assert_close(one(x), two(x), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not kernels.onednn_conv_available(), reason="no oneDNN in this torch")
@@ -366,7 +382,7 @@ def test_weight_only_kernels_match_dequantized_weight(bits, group, k, kernel, mo
     assert layer.kernel == ("int8pack" if bits == 8 else "int4pack")
     with torch.no_grad():
         layer(torch.randn(1, k))
-    assert bool(layer._vnni_weight) == (kernel == "vnni")
+    assert bool(layer.current_packs().get("vnni")) == (kernel == "vnni")
     # many draws, so some rows' largest element rounds up to the 24-bit fixed-point limit of
     # the VNNI route (once a wrong code); 9 and 37 rows: the 4-row chunks and their remainders
     for lead in [(1,), (1, 3), (0,), (9,), (37,)] + [(2, 2)] * 30:

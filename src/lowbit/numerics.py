@@ -303,7 +303,7 @@ def pack(q: Tensor, bits: int, *, signed: bool) -> Tensor:
     codes = q.to(torch.int32) & (2**bits - 1)
     codes = torch.nn.functional.pad(codes, (0, (-q.shape[-1]) % per_byte))
     codes = codes.reshape(*q.shape[:-1], codes.shape[-1] // per_byte, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=q.device) * bits
     return (codes << shifts).sum(-1).to(torch.uint8)
 
 
@@ -314,7 +314,7 @@ def unpack(packed: Tensor, bits: int, length: int, *, signed: bool) -> Tensor:
         raise TypeError(f"unpack expects a uint8 tensor, got {packed.dtype}")
     if not 0 <= length <= packed.shape[-1] * per_byte:
         raise ValueError(f"length {length} does not fit in {packed.shape[-1]} packed bytes")
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
     codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
     codes = codes.flatten(-2)[..., :length]
     if signed:

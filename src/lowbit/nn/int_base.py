@@ -6,9 +6,10 @@ Every integer module is built from one *record* (plain JSON data, `lowbit.nn.rec
 of tensors, so `convert` and `lowbit.io.load` construct them the same way. The state dict holds
 the portable form (int8 / int16 codes, or codes of 4 bits and fewer packed into uint8 with
 `numerics.store_codes`, float32 scales, int32 zero points); kernel-specific layouts are caches
-rebuilt on first use and never saved.
+built on first use and never saved (`lowbit.nn.packs`).
 
-Kernels (`module.kernel` says which one a module uses):
+Kernels (`module.kernel` names the one its forward runs; each module chooses at construction, for
+the CPU and for other devices, and `kernel` reads the choice for the device its weight is on):
 - "int_mm": `torch._int_mm`, int8 x int8 -> int32, for int8 inputs (static per-tensor or
   dynamic per-token) times symmetric int8 weights (per-tensor or per output channel). The input
   zero point is taken out with precomputed weight row sums, so the accumulator is exact.
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lowbit import numerics
+from lowbit.nn.packs import Packs
 from lowbit.nn.records import ActMode, describe, spec_from_dict
 from lowbit.spec import QuantSpec
 
@@ -51,7 +53,8 @@ class IntModule(nn.Module):
     """
 
     kind = "IntModule"
-    kernel: Kernel = "dequantize"
+    # (on the CPU, on other devices): set once by a subclass's __init__ (`_choose_kernels`)
+    _kernels: tuple[Kernel, Kernel] = ("dequantize", "dequantize")
     qweight: Tensor
     weight_scale: Tensor
     weight_zero_point: Tensor
@@ -70,6 +73,22 @@ class IntModule(nn.Module):
             self.register_buffer("weight_zero_point", need(tensors, "weight_zero_point"))
         self.input_spec, self.input_mode = self._act("input", record, tensors)
         self.output_spec, self.output_mode = self._act("output", record, tensors)
+        self._packs = Packs()
+
+    @property
+    def kernel(self) -> Kernel:
+        """The kernel `forward` runs, for the device this module's weight is on."""
+        on_cpu, elsewhere = self._kernels
+        return on_cpu if self._buffers["qweight"].is_cpu else elsewhere  # type: ignore[union-attr]
+
+    def _pack_sources(self) -> tuple[Tensor | None, ...]:
+        """The tensors this module's kernel layouts are derived from (`lowbit.nn.packs`): its
+        buffers (read from `_buffers`: `nn.Module.__getattr__` costs a microsecond each)."""
+        return tuple(self._buffers.values())
+
+    def current_packs(self) -> dict[str, Any]:
+        """The kernel layouts this module holds now, by name (after dropping stale ones)."""
+        return self._packs.of(self._pack_sources())
 
     def _act(
         self, role: str, record: dict[str, Any], tensors: dict[str, Tensor]

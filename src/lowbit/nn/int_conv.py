@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lowbit import kernels
-from lowbit.nn.int_base import IntFallback
-from lowbit.nn.padded_conv import ZeroPaddedConv2d
+from lowbit.nn.int_base import IntFallback, Kernel
+from lowbit.nn.packs import cached
 from lowbit.spec import PerChannel, PerTensor
 
 
 class IntConv(IntFallback):
     """Conv1d/2d/3d and ConvTranspose (and subclasses) with integer weights.
 
-    A Conv2d (or EfficientNet's `Conv2dStaticSamePadding`) with static per-tensor 8-bit inputs
-    and symmetric int8 weights per output channel runs oneDNN's int8 convolution
-    (kernel "onednn_qconv", float32 output in channels_last); the rest dequantize the weight.
+    A Conv2d with zero padding, or one whose forward zero-pads its input by a fixed amount first
+    (a 'SAME' padding: EfficientNet's `Conv2dStaticSamePadding`, lowbit's `ZeroPaddedConv2d`),
+    with static per-tensor 8-bit inputs and symmetric int8 weights per output channel runs
+    oneDNN's int8 convolution on the CPU (kernel "onednn_qconv", float32 output in
+    channels_last); the rest dequantize the weight.
     """
 
     kind = "IntConv"
@@ -28,41 +33,18 @@ class IntConv(IntFallback):
         self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
     ) -> None:
         super().__init__(module, record, tensors)
-        self._pads = self._conv_pads()
-        self._packed: kernels.conv.PackedConv2d | None = None
-        self._packed_from: tuple[Any, ...] = ()
-        if self._pads is not None and self._qconv_ok():
-            self.kernel = "onednn_qconv"
+        self._pads = self._conv_pads() if self._qconv_ok() else None
+        self._kernels = self._choose_kernels()
 
-    def _conv_pads(self) -> tuple[tuple[int, int], list[int]] | None:
-        """(conv padding, explicit F.pad of the input) when the layer is a plain zero-padded
-        Conv2d, or a static 'SAME' one: EfficientNet's `Conv2dStaticSamePadding` or lowbit's
-        `ZeroPaddedConv2d` (its symmetric part moves into the conv)."""
-        m = self.module
-        if not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros":
-            return None
-        if not isinstance(m.padding, tuple) or len(m.padding) != 2:
-            return None
-        ph, pw = int(m.padding[0]), int(m.padding[1])
-        if type(m).forward is nn.Conv2d.forward:
-            return (ph, pw), [0, 0, 0, 0]
-        static = getattr(m, "static_padding", None)
-        padded = isinstance(m, ZeroPaddedConv2d) or type(m).__name__ == "Conv2dStaticSamePadding"
-        if not padded or static is None:
-            return None
-        if isinstance(static, nn.ZeroPad2d):
-            left, right, top, bottom = (int(p) for p in static.padding)
-        elif not any(True for _ in static.parameters()) and type(static).__name__ == "Identity":
-            left = right = top = bottom = 0
-        else:
-            return None
-        sh, sw = min(top, bottom), min(left, right)
-        return (ph + sh, pw + sw), [left - sw, right - sw, top - sh, bottom - sh]
+    def _choose_kernels(self) -> tuple[Kernel, Kernel]:
+        """oneDNN's int8 convolution is a CPU kernel: elsewhere the weight is dequantized."""
+        return ("onednn_qconv" if self._pads is not None else "dequantize"), "dequantize"
 
     def _qconv_ok(self) -> bool:
         w, x = self.weight_spec, self.input_spec
         return (
-            kernels.onednn_conv_available()
+            isinstance(self.module, nn.Conv2d)
+            and kernels.onednn_conv_available()
             and w.scheme in ("uniform", "binary", "ternary")
             and w.qmin >= -128
             and w.qmax <= 127
@@ -78,21 +60,54 @@ class IntConv(IntFallback):
             and 0 <= x.qmax - x.qmin <= 255
         )
 
+    def _conv_pads(self) -> tuple[tuple[int, int], list[int]] | None:
+        """(conv padding, explicit F.pad of the input) when the layer is a zero-padded Conv2d
+        whose forward is its convolution, or a fixed zero padding (its `static_padding`) and then
+        its convolution: the symmetric part of that padding moves into the conv."""
+        m = self.module
+        if not isinstance(m, nn.Conv2d) or m.padding_mode != "zeros":
+            return None
+        if not isinstance(m.padding, tuple) or len(m.padding) != 2:
+            return None
+        ph, pw = int(m.padding[0]), int(m.padding[1])
+        if type(m).forward is nn.Conv2d.forward:
+            return (ph, pw), [0, 0, 0, 0]
+        pad = _static_pad(getattr(m, "static_padding", None))
+        if pad is None or not self._pads_then_convolves(pad):
+            return None
+        left, right, top, bottom = pad
+        sh, sw = min(top, bottom), min(left, right)
+        return (ph + sh, pw + sw), [left - sw, right - sw, top - sh, bottom - sh]
+
+    def _pads_then_convolves(self, pad: list[int]) -> bool:
+        """Whether the layer's own forward computes conv2d(F.pad(x, pad)): checked on a small
+        random input, since a subclass may do anything else in its forward."""
+        m = self.module
+        assert isinstance(m, nn.Conv2d)
+        spans = zip(m.kernel_size, m.dilation, m.stride, strict=True)
+        size = [(k - 1) * d + s + 1 for k, d, s in spans]  # an output of at least 2 x 2
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, m.in_channels, *size, generator=generator)
+        w = self.dequantized_weight().to(self.qweight.device)
+        x = x.to(self.qweight.device)
+        with torch.no_grad():
+            got = functional_call(m, {"weight": w}, (x,), strict=False)
+            want = F.conv2d(F.pad(x, pad), w, m.bias, m.stride, m.padding, m.dilation, m.groups)
+        return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
     def _offset(self) -> int:
         x = self.input_spec
         assert x is not None
         return 128 if x.signed else 0
 
+    def _pack_sources(self) -> tuple[Tensor | None, ...]:
+        return (*super()._pack_sources(), getattr(self.module, "bias", None))
+
     def _pack(self) -> kernels.conv.PackedConv2d:
         m = self.module
         bias = getattr(m, "bias", None)
-        key = (self.qweight, self.weight_scale, self.input_scale, self.input_zero_point, bias)
-        if self._packed is not None and all(
-            a is b for a, b in zip(key, self._packed_from, strict=True)
-        ):
-            return self._packed
         assert self._pads is not None and isinstance(m, nn.Conv2d)
-        self._packed = kernels.conv.PackedConv2d(
+        return kernels.conv.PackedConv2d(
             self.weight_codes(),
             self.weight_scale,
             None if bias is None else bias.detach(),
@@ -103,27 +118,31 @@ class IntConv(IntFallback):
             tuple(int(d) for d in m.dilation),
             m.groups,
         )
-        self._packed_from = key
-        return self._packed
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        usable = (
-            self.kernel == "onednn_qconv"
-            and isinstance(x, Tensor)
-            and x.device.type == "cpu"
-            and x.is_floating_point()
-            and x.dim() == 4
-            and x.shape[0] > 0
-            and not args
-            and not kwargs
-        )
-        if not usable:
+        """The kernel `self.kernel` names; an empty input has nothing to compute and an input
+        the layer's float forward would refuse (not float, extra arguments) gets its error."""
+        empty_or_odd = not (isinstance(x, Tensor) and x.is_floating_point() and x.numel())
+        if self.kernel == "dequantize" or empty_or_odd or args or kwargs:
             return super().forward(x, *args, **kwargs)
         spec = self.input_spec
         assert spec is not None and self._pads is not None
         offset = self._offset()
-        conv = self._pack()
+        conv = cached(self.current_packs(), "qconv", self._pack)
+        batch = x if x.dim() == 4 else x.unsqueeze(0)  # an unbatched [C, H, W] input
         y = kernels.qconv2d(
-            x, conv, self.input_scale, spec.qmin + offset, spec.qmax + offset, self._pads[1]
+            batch, conv, self.input_scale, spec.qmin + offset, spec.qmax + offset, self._pads[1]
         )
+        y = y if x.dim() == 4 else y.squeeze(0)
         return self._fake_quant("output", y.to(x.dtype))
+
+
+def _static_pad(padding: Any) -> list[int] | None:
+    """(left, right, top, bottom) of a fixed zero padding module: a ZeroPad2d, or a module
+    without state that returns its input as it is (an identity); None for anything else."""
+    if isinstance(padding, nn.ZeroPad2d):
+        return [int(p) for p in padding.padding]
+    if not isinstance(padding, nn.Module) or any(True for _ in padding.state_dict()):
+        return None
+    probe = torch.zeros(1, 1, 1, 1)
+    return [0, 0, 0, 0] if padding(probe) is probe else None

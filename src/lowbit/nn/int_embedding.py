@@ -26,8 +26,8 @@ class IntEmbedding(IntFallback):
         self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
     ) -> None:
         super().__init__(module, record, tensors)
-        if self._gathers():
-            self.kernel = "gather"
+        if self._gathers():  # plain tensor ops: on any device
+            self._kernels = ("gather", "gather")
 
     def _gathers(self) -> bool:
         m, g = self.module, self.weight_spec.granularity

@@ -410,6 +410,11 @@ def test_kernel_names_what_runs(compiled, vnni, monkeypatch):
         with torch.no_grad():
             layer(x)
         assert ran and set(ran) == {layer.kernel}, (type(layer).__name__, layer.kernel, ran)
+    conv, xc = layers[5]
+    ran.clear()
+    with torch.no_grad():  # an unbatched [C, H, W] input runs the same kernel
+        torch.testing.assert_close(conv(xc[0]), conv(xc)[0])
+    assert set(ran) == {conv.kernel}
     for layer, x in layers[:5]:  # the Linear layers
         layer.to("meta")
         assert layer.kernel == ("int_mm" if layer.input_spec is not None else "dequantize")

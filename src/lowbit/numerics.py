@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -252,11 +253,12 @@ class _RoundSTE(torch.autograd.Function):
     """Rounding whose gradient is the identity (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, v, spec, generator):
+    def forward(ctx: Any, v: Tensor, spec: QuantSpec, generator: Rng) -> Tensor:
         return _round(v, spec, generator)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        """The identity for `v`; the spec and generator take no gradient."""
         return grad, None, None
 
 

@@ -108,9 +108,11 @@ class IntModule(nn.Module):
 
     # -- weights ------------------------------------------------------------------------------
     def weight_codes(self) -> Tensor:
+        """The integer weight codes, unpacked, in the weight's shape."""
         return numerics.load_codes(self.qweight, self.weight_spec, self.weight_shape)
 
     def dequantized_weight(self) -> Tensor:
+        """The weight as float32 reals: what the "dequantize" kernel computes with."""
         return numerics.dequantize(
             self.weight_codes(), self.weight_scale, self.weight_zero_point, self.weight_spec
         )

@@ -423,3 +423,19 @@ def test_kernel_names_what_runs(compiled, vnni, monkeypatch):
             with torch.no_grad():
                 assert layer(x.to("meta")).device.type == "meta"
             assert ran == ["dequantize"]
+
+
+def test_int_linear_rejects_inputs_of_the_wrong_width():
+    """(2, 384) into a 768-input layer holds 768 values: it must not be read as one row."""
+    torch.manual_seed(0)
+    layers = (
+        quantize_dynamic(nn.Sequential(nn.Linear(768, 64)))[0],
+        quantize_weights(nn.Sequential(nn.Linear(768, 64)), bits=8)[0],
+        _convert_quiet(
+            quantize(_linear_model(768, 64), presets.int8(), _calib(768), progress=False)
+        )[0],
+    )
+    for layer in layers:
+        for shape in ((2, 384), (1, 700), (3, 2, 384)):
+            with pytest.raises(ValueError, match="768 features"):
+                layer(torch.randn(*shape))

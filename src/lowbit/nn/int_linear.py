@@ -121,8 +121,15 @@ class IntLinear(IntModule):
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in_features] through the kernel `self.kernel` names."""
         # Kept lean: Python overhead is much of the cost of a one-token call.
-        y = _RUN[self.kernel](self, x.reshape(-1, self.in_features), self.current_packs())
-        if x.dim() != 2:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x: IntLinear expects {self.in_features} features in the last dimension, got "
+                f"shape {tuple(x.shape)}"
+            )
+        flat = x.dim() == 2
+        rows = x if flat else x.reshape(-1, self.in_features)
+        y = _RUN[self.kernel](self, rows, self.current_packs())
+        if not flat:
             y = y.reshape(*x.shape[:-1], self.out_features)
         if self.output_spec is not None:
             y = self._fake_quant("output", y)

@@ -439,3 +439,30 @@ def test_int_linear_rejects_inputs_of_the_wrong_width():
         for shape in ((2, 384), (1, 700), (3, 2, 384)):
             with pytest.raises(ValueError, match="768 features"):
                 layer(torch.randn(*shape))
+
+
+class _ReflectPadded(nn.Conv2d):
+    """A 'SAME'-style conv whose static padding is not zeros and cannot run on a 1 x 1 probe."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ReflectionPad2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding)
+
+
+def test_conv_whose_padding_fails_the_probe_converts_to_its_own_forward():
+    """Recognising a static 'SAME' padding runs the layer's modules on small probes; one that
+    fails there is simply not recognised (it converted before the probe existed)."""
+    from lowbit.export import reduce_range_config  # 7-bit weights: oneDNN's kernel on any x86
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_ReflectPadded(3, 8, 3), nn.ReLU()).eval()
+    config = reduce_range_config(presets.int8_asymmetric())
+    qmodel = quantize(model, config, [torch.randn(4, 3, 9, 9)], progress=False)
+    int_model = _convert_quiet(qmodel)
+    assert int_model[0].kernel == "dequantize"
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert _rel(int_model(x), qmodel(x)) < 1e-4

@@ -40,6 +40,7 @@ from lowbit.workflows.quantization import quantize
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model
 from imagenet_sample import calib_eval_split, find_data_dir
+from machine import describe, describe_line
 
 N_CALIB = 128
 BATCH = 32
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     split = calib_eval_split(data_dir, N_CALIB, args.eval_limit)
     calib = batches(split.calib)
     x_eval, y_eval = split.evals, split.labels
+    print(describe_line())
     print(f"calibrate on {N_CALIB} images, evaluate on {len(y_eval)}; {THREADS} threads")
     fp32 = load_model()
 
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_eval": len(y_eval),
         "threads": THREADS,
         "torch": torch.__version__,
+        **describe(),
         "total_s": round(total, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowbit import presets
+from lowbit import convert, presets, save
 from lowbit.config import QuantConfig
 from lowbit.evaluate.size import model_bytes
 from lowbit.nn.modules import QuantModule
@@ -38,16 +38,7 @@ from lowbit.workflows.quantization import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_sample import calib_eval_split, find_data_dir
-
-# lowbit.convert and lowbit.io are new; the benchmark runs without them (simulated rows only).
-try:
-    from lowbit.workflows.conversion import convert as lowbit_convert
-except ImportError:  # pragma: no cover - depends on the checkout
-    lowbit_convert = None
-try:
-    from lowbit.io.lowbit_format import save as lowbit_save
-except ImportError:  # pragma: no cover
-    lowbit_save = None
+from machine import describe, describe_line, kernels_used
 
 N_CALIB = 64
 BATCH = 32
@@ -72,6 +63,7 @@ class Row:
     conv_ms: float | None = None
     conv_agree: float | None = None
     conv_max_logit_diff: float | None = None
+    kernels: dict[str, int] = field(default_factory=dict)  # converted layers per kernel
     worst_weight_sqnr_db: float | None = None
     worst_weight_layer: str = ""
     notes: list[str] = field(default_factory=list)
@@ -128,12 +120,12 @@ def worst_weight(model: nn.Module) -> tuple[float, str]:
 def file_size(model: nn.Module) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
-        if lowbit_save is None or not any(isinstance(m, QuantModule) for m in model.modules()):
+        if not any(isinstance(m, QuantModule) for m in model.modules()):
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, path)
         else:
-            lowbit_save(model, path)
+            save(model, path)
         return path.stat().st_size / MB
 
 
@@ -192,17 +184,18 @@ def measure(
     row.top1 = (logits.argmax(1) == labels).float().mean().item()
     row.sim_ms = latency_ms(times)
 
-    if with_convert and lowbit_convert is not None:
+    if with_convert:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # convolutions fall back to dequantize-then-float
-                converted = lowbit_convert(qmodel)
+                converted = convert(qmodel)
+            row.kernels = kernels_used(converted)
             conv_logits, conv_times = run(converted, x, WARMUP + TIMED)
             row.conv_ms = latency_ms(conv_times)
             ref = logits[: len(conv_logits)]
             row.conv_agree = (conv_logits.argmax(1) == ref.argmax(1)).float().mean().item()
             row.conv_max_logit_diff = (conv_logits - ref).abs().max().item()
-            row.file_mb = file_size(converted) if lowbit_save is not None else None
+            row.file_mb = file_size(converted)
         except Exception as error:  # reported in the table, not fatal
             row.notes.append(f"convert/save failed: {type(error).__name__}: {error}")
     return row
@@ -213,11 +206,10 @@ def fmt(value: Any, spec: str = ".2f") -> str:
 
 
 def table(rows: list[Row]) -> str:
-    size_src = "lowbit.io.save" if lowbit_save is not None else "n/a: no lowbit.io"
     head = (
-        f"| config | top-1 % | drop pt | quantized | calib imgs | quantize s | "
-        f"file MB ({size_src}) | model_bytes MB | sim ms/32 | converted ms/32 | "
-        f"conv agree % | worst weight SQNR dB (layer) |"
+        "| config | top-1 % | drop pt | quantized | calib imgs | quantize s | "
+        "file MB (lowbit.save) | model_bytes MB | sim ms/32 | converted ms/32 | "
+        "conv agree % | worst weight SQNR dB (layer) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -250,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if data_dir is None:
         return 0
     torch.set_num_threads(THREADS)
+    print(describe_line())
     start = time.perf_counter()
 
     t0 = time.perf_counter()
@@ -259,11 +252,6 @@ def main(argv: list[str] | None = None) -> int:
         f"loaded the sample in {time.perf_counter() - t0:.1f}s: calibrate on {N_CALIB}, "
         f"evaluate on {len(evals[1])}; {THREADS} threads, batch {BATCH}"
     )
-    if lowbit_convert is None or lowbit_save is None:
-        print(
-            "note: lowbit.convert / lowbit.io not importable: converted latency and file size "
-            "are left out"
-        )  # TODO: they fill in once lowbit.convert and lowbit.io exist
 
     fp32 = load_model()
     fp32_row = Row("fp32", "float model")
@@ -286,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             row.drop = 100 * (row.top1 - fp32_row.top1)
         rows.append(row)
         status = f"top-1 {fmt(None if row.top1 is None else 100 * row.top1)}%"
+        if row.kernels:
+            status += f", converted layers run {row.kernels}"
         print(
             f"[{time.perf_counter() - start:6.0f}s] {name}: {status} "
             f"({time.perf_counter() - t0:.0f}s)",
@@ -309,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         "batch": BATCH,
         "threads": THREADS,
         "latency": f"median of {TIMED} batches after {WARMUP} warm-up",
-        "size_file": "lowbit.io.save" if lowbit_save is not None else None,
+        "size_file": "lowbit.save",
         "torch": torch.__version__,
+        **describe(),
         "total_s": total,
     }
     args.out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))

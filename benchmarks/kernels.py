@@ -46,6 +46,7 @@ from lowbit.workflows.conversion import convert
 from lowbit.workflows.quantization import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, describe_line, kernels_used
 
 THREADS = 1  # see --threads
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
@@ -265,10 +266,7 @@ def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:
         warnings.simplefilter("ignore")
         int_model = convert(sim)
     quantize_s = time.perf_counter() - t0
-    kernels_used: dict[str, int] = {}
-    for m in int_model.modules():
-        if isinstance(m, lowbit.nn.IntModule):
-            kernels_used[m.kernel] = kernels_used.get(m.kernel, 0) + 1
+    used = kernels_used(int_model)
 
     cands: dict[str, Callable[[], Any]] = {}
     with torch.no_grad():
@@ -316,7 +314,7 @@ def bench_conv(rounds: int, n_eval: int) -> list[dict[str, Any]]:
         "ms": ms,
         "speedup_vs_fp32": ms["fp32"] / ms["lowbit"],
         "speedup_vs_fp32_compiled": ms["fp32_compiled"] / ms["lowbit"],
-        "kernels": kernels_used,
+        "kernels": used,
         "top1_agreement_with_sim": agree / max(total, 1),
         "agreement_images": total,
         "top1_sim": right_sim / max(total, 1),
@@ -431,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(describe_line())
     rows: list[dict[str, Any]] = []
     if "dynamic" in args.only:
         rows += bench_dynamic(args.rounds)
@@ -452,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "torch": torch.__version__,
         "compile": kernels.compile_enabled(),
+        **describe(),
         "rows": list(merged.values()),
     }
     tmp = RESULTS.with_suffix(".json.tmp")

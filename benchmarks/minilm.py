@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import describe, describe_line
 from minilm_common import CALIB, EVAL, embed, load
 from torch import Tensor, nn
 
@@ -48,6 +49,7 @@ def embed_all(model: nn.Module, data: list[dict[str, Tensor]]) -> Tensor:
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    print(describe_line())
     model, tok = load()
     calib, evals = batches(tok, CALIB), batches(tok, EVAL)
     ref = embed_all(model, evals)
@@ -84,6 +86,7 @@ def main() -> None:
         "calibration_sentences": len(CALIB),
         "evaluation_sentences": len(EVAL),
         "torch": torch.__version__,
+        **describe(),
         "results": results,
     }
     path = Path(__file__).parent / "results" / "minilm.json"

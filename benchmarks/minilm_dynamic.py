@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from machine import describe, describe_line
 from minilm_common import EVAL, embed, load
 from torch import nn
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(describe_line())
     model, tokenizer = load()
     enc = tokenizer(
         EVAL, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt"
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "min_cosine_to_fp32": worst,
         "lowbit_quantize_s": lowbit_quantize_s,
         "lowbit_first_batch_s": lowbit_first_s,
+        **describe(),
     }
     print("| model | ms / batch (median) | speedup vs fp32 | mean cos to fp32 | min cos |")
     print("|---|---|---|---|---|")

@@ -16,13 +16,13 @@ import argparse
 import csv
 import json
 import os
-import platform
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from machine import describe, describe_line
 from minilm_common import embed, load
 from scipy.stats import spearmanr
 from torch import Tensor, nn
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe_line())
     model, tokenizer = load()
     folder = stsb_dir(args.stsb)
     pairs = read_pairs(folder) if folder else None
@@ -100,7 +101,7 @@ def main() -> None:
         print(f"| {name} | {size:.1f} | {shown} |", flush=True)
     results = REPO_ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
-    payload = {"cpu": platform.processor() or platform.machine(), "threads": args.threads}
+    payload = {**describe(), "threads": args.threads}
     (results / "minilm_embeddings.json").write_text(json.dumps({**payload, "rows": rows}, indent=2))
 
 

@@ -85,7 +85,7 @@ def _near_ties(rows: int, k: int, seed: int) -> Tensor:
     return out
 
 
-ROUTES = dynamic._default_routes()
+ROUTES = dynamic.default_routes()
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -466,12 +466,8 @@ def test_int8_kernels_are_exact_here(monkeypatch, record_property):
     """Whatever kernels this CPU runs (oneDNN on AMX, AVX-512 VNNI or AVX2; lowbit's VNNI kernel
     or not), int8 products are exact: the route taken is recorded, the result checked against
     int64 / the simulation on codes that saturate a GEMM without VNNI."""
-    route = {
-        "aten": torch.backends.cpu.get_cpu_capability(),
-        "vnni": bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)()),
-        "int_mm_exact": dynamic.int_mm_exact_here(),
-        "dynamic_routes": ",".join(dynamic._default_routes()),
-    }
+    route = kernels.cpu_route()
+    assert route["u8_gemm_exact"] == str(dynamic.u8_gemm_safe())
     a, w = _saturating_codes(5, 37), _saturating_codes(11, 37)
     exact = a.long() @ w.long().t()
     assert torch.equal(dynamic.int_mm(a, dynamic.int_mm_operand(w), 11).long(), exact)

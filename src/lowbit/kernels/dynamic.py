@@ -146,7 +146,7 @@ class DynamicLinearWeights:
         self.w_zero = torch.zeros(self.w_scale.shape, dtype=torch.int64)
         self.qmax = qmax
         if routes is None:
-            routes = _default_routes()
+            routes = default_routes()
         self.routes = routes
         self._vnni: list[Tensor] | None = None
         self._fbgemm: Any = None
@@ -184,7 +184,8 @@ def vnni_kernel_cpu() -> bool:
     return u8_gemm_safe() and platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _default_routes() -> tuple[Route, ...]:
+def default_routes() -> tuple[Route, ...]:
+    """The routes a dynamic int8 Linear may take on this CPU: only exact ones."""
     if not u8_gemm_safe():
         return ("int_mm",)
     return ROUTES if vnni_kernel_cpu() else ("int_mm", "fbgemm", "onednn")

@@ -466,3 +466,18 @@ def test_conv_whose_padding_fails_the_probe_converts_to_its_own_forward():
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         assert _rel(int_model(x), qmodel(x)) < 1e-4
+
+
+@pytest.mark.skipif(not onednn_conv_available(), reason="no oneDNN in this torch")
+def test_onednn_conv_refuses_other_ranks_with_the_layers_own_error():
+    """A 2-D or 5-D input gets Conv2d's message, not one from inside the oneDNN kernel."""
+    from lowbit.export import reduce_range_config  # 7-bit weights: oneDNN's kernel on any x86
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3)).eval()
+    config = reduce_range_config(presets.int8_asymmetric())
+    int_model = _convert_quiet(quantize(model, config, [torch.randn(4, 3, 9, 9)], progress=False))
+    assert int_model[0].kernel == "onednn_qconv"
+    for shape in ((3, 9), (1, 1, 3, 9, 9)):
+        with pytest.raises(RuntimeError, match="Expected 3D"):
+            int_model(torch.randn(*shape))

@@ -124,8 +124,11 @@ class IntConv(IntFallback):
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         """The kernel `self.kernel` names; an empty input has nothing to compute and an input
-        the layer's float forward would refuse (not float, extra arguments) gets its error."""
-        empty_or_odd = not (isinstance(x, Tensor) and x.is_floating_point() and x.numel())
+        the layer's float forward would refuse (not float, not 3-D or 4-D, extra arguments)
+        gets its error."""
+        empty_or_odd = not (
+            isinstance(x, Tensor) and x.is_floating_point() and x.numel() and x.dim() in (3, 4)
+        )
         if self.kernel == "dequantize" or empty_or_odd or args or kwargs:
             return super().forward(x, *args, **kwargs)
         spec = self.input_spec

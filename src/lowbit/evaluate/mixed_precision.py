@@ -34,9 +34,9 @@ from lowbit.batches import Forward, first_batch, run_batch, tensors_of
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule, quant_modules
+from lowbit.nn.records import describe
 from lowbit.progress import progress_bar, progress_line
 from lowbit.spec import PerChannel, QuantSpec
-from lowbit.transforms.swap import describe
 from lowbit.workflows.quantization import quantize
 
 __all__ = ["AutoQuantSummary", "AutoStep", "auto_quantize"]

@@ -481,3 +481,16 @@ def test_onednn_conv_refuses_other_ranks_with_the_layers_own_error():
     for shape in ((3, 9), (1, 1, 3, 9, 9)):
         with pytest.raises(RuntimeError, match="Expected 3D"):
             int_model(torch.randn(*shape))
+
+
+def test_packs_follow_a_reload_into_buffers_made_under_inference_mode():
+    """Inference tensors keep no version counter: a load_state_dict into them must still drop
+    the kernel layouts built from the old weights."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        one, two = (quantize_dynamic(nn.Sequential(nn.Linear(37, 50))) for _ in range(2))
+        x = torch.randn(4, 37)
+        assert one[0].qweight.is_inference()
+        one(x)  # builds the packed weights
+        one.load_state_dict(two.state_dict())
+        torch.testing.assert_close(one(x), two(x), rtol=0, atol=0)

@@ -90,6 +90,12 @@ class IntModule(nn.Module):
         """The kernel layouts this module holds now, by name (after dropping stale ones)."""
         return self._packs.of(self._pack_sources())
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # Buffers made under torch.inference_mode keep no version counter, so `Packs` cannot
+        # see a load_state_dict copy into them: the layouts are dropped here too.
+        self._packs = Packs()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _act(
         self, role: str, record: dict[str, Any], tensors: dict[str, Tensor]
     ) -> tuple[QuantSpec | None, ActMode | None]:

@@ -4,7 +4,8 @@ right.
 A layout (an int8 copy of packed codes, fbgemm- or oneDNN-prepacked weights, weight row sums) is
 built on first use and is valid while the tensors it comes from are the same objects, unchanged in
 place. `.to()` / `.half()` replace a module's buffers and `load_state_dict` copies into them
-(which bumps their version counter): either way the layouts are dropped at the next use. A copy or
+(which bumps their version counter; `IntModule` also drops them there, for inference tensors,
+which keep none): either way the layouts are dropped at the next use. A copy or
 a pickle of the module starts with none (oneDNN's packed tensors cannot be copied), and the state
 dict never holds them: files keep the portable codes.
 """

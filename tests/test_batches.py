@@ -27,6 +27,8 @@ NAN = float("nan")
         ([torch.tensor([-INF, 1.0])], [torch.tensor([-INF, 1.5])], False),
         ([torch.tensor([-INF, 1.0])], [torch.tensor([0.0, 1.0])], False),
         ([torch.tensor([INF, NAN])], [torch.tensor([INF, NAN])], True),
+        ([torch.tensor([-INF, 1.0])], [torch.tensor([INF, 1.0])], False),  # the sign flipped
+        ([torch.tensor([NAN, 1.0])], [torch.tensor([INF, 1.0])], False),
         ([torch.tensor([1 + 1j])], [torch.tensor([1 + 2j])], False),
         ([torch.tensor([1 + 1j])], [torch.tensor([1 + 1j])], True),
     ],

@@ -139,8 +139,8 @@ def tensors_of(obj: Any) -> Iterator[Tensor]:
 def outputs_match(before: Sequence[Tensor], after: Sequence[Tensor], rtol: float = 1e-4) -> bool:
     """Whether a rewrite that should not change a model (BN folding, equalization) kept its
     outputs: same count and shapes, integer tensors equal, and float ones within `rtol` of the
-    largest finite magnitude of `before`, with NaN / Inf in the same places (a model whose output
-    holds -inf, a masked logit, still compares its finite part)."""
+    largest finite magnitude of `before`, with the same NaN / +Inf / -Inf in the same places (a
+    model whose output holds -inf, a masked logit, still compares its finite part)."""
     if len(before) != len(after):
         return False
     for a, b in zip(before, after, strict=True):
@@ -154,6 +154,9 @@ def outputs_match(before: Sequence[Tensor], after: Sequence[Tensor], rtol: float
         a64, b64 = a.detach().to(wide), b.detach().to(wide)
         finite = torch.isfinite(a64)
         if not torch.equal(finite, torch.isfinite(b64)):
+            return False
+        # the same non-finite values too: -inf turned +inf, or inf turned NaN, is a change
+        if not torch.equal(a64[~finite].nan_to_num(), b64[~finite].nan_to_num()):
             return False
         if not finite.any():
             continue

@@ -6,11 +6,14 @@ sharded across processes (gather the state dicts, `merge` them, compute the rang
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lowbit.distributed import gather_objects
 from lowbit.numerics import check_finite
 from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
 
@@ -81,6 +84,21 @@ class Calibrator(ABC):
     @abstractmethod
     def merge(self, other: Calibrator) -> None:
         """Fold in what `other` observed, as if this calibrator had seen its data too."""
+
+    def sync(self, group: Any) -> None:
+        """Make this calibrator, on every rank of `group`, hold what all ranks observed.
+
+        Every rank gathers all states and merges them in rank order, so all ranks end with the
+        same bits; for MinMax and the histograms that is what one process would have seen.
+        """
+        if group is None:
+            return
+        states = gather_objects(self.state_dict(), group)
+        shard = copy.deepcopy(self)
+        self.load_state_dict(states[0])
+        for state in states[1:]:
+            shard.load_state_dict(state)
+            self.merge(shard)
 
     def _check_mergeable(self, other: Calibrator) -> None:
         if type(other) is not type(self):

@@ -7,6 +7,8 @@ min / max is known anyway.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -46,6 +48,10 @@ class HistogramCalibrator(Calibrator):
         self._check_mergeable(other)
         assert isinstance(other, HistogramCalibrator)
         self.histogram.merge(other.histogram)
+
+    def sync(self, group: Any) -> None:
+        """All-reduce the histogram over `group`: exact, the counts of all ranks' data."""
+        self.histogram.all_reduce(group)
 
     def _symmetric_range(self, threshold: float, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         """(-T, T), or (0, T) for unsigned; (max(min, -T), min(max, T)) for affine specs."""

@@ -12,8 +12,10 @@ step is exact in float64, so the binning does not depend on which R was current.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lowbit.numerics import tensor_range
@@ -111,6 +113,23 @@ class Histogram:
         self.counts = self.counts + theirs.counts
         self.min = min(self.min, theirs.min)
         self.max = max(self.max, theirs.max)
+
+    def all_reduce(self, group: Any) -> None:
+        """Sum the histograms of every rank of `group` into this one, on every rank.
+
+        The ranges are first brought to the largest one (bins summed exactly, as in `merge`),
+        then the counts summed: integers in float64, so the order of the sum does not matter
+        and the result is that of one pass over all ranks' data.
+        """
+        if group is None:
+            return
+        exponent = torch.tensor([self.exponent], dtype=torch.int64)
+        dist.all_reduce(exponent, op=dist.ReduceOp.MAX, group=group)
+        self._widen(int(exponent))
+        dist.all_reduce(self.counts, op=dist.ReduceOp.SUM, group=group)
+        bounds = torch.tensor([-self.min, self.max], dtype=torch.float64)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+        self.min, self.max = -float(bounds[0]), float(bounds[1])
 
     def state_dict(self) -> dict[str, Tensor]:
         return {

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lowbit._atomic import write_atomic
 from lowbit.config import LayerQuant, QuantConfig
+from lowbit.distributed import active_group, on_rank_zero
 from lowbit.export import _exporters, _graph
 from lowbit.export._exporters import (
     TORCHSCRIPT_MAX_OPSET,
@@ -64,6 +65,8 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     target: str = DEFAULT_TARGET,
+    every_rank: bool = False,
+    group: Any = None,
 ) -> Path:
     """Export a model from `lowbit.quantize` (or `prepare_qat`) to ONNX with Q/DQ nodes.
 
@@ -102,6 +105,9 @@ def export_onnx(
     The model runs in eval mode (dropout off) while exporting; every submodule's own mode is
     restored afterwards.
 
+    Inside torch.distributed (or with `group=`) only rank 0 writes the file and the others wait
+    for it (every rank traces the same graph); `every_rank=True` makes every rank write `path`.
+
     Raises ValueError / NotImplementedError naming the module and the quantizer for what ONNX
     cannot express (log2 schemes, per-group or dynamic activation quantizers, converted integer
     modules). Writes to a temporary name, then renames: a failed export leaves no file.
@@ -129,7 +135,8 @@ def export_onnx(
     strip_prefix(proto.graph, "model.")
     _rewrite(proto, sites, opset, reduce_range, runtime)
     onnx.checker.check_model(proto, full_check=True)
-    write_atomic(out, proto.SerializeToString())
+    data = proto.SerializeToString()
+    on_rank_zero(lambda: write_atomic(out, data), active_group(group, every_rank=every_rank))
     return out
 
 

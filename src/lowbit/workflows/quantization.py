@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.batches import Forward, first_batch, run_user_batch
+from lowbit.batches import Forward, run_user_batch
 from lowbit.config import QuantConfig
+from lowbit.distributed import active_group, rank, step
 from lowbit.nn.modules import quant_modules as quant_modules  # re-exported for callers
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
@@ -27,6 +28,7 @@ from lowbit.transforms.swap import (
     swap_modules,
 )
 from lowbit.workflows.calibration_checks import SignWatch, finish_calibration
+from lowbit.workflows.sharded import example_batch, sync_calibration
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ def quantize(
     forward: Forward | None = None,
     progress: bool = True,
     inplace: bool = False,
+    group: Any = None,
 ) -> nn.Module:
     """Static post-training quantization.
 
@@ -73,26 +76,32 @@ def quantize(
     model to calibrate the activation quantizers, and returns a model that simulates the
     quantized arithmetic exactly. `model.lowbit_summary` says what was quantized and how, and
     what stayed in float and why.
+
+    Inside torch.distributed (or with `group=`), `calib_data` is this rank's shard and every
+    rank gets the same model, that of one process over all shards (see docs/distributed.md).
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(
             f"config must be a QuantConfig (see lowbit.presets), got {type(config).__name__}"
         )
-    example = first_batch(calib_data)
+    group = active_group(group)
+    example = example_batch(calib_data, group)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     with torch.no_grad():
-        folded = fold_batchnorm(
-            model, lambda m: run_user_batch(m, example, forward, "calib_data batch 0")
-        )
-        check_overrides(model, config)
-        records = swap_modules(model, config, static_quantizers(config))
-        if config.fusable_outputs and config.input is not None:
-            records = _quantize_fusable_outputs(
-                model, config, example, forward, records, static_quantizers(config)
+        with step(group, "quantize"):  # a failure on one rank ends every rank's call
+            folded = fold_batchnorm(
+                model, lambda m: run_user_batch(m, example, forward, "calib_data batch 0")
             )
-        calibrate(model, calib_data, forward=forward, progress=progress)
+            check_overrides(model, config)
+            records = swap_modules(model, config, static_quantizers(config))
+            if config.fusable_outputs and config.input is not None:
+                records = _quantize_fusable_outputs(
+                    model, config, example, forward, records, static_quantizers(config)
+                )
+            observed = _observe(model, calib_data, forward, progress and rank(group) == 0)
+        _finish(model, observed, group)
     model.lowbit_summary = QuantSummary(tuple(records), tuple(folded))  # type: ignore[assignment]
     return model
 
@@ -125,13 +134,36 @@ def calibrate(
     *,
     forward: Forward | None = None,
     progress: bool = True,
+    group: Any = None,
 ) -> None:
     """Observe activations over `calib_data`, then fix every calibrated quantizer's parameters.
 
     A quantizer that saw no data (its layer never ran) or only zeros is switched off and named in
     a warning, as is a binary input that never goes below 0; a model whose output no longer
     depends on its input is a ValueError (see `lowbit.workflows.calibration_checks`).
+
+    Inside torch.distributed (or with `group=`), `calib_data` is this rank's shard (it may be
+    empty) and the calibrators are reduced over the group (`lowbit.workflows.sharded`).
     """
+    group = active_group(group)
+    with step(group, "calibration"):
+        observed = _observe(model, calib_data, forward, progress and rank(group) == 0)
+    _finish(model, observed, group)
+
+
+@dataclass
+class _Observed:
+    """What one process's calibration pass saw, before any reduction over ranks."""
+
+    quantizers: list[TensorQuantizer]
+    watch: SignWatch
+    batches: int
+
+
+def _observe(
+    model: nn.Module, calib_data: Iterable[Any], forward: Forward | None, progress: bool
+) -> _Observed:
+    """The calibration pass over this process's data: local, nothing is exchanged."""
     quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.calibrator]
     for q in quantizers:
         q.set_mode("calibrate")
@@ -145,6 +177,14 @@ def calibrate(
                 n_batches += 1
     finally:
         watch.remove()
+    return _Observed(quantizers, watch, n_batches)
+
+
+def _finish(model: nn.Module, observed: _Observed, group: Any) -> None:
+    """Reduce what the ranks observed (in a group), then fix every quantizer's range."""
+    quantizers, watch, n_batches = observed.quantizers, observed.watch, observed.batches
+    if group is not None:
+        n_batches = sync_calibration(model, quantizers, watch, n_batches, group)
     if n_batches == 0:
         raise ValueError("calib_data is empty: calibration needs at least one batch")
     finish_calibration(model, quantizers, n_batches)
@@ -159,6 +199,7 @@ def prepare_qat(
     forward: Forward | None = None,
     progress: bool = True,
     inplace: bool = False,
+    group: Any = None,
 ) -> nn.Module:
     """A trainable model with fake quantization (straight-through gradients) for QAT.
 
@@ -167,7 +208,8 @@ def prepare_qat(
     average while training and freeze in eval. With `calib_data`, activation ranges start from a
     PTQ calibration (required for learnable scales), and BatchNorm layers that follow a
     quantized layer are recorded so that `convert` folds them at the end; BatchNorm itself keeps
-    training normally.
+    training normally. Inside torch.distributed (or with `group=`), calibration is sharded as
+    in `quantize`.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(
@@ -184,24 +226,29 @@ def prepare_qat(
     if not inplace:
         model = copy.deepcopy(model)
     pairs: list[tuple[str, str]] = []
-    if calib_data is not None:
-        example = first_batch(calib_data)
-        probe = copy.deepcopy(model).eval()
-        with torch.no_grad():
-            pairs = fold_batchnorm(
-                probe, lambda m: run_user_batch(m, example, forward, "calib_data batch 0")
-            )
-    check_overrides(model, config)
-    records = swap_modules(model, config, qat_quantizers(config))
-    if calib_data is not None:
-        was_training = model.training
-        model.eval()
-        if config.fusable_outputs and config.input is not None:
+    observed, was_training = None, model.training
+    group = active_group(group)
+    example = None if calib_data is None else example_batch(calib_data, group)
+    with step(group, "prepare_qat"):  # a failure on one rank ends every rank's call
+        if calib_data is not None:
+            probe = copy.deepcopy(model).eval()
             with torch.no_grad():
-                records = _quantize_fusable_outputs(
-                    model, config, example, forward, records, qat_quantizers(config)
+                pairs = fold_batchnorm(
+                    probe, lambda m: run_user_batch(m, example, forward, "calib_data batch 0")
                 )
-        calibrate(model, calib_data, forward=forward, progress=progress)
+        check_overrides(model, config)
+        records = swap_modules(model, config, qat_quantizers(config))
+        if calib_data is not None:
+            model.eval()
+            if config.fusable_outputs and config.input is not None:
+                with torch.no_grad():
+                    records = _quantize_fusable_outputs(
+                        model, config, example, forward, records, qat_quantizers(config)
+                    )
+            observed = _observe(model, calib_data, forward, progress and rank(group) == 0)
+    if observed is not None:
+        with torch.no_grad():
+            _finish(model, observed, group)
         model.train(was_training)
     model.lowbit_bn_pairs = pairs  # type: ignore[assignment]
     model.lowbit_summary = QuantSummary(tuple(records))  # type: ignore[assignment]

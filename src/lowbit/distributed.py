@@ -1,0 +1,117 @@
+"""Running lowbit inside torch.distributed: which group to use, and steps that fail together.
+
+Inside an initialized default process group of more than one process (or with an explicit
+`group=`), the workflows treat each rank's data as its shard and reduce what they gathered, so
+that every rank ends with the same model. What makes that safe is `step`: every rank reports
+whether its part of a step raised, and if any did, every rank raises `DistributedError` naming
+the ranks and their errors. A rank that fails therefore never leaves the others waiting in a
+collective; a rank that dies or hangs ends the others' wait at the process group's timeout.
+
+Nothing here runs outside a process group: `active_group` is None and every helper does the
+local thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+__all__ = [
+    "DistributedError",
+    "active_group",
+    "check_same",
+    "gather_objects",
+    "on_rank_zero",
+    "rank",
+    "step",
+]
+
+
+class DistributedError(RuntimeError):
+    """A step failed on some rank, or ranks disagree; raised on every rank alike."""
+
+
+def active_group(group: Any = None, *, every_rank: bool = False) -> Any:
+    """The process group lowbit synchronizes over, or None to work alone.
+
+    `group` is used when given; otherwise the default group when torch.distributed is
+    initialized with more than one process. `every_rank=True` asks for no synchronization.
+    """
+    if every_rank:
+        return None
+    if group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("group= was given but torch.distributed is not initialized")
+        return group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def rank(group: Any) -> int:
+    """This process's rank in `group` (0 when working alone)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def gather_objects(obj: Any, group: Any) -> list[Any]:
+    """`obj` from every rank of `group`, in rank order (a list of one when alone)."""
+    if group is None:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+@contextmanager
+def step(group: Any, what: str) -> Iterator[None]:
+    """Run the body on every rank; if it raised on any, raise `DistributedError` on all.
+
+    The exchange is also a barrier: no rank leaves the step before every rank finished its
+    body. The failing rank's own exception is chained to its `DistributedError`.
+    """
+    if group is None:
+        yield
+        return
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as caught:
+        error = caught
+    status = None if error is None else f"{type(error).__name__}: {error}"
+    failed = [(r, s) for r, s in enumerate(gather_objects(status, group)) if s is not None]
+    if failed:
+        detail = "; ".join(f"rank {r}: {s}" for r, s in failed)
+        raise DistributedError(f"{what} failed on {len(failed)} rank(s): {detail}") from error
+
+
+def check_same(description: str, group: Any, what: str) -> None:
+    """DistributedError on every rank unless `description` is the same on every rank.
+
+    Only a digest travels; the error names the ranks whose description differs from rank 0's.
+    """
+    if group is None:
+        return
+    digest = hashlib.sha256(description.encode()).hexdigest()
+    digests = gather_objects(digest, group)
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise DistributedError(
+            f"{what} on rank(s) {differ} differ(s) from rank 0's: every rank must run the same "
+            "model with the same config"
+        )
+
+
+def on_rank_zero(write: Callable[[], T], group: Any) -> T | None:
+    """`write()` on rank 0 of `group` only (here when alone); the others wait for it and all
+    raise `DistributedError` if it failed. Returns what `write` returned, None on other ranks."""
+    result = None
+    with step(group, "writing on rank 0"):
+        if rank(group) == 0:
+            result = write()
+    return result

@@ -1,0 +1,84 @@
+"""Calibration over the ranks of a process group: each rank's calib_data is its shard.
+
+After each rank's calibration pass, the ranks check that they run the same model and config
+(a digest of every quantizer's name, spec and calibrator), then every calibrator reduces its
+state over the group (`Calibrator.sync`), as do the batch count and the sign checks, so
+`finish_calibration` computes the same ranges on every rank. A rank without batches takes its
+example batch (for BatchNorm folding and tracing) from the first rank that has one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from lowbit.batches import first_batch
+from lowbit.distributed import check_same, gather_objects, step
+from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.workflows.calibration_checks import SignWatch
+
+__all__ = ["example_batch", "fingerprint", "sync_calibration"]
+
+
+def example_batch(calib_data: Any, group: Any) -> Any:
+    """The first batch of `calib_data`; in a group, a rank whose shard is empty gets the first
+    batch of the lowest rank that has one. No batch on any rank is the usual ValueError."""
+    if group is None:
+        return first_batch(calib_data)
+    example = None
+    with step(group, "reading the first calib_data batch"):
+        try:
+            example = first_batch(calib_data)
+        except ValueError:  # an empty shard; others may have data
+            example = None
+    holders = [r for r, has in enumerate(gather_objects(example is not None, group)) if has]
+    if not holders:
+        raise ValueError("calib_data is empty on every rank: calibration needs at least one batch")
+    if example is None or len(holders) < dist.get_world_size(group):
+        box = [example]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, holders[0]), group=group)
+        example = box[0] if example is None else example
+    return example
+
+
+def fingerprint(model: nn.Module, quantizers: list[TensorQuantizer]) -> str:
+    """What must match across ranks: each quantizer's name, spec and calibrator, and the shape
+    of every parameter and buffer (cheap to compare, and enough to catch another model)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    lines = [f"{names[id(q)]} {q.spec!r} {_settings(q.calibrator)}" for q in quantizers]
+    lines += [f"{k} {tuple(v.shape)}" for k, v in model.state_dict().items()]
+    return "\n".join(lines)
+
+
+def _settings(calibrator: Any) -> str:
+    """A calibrator's kind and settings (p=, momentum=, ...), not what it observed."""
+    settings = {
+        k: v
+        for k, v in vars(calibrator).items()
+        if isinstance(v, int | float | str) and k != "count"
+    }
+    bins = getattr(getattr(calibrator, "histogram", None), "num_bins", None)
+    return f"{type(calibrator).__name__} {sorted(settings.items())} bins={bins}"
+
+
+def sync_calibration(
+    model: nn.Module, quantizers: list[TensorQuantizer], watch: SignWatch, batches: int, group: Any
+) -> int:
+    """Reduce every calibrator and the sign checks over `group`; the total number of batches."""
+    check_same(fingerprint(model, quantizers), group, "the quantized model or its config")
+    for q in quantizers:
+        assert q.calibrator is not None
+        q.calibrator.sync(group)
+    seen = gather_objects(
+        (batches, watch.lowest, watch.batches_with_distinct_inputs, watch.output_varied), group
+    )
+    lowest: dict[str, float] = {}
+    for _, shard_lowest, _, _ in seen:
+        for name, low in shard_lowest.items():
+            lowest[name] = min(low, lowest.get(name, low))
+    watch.lowest = lowest
+    watch.batches_with_distinct_inputs = sum(s[2] for s in seen)
+    watch.output_varied = any(s[3] for s in seen)
+    return sum(s[0] for s in seen)

@@ -1,0 +1,224 @@
+"""lowbit inside torch.distributed: 2 CPU processes (gloo, 1 thread each) spawned per test.
+
+The promise under test: the same model, bit for bit, whatever the number of processes. The
+world-size-1 reference runs here, in the test's own process (one thread, as the workers); the
+2-rank runs shard the same batches and must write byte-identical `lowbit.save` files and ONNX
+exports. Failures (another model or config on one rank, a rank that raises, no data anywhere,
+a failed write) must end with an error on every rank within the process group's timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import lowbit
+from lowbit import presets
+from lowbit.calib import CALIBRATORS, Histogram, MovingAverageMinMax
+from lowbit.distributed import active_group, step
+
+WORLD = 2
+TIMEOUT_S = 30  # the process group's timeout: the longest any rank may wait for another
+
+
+def _model(width: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, so folding matters
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _batches() -> list[torch.Tensor]:
+    """Six batches whose ranges differ widely, so the ranks' histograms start far apart."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 1, 8, 8, generator=g) * 4.0**i for i in range(-2, 4)]
+
+
+def _shard(batches: list[Any], rank: int, sizes: tuple[int, ...]) -> list[Any]:
+    start = sum(sizes[:rank])
+    return batches[start : start + sizes[rank]]
+
+
+def _quantize_and_write(batches: list[Any], out: Path, tag: str, calibrator: str) -> None:
+    """quantize -> export_onnx -> convert -> save, the files named after `tag`."""
+    model = lowbit.quantize(_model(), presets.int8(calibrator), batches, progress=False)
+    lowbit.export_onnx(model, _batches()[0], out / f"{tag}.onnx")
+    lowbit.save(lowbit.convert(model), out / f"{tag}.lowbit")
+    if dist.is_initialized():  # every rank's own model, to check that the ranks agree
+        rank = dist.get_rank()
+        lowbit.save(lowbit.convert(model), out / f"{tag}.rank{rank}.lowbit", every_rank=True)
+
+
+def _run(scenario: str, out: Path) -> float:
+    """Spawn WORLD workers running `scenario`; the wall time in seconds."""
+    start = time.perf_counter()
+    mp.spawn(_worker, args=(scenario, str(out)), nprocs=WORLD, join=True)
+    return time.perf_counter() - start
+
+
+def _worker(rank: int, scenario: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out}/store",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        _SCENARIOS[scenario](rank, Path(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def _same_files(rank: int, out: Path) -> None:
+    """Every calibrator, shards of 3 + 3 batches, then 6 + 0 (a rank without data)."""
+    for calibrator in CALIBRATORS:
+        _quantize_and_write(_shard(_batches(), rank, (3, 3)), out, f"{calibrator}.w2", calibrator)
+    _quantize_and_write(_shard(_batches(), rank, (0, 6)), out, "entropy.empty", "entropy")
+
+
+def _calibrator_sync(rank: int, out: Path) -> None:
+    """Histograms over ranges 2^-3 and 2^7 summed exactly; moving averages merged in order."""
+    batches = _batches()
+    histogram, average = Histogram(64), MovingAverageMinMax(0.5)
+    for x in _shard(batches, rank, (2, 4)):
+        histogram.observe(x)
+        average.observe(x)
+    histogram.all_reduce(dist.group.WORLD)
+    average.sync(dist.group.WORLD)
+    state = {"histogram": histogram.state_dict(), "average": average.state_dict()}
+    torch.save(state, out / f"sync.rank{rank}.pt")
+
+
+def _failures(rank: int, out: Path) -> None:
+    """Each case must raise on both ranks; record what each rank saw and how long it took."""
+    seen: dict[str, list[Any]] = {}
+    batches = _shard(_batches(), rank, (3, 3))
+    bad = [torch.zeros(4, 1, 5, 5)] if rank == 1 else batches  # a shape the model rejects
+    cases: dict[str, Callable[[], object]] = {
+        "config": lambda: lowbit.quantize(
+            _model(), presets.int8("minmax" if rank == 0 else "mse"), batches, progress=False
+        ),
+        "model": lambda: lowbit.quantize(
+            _model(4 + rank), presets.int8(), batches, progress=False
+        ),
+        "raises": lambda: lowbit.quantize(_model(), presets.int8(), bad, progress=False),
+        "empty": lambda: lowbit.quantize(_model(), presets.int8(), [], progress=False),
+        "write": lambda: lowbit.save(
+            lowbit.convert(lowbit.quantize(_model(), presets.int8(), batches, progress=False)),
+            out / "missing-folder" / "model.lowbit",
+        ),
+    }
+    for name, case in cases.items():
+        start = time.perf_counter()
+        try:
+            case()
+            seen[name] = ["no error", "", time.perf_counter() - start]
+        except Exception as error:  # noqa: BLE001 (what each rank raised is the result)
+            seen[name] = [type(error).__name__, str(error), time.perf_counter() - start]
+    (out / f"failures.rank{rank}.json").write_text(json.dumps(seen))
+
+
+_SCENARIOS: dict[str, Callable[[int, Path], None]] = {
+    "same_files": _same_files,
+    "calibrator_sync": _calibrator_sync,
+    "failures": _failures,
+}
+
+
+@pytest.fixture()
+def one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_ranks_write_the_files_of_one(tmp_path: Path, one_thread: None) -> None:
+    seconds = _run("same_files", tmp_path)
+    batches = _batches()
+    for calibrator in CALIBRATORS:
+        _quantize_and_write(batches, tmp_path, f"{calibrator}.w1", calibrator)
+    for calibrator in CALIBRATORS:
+        ranks = [(tmp_path / f"{calibrator}.w2.rank{r}.lowbit").read_bytes() for r in (0, 1)]
+        assert ranks[0] == ranks[1], f"{calibrator}: the ranks disagree"
+        assert ranks[0] == (tmp_path / f"{calibrator}.w2.lowbit").read_bytes()
+        if calibrator == "moving_average":  # a count-weighted mean of the ranks' averages
+            continue
+        for suffix in ("lowbit", "onnx"):
+            one = (tmp_path / f"{calibrator}.w1.{suffix}").read_bytes()
+            two = (tmp_path / f"{calibrator}.w2.{suffix}").read_bytes()
+            assert one == two, f"{calibrator}: world size 2 wrote another {suffix} file"
+    for suffix in ("lowbit", "onnx"):
+        one = (tmp_path / f"entropy.w1.{suffix}").read_bytes()
+        assert one == (tmp_path / f"entropy.empty.{suffix}").read_bytes()
+    assert not list(tmp_path.glob("*.w2.rank*.onnx"))  # only rank 0 wrote the exports
+    assert seconds < 60
+
+
+def test_calibrator_states_sync_exactly(tmp_path: Path) -> None:
+    _run("calibrator_sync", tmp_path)
+    batches = _batches()
+    histogram = Histogram(64)
+    for x in batches:
+        histogram.observe(x)
+    shards = [MovingAverageMinMax(0.5), MovingAverageMinMax(0.5)]
+    for rank, shard in enumerate(shards):
+        for x in _shard(batches, rank, (2, 4)):
+            shard.observe(x)
+    shards[0].merge(shards[1])
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"sync.rank{rank}.pt")
+        for key, value in histogram.state_dict().items():
+            assert torch.equal(state["histogram"][key], value), key
+        for key, value in shards[0].state_dict().items():
+            assert torch.equal(state["average"][key], value), key
+
+
+def test_failures_raise_on_every_rank_in_time(tmp_path: Path) -> None:
+    seconds = _run("failures", tmp_path)
+    expected = {
+        "config": ("DistributedError", "differ"),
+        "model": ("DistributedError", "differ"),
+        "raises": ("DistributedError", "rank 1"),
+        "empty": ("ValueError", "empty on every rank"),
+        "write": ("DistributedError", "rank 0"),
+    }
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"failures.rank{rank}.json").read_text())
+        for case, (kind, words) in expected.items():
+            got_kind, message, took = seen[case]
+            assert got_kind == kind, f"rank {rank}, {case}: {got_kind}: {message}"
+            assert words in message, f"rank {rank}, {case}: {message}"
+            assert took < TIMEOUT_S, f"rank {rank}, {case} took {took:.1f} s"
+    assert seconds < 60
+
+
+def test_outside_a_group_nothing_is_synchronized() -> None:
+    assert not dist.is_initialized()
+    assert active_group() is None
+    with pytest.raises(ValueError, match="not initialized"):
+        active_group(group=object())
+    with pytest.raises(KeyError), step(None, "alone"):  # errors pass through unchanged
+        raise KeyError("x")

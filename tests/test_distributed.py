@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import lowbit
 from lowbit import presets
 from lowbit.calib import CALIBRATORS, Histogram, MovingAverageMinMax
+from lowbit.cli import demo
 from lowbit.distributed import active_group, step
 
 WORLD = 2
@@ -120,9 +122,7 @@ def _failures(rank: int, out: Path) -> None:
         "config": lambda: lowbit.quantize(
             _model(), presets.int8("minmax" if rank == 0 else "mse"), batches, progress=False
         ),
-        "model": lambda: lowbit.quantize(
-            _model(4 + rank), presets.int8(), batches, progress=False
-        ),
+        "model": lambda: lowbit.quantize(_model(4 + rank), presets.int8(), batches, progress=False),
         "raises": lambda: lowbit.quantize(_model(), presets.int8(), bad, progress=False),
         "empty": lambda: lowbit.quantize(_model(), presets.int8(), [], progress=False),
         "write": lambda: lowbit.save(
@@ -135,15 +135,42 @@ def _failures(rank: int, out: Path) -> None:
         try:
             case()
             seen[name] = ["no error", "", time.perf_counter() - start]
-        except Exception as error:  # noqa: BLE001 (what each rank raised is the result)
+        except Exception as error:
             seen[name] = [type(error).__name__, str(error), time.perf_counter() - start]
     (out / f"failures.rank{rank}.json").write_text(json.dumps(seen))
+
+
+def _qat(rank: int, out: Path) -> None:
+    """QAT of the digits CNN under DistributedDataParallel, each rank on its half of the data;
+    sync_ranges makes the ranks' activation ranges, and so their integer models, the same."""
+    data = demo.load_digits()
+    net = demo.DigitsNet()
+    net.load_state_dict(torch.load(out / "digits.pt"))
+    calib = demo.calibration_batches(data)[rank::WORLD]
+    model = lowbit.prepare_qat(net, presets.int8(), calib, progress=False)
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    model.train()
+    x, y = data.x_train[rank::WORLD], data.y_train[rank::WORLD]
+    for i in range(0, 5 * 32, 32):
+        loss = nn.functional.cross_entropy(ddp(x[i : i + 32]), y[i : i + 32])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trackers = [q.calibrator for q in model.modules() if getattr(q, "track", False)]
+    torch.save([c.state_dict() for c in trackers], out / f"qat.before.rank{rank}.pt")
+    lowbit.sync_ranges(model)
+    converted = lowbit.convert(model.eval())
+    lowbit.save(converted, out / f"qat.rank{rank}.lowbit", every_rank=True)
+    accuracy = demo.accuracy(converted, data.x_test, data.y_test)
+    (out / f"qat.rank{rank}.json").write_text(json.dumps(accuracy))
 
 
 _SCENARIOS: dict[str, Callable[[int, Path], None]] = {
     "same_files": _same_files,
     "calibrator_sync": _calibrator_sync,
     "failures": _failures,
+    "qat": _qat,
 }
 
 
@@ -222,3 +249,17 @@ def test_outside_a_group_nothing_is_synchronized() -> None:
         active_group(group=object())
     with pytest.raises(KeyError), step(None, "alone"):  # errors pass through unchanged
         raise KeyError("x")
+
+
+def test_qat_under_ddp_converts_to_one_model(tmp_path: Path, digits_net: nn.Module) -> None:
+    torch.save(digits_net.state_dict(), tmp_path / "digits.pt")
+    seconds = _run("qat", tmp_path)
+    before = [torch.load(tmp_path / f"qat.before.rank{r}.pt") for r in (0, 1)]
+    assert any(  # each rank tracked its own batches: without sync_ranges they would differ
+        not torch.equal(a["max"], b["max"]) for a, b in zip(*before, strict=True)
+    )
+    files = [(tmp_path / f"qat.rank{r}.lowbit").read_bytes() for r in (0, 1)]
+    assert files[0] == files[1]
+    accuracies = [json.loads((tmp_path / f"qat.rank{r}.json").read_text()) for r in (0, 1)]
+    assert accuracies[0] == accuracies[1] > 80.0
+    assert seconds < 60

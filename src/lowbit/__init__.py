@@ -5,6 +5,7 @@ Importing lowbit stays light: onnx, onnxruntime and plotting libraries load only
 
 from lowbit import presets
 from lowbit.config import LayerQuant, QuantConfig
+from lowbit.distributed import DistributedError
 from lowbit.evaluate import analyze
 from lowbit.evaluate.mixed_precision import auto_quantize
 from lowbit.exceptions import LowbitWarning
@@ -13,10 +14,12 @@ from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.workflows.quantization import QuantSummary, calibrate, prepare_qat, quantize
+from lowbit.workflows.sharded import sync_ranges
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistributedError",
     "LayerQuant",
     "LowbitWarning",
     "PerChannel",
@@ -38,4 +41,5 @@ __all__ = [
     "quantize_dynamic",
     "quantize_weights",
     "save",
+    "sync_ranges",
 ]

@@ -15,11 +15,11 @@ import torch.distributed as dist
 from torch import nn
 
 from lowbit.batches import first_batch
-from lowbit.distributed import check_same, gather_objects, step
+from lowbit.distributed import active_group, check_same, gather_objects, step
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.workflows.calibration_checks import SignWatch
 
-__all__ = ["example_batch", "fingerprint", "sync_calibration"]
+__all__ = ["example_batch", "fingerprint", "sync_calibration", "sync_ranges"]
 
 
 def example_batch(calib_data: Any, group: Any) -> Any:
@@ -82,3 +82,31 @@ def sync_calibration(
     watch.batches_with_distinct_inputs = sum(s[2] for s in seen)
     watch.output_varied = any(s[3] for s in seen)
     return sum(s[0] for s in seen)
+
+
+def sync_ranges(model: nn.Module, group: Any = None) -> None:
+    """Make the activation ranges a QAT model tracks the same on every rank of `group`.
+
+    Under DistributedDataParallel each rank's quantizers follow a moving average of that rank's
+    batches, so the ranges drift apart. Call this before `eval()` / `convert` / export (or every
+    few steps): each tracking calibrator becomes the batch-count-weighted mean of the ranks'
+    averages, merged in rank order so that every rank gets the same bits, and the scales are
+    recomputed from it. The model's other buffers (BatchNorm statistics, which `convert` folds)
+    are taken from the group's first rank, as DistributedDataParallel does at each forward.
+    Outside a process group it does nothing.
+    """
+    group = active_group(group)
+    if group is None:
+        return
+    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.track]
+    check_same(fingerprint(model, quantizers), group, "the QAT model")
+    for q in quantizers:
+        assert q.calibrator is not None
+        q.calibrator.sync(group)
+        if q.calibrator.has_data:
+            q.compute_qparams()
+    source = dist.get_global_rank(group, 0)
+    for module in model.modules():
+        if not isinstance(module, TensorQuantizer):
+            for buffer in module.buffers(recurse=False):
+                dist.broadcast(buffer, src=source, group=group)

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lowbit
 from lowbit import presets
+from lowbit.algorithms import gptq
 from lowbit.calib import CALIBRATORS, Histogram, MovingAverageMinMax
 from lowbit.cli import demo
 from lowbit.distributed import active_group, step
@@ -166,11 +167,31 @@ def _qat(rank: int, out: Path) -> None:
     (out / f"qat.rank{rank}.json").write_text(json.dumps(accuracy))
 
 
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def _gptq_and_save(batches: list[Any], path: Path, every_rank: bool = False) -> None:
+    """W4 per-group weights (groups of 8) by GPTQ over `batches`, saved converted."""
+    model = lowbit.quantize(_mlp(), presets.weight_only(4, 8), batches, progress=False)
+    gptq(model, batches, progress=False)
+    lowbit.save(lowbit.convert(model), path, every_rank=every_rank)
+
+
+def _gptq_ranks(rank: int, out: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(8, 16, generator=g) for _ in range(6)]
+    _gptq_and_save(_shard(batches, rank, (4, 2)), out / "gptq.w2.lowbit")
+    _gptq_and_save(_shard(batches, rank, (4, 2)), out / f"gptq.rank{rank}.lowbit", True)
+
+
 _SCENARIOS: dict[str, Callable[[int, Path], None]] = {
     "same_files": _same_files,
     "calibrator_sync": _calibrator_sync,
     "failures": _failures,
     "qat": _qat,
+    "gptq": _gptq_ranks,
 }
 
 
@@ -262,4 +283,14 @@ def test_qat_under_ddp_converts_to_one_model(tmp_path: Path, digits_net: nn.Modu
     assert files[0] == files[1]
     accuracies = [json.loads((tmp_path / f"qat.rank{r}.json").read_text()) for r in (0, 1)]
     assert accuracies[0] == accuracies[1] > 80.0
+    assert seconds < 60
+
+
+def test_gptq_sums_hessians_over_ranks(tmp_path: Path, one_thread: None) -> None:
+    seconds = _run("gptq", tmp_path)
+    g = torch.Generator().manual_seed(2)
+    _gptq_and_save([torch.randn(8, 16, generator=g) for _ in range(6)], tmp_path / "gptq.w1.lowbit")
+    files = [(tmp_path / f"gptq.rank{r}.lowbit").read_bytes() for r in (0, 1)]
+    assert files[0] == files[1] == (tmp_path / "gptq.w2.lowbit").read_bytes()
+    assert files[0] == (tmp_path / "gptq.w1.lowbit").read_bytes()
     assert seconds < 60

@@ -20,12 +20,15 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from lowbit.batches import first_batch
+
 T = TypeVar("T")
 
 __all__ = [
     "DistributedError",
     "active_group",
     "check_same",
+    "example_batch",
     "gather_objects",
     "on_rank_zero",
     "rank",
@@ -115,3 +118,24 @@ def on_rank_zero(write: Callable[[], T], group: Any) -> T | None:
         if rank(group) == 0:
             result = write()
     return result
+
+
+def example_batch(calib_data: Any, group: Any) -> Any:
+    """The first batch of `calib_data`; in a group, a rank whose shard is empty gets the first
+    batch of the lowest rank that has one. No batch on any rank is the usual ValueError."""
+    if group is None:
+        return first_batch(calib_data)
+    example = None
+    with step(group, "reading the first calib_data batch"):
+        try:
+            example = first_batch(calib_data)
+        except ValueError:  # an empty shard; others may have data
+            example = None
+    holders = [r for r, has in enumerate(gather_objects(example is not None, group)) if has]
+    if not holders:
+        raise ValueError("calib_data is empty on every rank: calibration needs at least one batch")
+    if example is None or len(holders) < dist.get_world_size(group):
+        box = [example]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, holders[0]), group=group)
+        example = box[0] if example is None else example
+    return example

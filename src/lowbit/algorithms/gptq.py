@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit import numerics
 from lowbit.algorithms.capture import execution_order, iter_layer_inputs
-from lowbit.batches import Forward, first_batch
+from lowbit.batches import Forward
+from lowbit.distributed import active_group, check_same, example_batch, gather_objects, step
 from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import Mode, TensorQuantizer
@@ -63,6 +65,7 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     progress: bool = True,
+    group: Any = None,
 ) -> nn.Module:
     """Run GPTQ over every eligible quantized layer of `qmodel` (from `lowbit.quantize`), in place.
 
@@ -79,6 +82,9 @@ def gptq(
 
     Returns `qmodel`. Raises ValueError for empty calibration data, bad arguments, or a model with
     no eligible layer; ineligible quantized layers are listed in a warning and left as they are.
+
+    Inside torch.distributed (or with `group=`), `calib_data` is this rank's shard: each layer's
+    Hessian and row count are summed over the ranks, and every rank solves the same problem.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be an nn.Module, got {type(qmodel).__name__}")
@@ -86,10 +92,12 @@ def gptq(
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if not (isinstance(damp, int | float) and math.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
-    first_batch(calib_data)
+    group = active_group(group)
+    example = example_batch(calib_data, group)
     layers = _eligible(qmodel, "GPTQ")
-    order = execution_order(qmodel, [qm for _, qm in layers], calib_data, forward)
+    order = execution_order(qmodel, [qm for _, qm in layers], [example], forward)
     names = {id(qm): n for n, qm in layers}
+    check_same("\n".join(names[id(qm)] for qm in order), group, "the GPTQ layers")
     was_training = qmodel.training
     qmodel.eval()
     switched: list[tuple[TensorQuantizer, Mode]] = []
@@ -101,7 +109,8 @@ def gptq(
             wq = qm.weight_quantizer
             switched.append((wq, wq.mode))
             wq.set_mode("off")
-            _gptq_layer(qmodel, qm, calib_data, forward, block_size, damp, act_order, names[id(qm)])
+            h = _hessian(qmodel, qm, calib_data, forward, group)
+            _gptq_layer(qm, h, block_size, damp, act_order, names[id(qm)])
             # Its weight now lies on the grid: fake quantization would return it unchanged, so
             # the capture passes of the layers after it can skip that work too.
             wq.set_mode("off")
@@ -187,9 +196,14 @@ def _conv_rows(m: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def _hessian(
-    qmodel: nn.Module, qm: QuantModule, calib_data: Iterable[Any], forward: Forward | None
+    qmodel: nn.Module,
+    qm: QuantModule,
+    calib_data: Iterable[Any],
+    forward: Forward | None,
+    group: Any,
 ) -> Tensor:
-    """H = 2 X^T X / n over every calibration row, accumulated batch by batch in float64."""
+    """H = 2 X^T X / n over every calibration row, accumulated batch by batch in float64; in a
+    group, X^T X and n are summed over the ranks (n exactly, as an integer)."""
     m = qm.module
     weight: Tensor = m.weight
     cols = weight[0].numel()
@@ -197,26 +211,28 @@ def _hessian(
     n = 0
     # Hook the inner float layer: its input is what the weight multiplies (after any input
     # quantizer of the QuantModule).
-    for args in iter_layer_inputs(qmodel, m, calib_data, forward):
-        x = args[0]
-        if isinstance(m, nn.Linear):
-            rows = x.reshape(-1, x.shape[-1])
-        else:
-            assert isinstance(m, nn.Conv1d | nn.Conv2d)
-            rows = _conv_rows(m, x)
-        rows = rows.to(torch.float64)
-        h += rows.T @ rows
-        n += rows.shape[0]
+    with step(group, "GPTQ's capture of layer inputs"):
+        for args in iter_layer_inputs(qmodel, m, calib_data, forward):
+            x = args[0]
+            if isinstance(m, nn.Linear):
+                rows = x.reshape(-1, x.shape[-1])
+            else:
+                assert isinstance(m, nn.Conv1d | nn.Conv2d)
+                rows = _conv_rows(m, x)
+            rows = rows.to(torch.float64)
+            h += rows.T @ rows
+            n += rows.shape[0]
+    if group is not None:
+        dist.all_reduce(h, group=group)
+        n = sum(gather_objects(n, group))
     if n == 0:
         raise ValueError("calibration data gave no input rows to the layer")
     return h * (2.0 / n)
 
 
 def _gptq_layer(
-    qmodel: nn.Module,
     qm: QuantModule,
-    calib_data: Iterable[Any],
-    forward: Forward | None,
+    h: Tensor,
     block_size: int,
     damp: float,
     act_order: bool,
@@ -226,7 +242,6 @@ def _gptq_layer(
     wq = qm.weight_quantizer
     assert wq is not None
     weight: Tensor = m.weight
-    h = _hessian(qmodel, qm, calib_data, forward)
     spec = wq.spec
     group_cols, static_scale, static_zp, params = _layer_params(weight, spec, act_order)
     try:

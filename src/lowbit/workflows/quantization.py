@@ -12,7 +12,7 @@ from torch import nn
 
 from lowbit.batches import Forward, run_user_batch
 from lowbit.config import QuantConfig
-from lowbit.distributed import active_group, rank, step
+from lowbit.distributed import active_group, example_batch, rank, step
 from lowbit.nn.modules import quant_modules as quant_modules  # re-exported for callers
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
@@ -28,7 +28,7 @@ from lowbit.transforms.swap import (
     swap_modules,
 )
 from lowbit.workflows.calibration_checks import SignWatch, finish_calibration
-from lowbit.workflows.sharded import example_batch, sync_calibration
+from lowbit.workflows.sharded import sync_calibration
 
 
 @dataclass(frozen=True)

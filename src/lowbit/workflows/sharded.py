@@ -4,7 +4,8 @@ After each rank's calibration pass, the ranks check that they run the same model
 (a digest of every quantizer's name, spec and calibrator), then every calibrator reduces its
 state over the group (`Calibrator.sync`), as do the batch count and the sign checks, so
 `finish_calibration` computes the same ranges on every rank. A rank without batches takes its
-example batch (for BatchNorm folding and tracing) from the first rank that has one.
+example batch (for BatchNorm folding and tracing) from the first rank that has one
+(`lowbit.distributed.example_batch`).
 """
 
 from __future__ import annotations
@@ -14,33 +15,11 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from lowbit.batches import first_batch
-from lowbit.distributed import active_group, check_same, gather_objects, step
+from lowbit.distributed import active_group, check_same, gather_objects
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.workflows.calibration_checks import SignWatch
 
-__all__ = ["example_batch", "fingerprint", "sync_calibration", "sync_ranges"]
-
-
-def example_batch(calib_data: Any, group: Any) -> Any:
-    """The first batch of `calib_data`; in a group, a rank whose shard is empty gets the first
-    batch of the lowest rank that has one. No batch on any rank is the usual ValueError."""
-    if group is None:
-        return first_batch(calib_data)
-    example = None
-    with step(group, "reading the first calib_data batch"):
-        try:
-            example = first_batch(calib_data)
-        except ValueError:  # an empty shard; others may have data
-            example = None
-    holders = [r for r, has in enumerate(gather_objects(example is not None, group)) if has]
-    if not holders:
-        raise ValueError("calib_data is empty on every rank: calibration needs at least one batch")
-    if example is None or len(holders) < dist.get_world_size(group):
-        box = [example]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, holders[0]), group=group)
-        example = box[0] if example is None else example
-    return example
+__all__ = ["fingerprint", "sync_calibration", "sync_ranges"]
 
 
 def fingerprint(model: nn.Module, quantizers: list[TensorQuantizer]) -> str:

@@ -30,6 +30,9 @@ from lowbit.calib import CALIBRATORS, Histogram, MovingAverageMinMax
 from lowbit.cli import demo
 from lowbit.distributed import active_group, step
 
+# The small models here leave layers in float or without integer kernels; that is not tested.
+pytestmark = pytest.mark.filterwarnings("ignore::lowbit.LowbitWarning")
+
 WORLD = 2
 TIMEOUT_S = 30  # the process group's timeout: the longest any rank may wait for another
 
@@ -186,12 +189,26 @@ def _gptq_ranks(rank: int, out: Path) -> None:
     _gptq_and_save(_shard(batches, rank, (4, 2)), out / f"gptq.rank{rank}.lowbit", True)
 
 
+def _dead_rank(rank: int, out: Path) -> None:
+    """Rank 1 leaves without calibrating; rank 0 must get an error, not wait forever."""
+    if rank == 1:
+        return
+    start = time.perf_counter()
+    try:
+        lowbit.quantize(_model(), presets.int8(), _batches(), progress=False)
+        seen = ["no error", time.perf_counter() - start]
+    except Exception as error:  # what rank 0 raised is the result
+        seen = [type(error).__name__, time.perf_counter() - start]
+    (out / "dead.json").write_text(json.dumps(seen))
+
+
 _SCENARIOS: dict[str, Callable[[int, Path], None]] = {
     "same_files": _same_files,
     "calibrator_sync": _calibrator_sync,
     "failures": _failures,
     "qat": _qat,
     "gptq": _gptq_ranks,
+    "dead_rank": _dead_rank,
 }
 
 
@@ -294,3 +311,10 @@ def test_gptq_sums_hessians_over_ranks(tmp_path: Path, one_thread: None) -> None
     assert files[0] == files[1] == (tmp_path / "gptq.w2.lowbit").read_bytes()
     assert files[0] == (tmp_path / "gptq.w1.lowbit").read_bytes()
     assert seconds < 60
+
+
+def test_a_rank_that_leaves_ends_the_others_wait(tmp_path: Path) -> None:
+    _run("dead_rank", tmp_path)
+    kind, took = json.loads((tmp_path / "dead.json").read_text())
+    assert kind != "no error"
+    assert took < TIMEOUT_S + 5

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lowbit"
 # Low to high. A unit is a top-level module or package of lowbit; "lowbit" is the facade
 # (lowbit/__init__.py), which may import everything and which nothing inside lowbit imports.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("exceptions", "progress", "_atomic", "batches"),  # support: warnings, progress, files, batches
+    ("exceptions", "progress", "_atomic", "batches", "distributed"),  # support
     ("spec",),  # what a quantized number is
     ("numerics",),  # pure tensor functions over a spec
     ("calib", "kernels"),  # ranges from observed tensors; integer kernels

@@ -110,9 +110,11 @@ def check_same(description: str, group: Any, what: str) -> None:
         )
 
 
-def on_rank_zero(write: Callable[[], T], group: Any) -> T | None:
-    """`write()` on rank 0 of `group` only (here when alone); the others wait for it and all
-    raise `DistributedError` if it failed. Returns what `write` returned, None on other ranks."""
+def on_rank_zero(write: Callable[[], T], *, every_rank: bool = False) -> T | None:
+    """`write()` on rank 0 only of the default group, everywhere when alone or with
+    `every_rank=True`; the others wait for it and all raise `DistributedError` if it failed.
+    Returns what `write` returned, None on the ranks that did not write."""
+    group = active_group(every_rank=every_rank)
     result = None
     with step(group, "writing on rank 0"):
         if rank(group) == 0:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lowbit._atomic import write_atomic
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.distributed import active_group, on_rank_zero
+from lowbit.distributed import on_rank_zero
 from lowbit.export import _exporters, _graph
 from lowbit.export._exporters import (
     TORCHSCRIPT_MAX_OPSET,
@@ -66,7 +66,6 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     target: str = DEFAULT_TARGET,
     every_rank: bool = False,
-    group: Any = None,
 ) -> Path:
     """Export a model from `lowbit.quantize` (or `prepare_qat`) to ONNX with Q/DQ nodes.
 
@@ -103,10 +102,7 @@ def export_onnx(
         requires it: affine activations are a ValueError for it). See docs/export.md.
 
     The model runs in eval mode (dropout off) while exporting; every submodule's own mode is
-    restored afterwards.
-
-    Inside torch.distributed (or with `group=`) only rank 0 writes the file and the others wait
-    for it (every rank traces the same graph); `every_rank=True` makes every rank write `path`.
+    restored afterwards. Under torch.distributed rank 0 alone writes, unless `every_rank=True`.
 
     Raises ValueError / NotImplementedError naming the module and the quantizer for what ONNX
     cannot express (log2 schemes, per-group or dynamic activation quantizers, converted integer
@@ -135,8 +131,7 @@ def export_onnx(
     strip_prefix(proto.graph, "model.")
     _rewrite(proto, sites, opset, reduce_range, runtime)
     onnx.checker.check_model(proto, full_check=True)
-    data = proto.SerializeToString()
-    on_rank_zero(lambda: write_atomic(out, data), active_group(group, every_rank=every_rank))
+    on_rank_zero(lambda: write_atomic(out, proto.SerializeToString()), every_rank=every_rank)
     return out
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lowbit import numerics
 from lowbit._atomic import write_atomic
-from lowbit.distributed import active_group, on_rank_zero
+from lowbit.distributed import on_rank_zero
 from lowbit.nn.int_base import IntModule
 from lowbit.nn.int_build import int_module_from_record
 from lowbit.nn.modules import QuantModule
@@ -56,7 +56,6 @@ def save(
     *,
     extras: Mapping[str, bytes] | None = None,
     every_rank: bool = False,
-    group: Any = None,
 ) -> None:
     """Write a converted model to `path` (a safetensors file), atomically.
 
@@ -65,8 +64,8 @@ def save(
     temporary name in the same folder and renamed into place (`lowbit._atomic`), so on any error
     no half-written file remains and an existing file at `path` is left untouched.
 
-    Inside torch.distributed (or with `group=`) only rank 0 writes and the others wait for it;
-    `every_rank=True` makes every rank write its own `path`.
+    Under torch.distributed only rank 0 writes and the others wait for it; `every_rank=True`
+    makes every rank write its own `path`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -97,7 +96,7 @@ def save(
             raise TypeError(f"extras[{name!r}] must be bytes, got {type(data).__name__}")
         tensors[_EXTRA + name] = torch.from_numpy(np.frombuffer(data, np.uint8).copy())
     chunks = _safetensors_chunks(tensors, {_KEY: json.dumps(header)})
-    on_rank_zero(lambda: write_atomic(path, *chunks), active_group(group, every_rank=every_rank))
+    on_rank_zero(lambda: write_atomic(path, *chunks), every_rank=every_rank)
 
 
 def _safetensors_chunks(

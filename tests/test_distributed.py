@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lowbit
 from lowbit import presets
-from lowbit.algorithms import gptq
+from lowbit.algorithms import gptq, smoothquant
 from lowbit.calib import CALIBRATORS, Histogram, MovingAverageMinMax
 from lowbit.cli import demo
 from lowbit.distributed import active_group, step
@@ -182,11 +182,26 @@ def _gptq_and_save(batches: list[Any], path: Path, every_rank: bool = False) -> 
     lowbit.save(lowbit.convert(model), path, every_rank=every_rank)
 
 
-def _gptq_ranks(rank: int, out: Path) -> None:
+def _mlp_batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(2)
-    batches = [torch.randn(8, 16, generator=g) for _ in range(6)]
+    return [torch.randn(8, 16, generator=g) * (1 + torch.arange(16.0)) for _ in range(6)]
+
+
+def _ln_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def _smoothed(batches: list[Any]) -> dict[str, torch.Tensor]:
+    return smoothquant(_ln_mlp(), batches).state_dict()
+
+
+def _llm_algorithms(rank: int, out: Path) -> None:
+    """GPTQ over shards of 4 + 2 batches; SmoothQuant over 6 + 0."""
+    batches = _mlp_batches()
     _gptq_and_save(_shard(batches, rank, (4, 2)), out / "gptq.w2.lowbit")
     _gptq_and_save(_shard(batches, rank, (4, 2)), out / f"gptq.rank{rank}.lowbit", True)
+    torch.save(_smoothed(_shard(batches, rank, (0, 6))), out / f"smooth.rank{rank}.pt")
 
 
 def _dead_rank(rank: int, out: Path) -> None:
@@ -207,7 +222,7 @@ _SCENARIOS: dict[str, Callable[[int, Path], None]] = {
     "calibrator_sync": _calibrator_sync,
     "failures": _failures,
     "qat": _qat,
-    "gptq": _gptq_ranks,
+    "llm": _llm_algorithms,
     "dead_rank": _dead_rank,
 }
 
@@ -303,13 +318,17 @@ def test_qat_under_ddp_converts_to_one_model(tmp_path: Path, digits_net: nn.Modu
     assert seconds < 60
 
 
-def test_gptq_sums_hessians_over_ranks(tmp_path: Path, one_thread: None) -> None:
-    seconds = _run("gptq", tmp_path)
-    g = torch.Generator().manual_seed(2)
-    _gptq_and_save([torch.randn(8, 16, generator=g) for _ in range(6)], tmp_path / "gptq.w1.lowbit")
+def test_gptq_and_smoothquant_reduce_over_ranks(tmp_path: Path, one_thread: None) -> None:
+    seconds = _run("llm", tmp_path)
+    _gptq_and_save(_mlp_batches(), tmp_path / "gptq.w1.lowbit")
     files = [(tmp_path / f"gptq.rank{r}.lowbit").read_bytes() for r in (0, 1)]
     assert files[0] == files[1] == (tmp_path / "gptq.w2.lowbit").read_bytes()
     assert files[0] == (tmp_path / "gptq.w1.lowbit").read_bytes()
+    one = _smoothed(_mlp_batches())
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f"smooth.rank{rank}.pt")
+        assert all(torch.equal(one[k], two[k]) for k in one), f"rank {rank}"
+    assert not torch.equal(one["1.weight"], _ln_mlp()[1].weight)  # smoothing changed it
     assert seconds < 60
 
 

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lowbit.algorithms._sequential import check_float_model
 from lowbit.batches import Forward, check_batch, first_batch, run_batch, run_hooked, tensors_of
+from lowbit.distributed import active_group, example_batch, step
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -54,6 +56,7 @@ def smoothquant(
     *,
     alpha: float = 0.5,
     forward: Forward | None = None,
+    group: Any = None,
 ) -> nn.Module:
     """Smooth every `nn.Linear` of a float `model` whose input comes straight from a LayerNorm
     or Linear that can absorb the factors, in place; returns `model`.
@@ -61,22 +64,25 @@ def smoothquant(
     Run it on the float model before `lowbit.quantize`. alpha: the migration strength in [0, 1]
     (0.5 for most models; larger moves more of the difficulty into the weights). Layers whose
     input producer cannot absorb the factors are left as they are; `model.lowbit_smoothquant`
-    lists the groups smoothed, as (producer, [consumers]) names.
+    lists the groups smoothed, as (producer, [consumers]) names. Inside torch.distributed (or
+    with `group=`), `calib_data` is this rank's shard: the activation maxima are all-reduced
+    (exact), so every rank smooths alike, as one process over all shards would.
     """
     check_float_model(model, "smoothquant")
     if not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    first_batch(calib_data)
+    group = active_group(group)
+    example = [example_batch(calib_data, group)]
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("smoothquant found no nn.Linear layer in the model")
     was_training = model.training
     model.eval()
     try:
-        groups = find_scale_groups(model, linears, calib_data, forward)
+        groups = find_scale_groups(model, linears, example, forward)
         groups = [g for g in groups if g.producer is not None]
-        groups = [g for g in groups if foldable(model, g, calib_data, forward)]
-        act_max = _input_abs_max(model, groups, calib_data, forward)
+        groups = [g for g in groups if foldable(model, g, example, forward)]
+        act_max = _input_abs_max(model, groups, calib_data, forward, group)
         for g, xmax in zip(groups, act_max, strict=True):
             wmax = torch.stack([_weight(c).detach().abs().amax(0) for c in g.consumers]).amax(0)
             xmax = xmax.to(wmax.dtype)
@@ -242,8 +248,10 @@ def _input_abs_max(
     groups: Sequence[ScaleGroup],
     calib_data: Iterable[Any],
     forward: Forward | None,
+    group: Any,
 ) -> list[Tensor]:
-    """Per-channel max |x| of each group's input over all calibration batches."""
+    """Per-channel max |x| of each group's input over all calibration batches (of every rank
+    of `group`: a rank without batches contributes zeros)."""
     maxima: list[Tensor | None] = [None] * len(groups)
     handles = []
 
@@ -259,13 +267,19 @@ def _input_abs_max(
     for i, g in enumerate(groups):
         handles.append(g.consumers[0].register_forward_pre_hook(make(i)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), step(group, "smoothquant's activation pass"):
             for batch in calib_data:
                 check_batch(batch)
                 run_batch(model, batch, forward)
     finally:
         for h in handles:
             h.remove()
+    if group is not None:
+        for i, g in enumerate(groups):
+            m = maxima[i]
+            m = torch.zeros(_weight(g.consumers[0]).shape[1]) if m is None else m
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            maxima[i] = m
     out = []
     for g, m in zip(groups, maxima, strict=True):
         if m is None:

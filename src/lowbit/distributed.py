@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from lowbit.batches import first_batch
 
@@ -27,6 +29,7 @@ T = TypeVar("T")
 __all__ = [
     "DistributedError",
     "active_group",
+    "all_reduce",
     "check_same",
     "example_batch",
     "gather_objects",
@@ -60,6 +63,20 @@ def active_group(group: Any = None, *, every_rank: bool = False) -> Any:
 def rank(group: Any) -> int:
     """This process's rank in `group` (0 when working alone)."""
     return 0 if group is None else dist.get_rank(group)
+
+
+def all_reduce(tensor: Tensor, group: Any, op: Any = dist.ReduceOp.SUM) -> Tensor:
+    """`tensor` reduced over `group`, as a new tensor on `tensor`'s device.
+
+    The collective runs where the backend needs it: on the current CUDA device for nccl (so CPU
+    statistics such as histograms reduce there too), on the tensor's own device otherwise.
+    """
+    device = tensor.device
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    reduced = tensor.detach().to(device, copy=True)
+    dist.all_reduce(reduced, op=op, group=group)
+    return reduced.to(tensor.device)
 
 
 def gather_objects(obj: Any, group: Any) -> list[Any]:

@@ -21,14 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit import numerics
 from lowbit.algorithms.capture import execution_order, iter_layer_inputs
 from lowbit.batches import Forward
-from lowbit.distributed import active_group, check_same, example_batch, gather_objects, step
+from lowbit.distributed import (
+    active_group,
+    all_reduce,
+    check_same,
+    example_batch,
+    gather_objects,
+    step,
+)
 from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import Mode, TensorQuantizer
@@ -223,7 +229,7 @@ def _hessian(
             h += rows.T @ rows
             n += rows.shape[0]
     if group is not None:
-        dist.all_reduce(h, group=group)
+        h = all_reduce(h, group)
         n = sum(gather_objects(n, group))
     if n == 0:
         raise ValueError("calibration data gave no input rows to the layer")

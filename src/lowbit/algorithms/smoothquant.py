@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lowbit.algorithms._sequential import check_float_model
 from lowbit.batches import Forward, check_batch, first_batch, run_batch, run_hooked, tensors_of
-from lowbit.distributed import active_group, example_batch, step
+from lowbit.distributed import active_group, all_reduce, example_batch, step
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -278,8 +278,7 @@ def _input_abs_max(
         for i, g in enumerate(groups):
             m = maxima[i]
             m = torch.zeros(_weight(g.consumers[0]).shape[1]) if m is None else m
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            maxima[i] = m
+            maxima[i] = all_reduce(m, group, dist.ReduceOp.MAX)
     out = []
     for g, m in zip(groups, maxima, strict=True):
         if m is None:

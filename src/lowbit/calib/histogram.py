@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lowbit.distributed import all_reduce
 from lowbit.numerics import tensor_range
 from lowbit.spec import PerTensor
 
@@ -123,12 +124,12 @@ class Histogram:
         """
         if group is None:
             return
-        exponent = torch.tensor([self.exponent], dtype=torch.int64)
-        dist.all_reduce(exponent, op=dist.ReduceOp.MAX, group=group)
+        largest = dist.ReduceOp.MAX
+        exponent = all_reduce(torch.tensor([self.exponent], dtype=torch.int64), group, largest)
         self._widen(int(exponent))
-        dist.all_reduce(self.counts, op=dist.ReduceOp.SUM, group=group)
+        self.counts = all_reduce(self.counts, group)
         bounds = torch.tensor([-self.min, self.max], dtype=torch.float64)
-        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+        bounds = all_reduce(bounds, group, largest)
         self.min, self.max = -float(bounds[0]), float(bounds[1])
 
     def state_dict(self) -> dict[str, Tensor]:

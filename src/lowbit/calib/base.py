@@ -85,6 +85,13 @@ class Calibrator(ABC):
     def merge(self, other: Calibrator) -> None:
         """Fold in what `other` observed, as if this calibrator had seen its data too."""
 
+    def start_shard(self) -> None:
+        """A sharded pass begins: what follows is this rank's part of the data, until `sync`.
+
+        Most calibrators need nothing: their `merge` does not depend on the order of the data.
+        """
+        return None
+
     def sync(self, group: Any) -> None:
         """Make this calibrator, on every rank of `group`, hold what all ranks observed.
 

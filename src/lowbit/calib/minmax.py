@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from lowbit.calib.base import Calibrator, as_float32, check_state_keys
+from lowbit.distributed import gather_objects
 from lowbit.numerics import tensor_range
 from lowbit.spec import Granularity, QuantSpec
 
@@ -101,6 +104,12 @@ class MovingAverageMinMax(_RangeCalibrator):
 
     Use it for activations calibrated on many batches, or tracked during QAT, where a single
     extreme batch should not set the range: running = momentum * running + (1 - momentum) * batch.
+
+    Over several processes the average depends on the order of the batches. In a sharded pass
+    (`start_shard` ... `sync`) each rank keeps its batches' ranges, and `sync` replays all of
+    them in rank order (rank 0's batches first), so the result is that of one process observing
+    the shards one after the other. Without `start_shard`, `sync` (and `merge`) take the
+    batch-count-weighted mean of the ranks' averages.
     """
 
     def __init__(self, momentum: float = 0.9, *, granularity: Granularity | None = None) -> None:
@@ -108,9 +117,34 @@ class MovingAverageMinMax(_RangeCalibrator):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"MovingAverageMinMax momentum must be in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
+        self._shard: tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]] | None = None
+
+    def start_shard(self) -> None:
+        """Keep each batch's range from now on, so that `sync` can replay them in order."""
+        self._shard = (self.state_dict(), [])
+
+    def sync(self, group: Any) -> None:
+        """Replay every rank's batches of the sharded pass in rank order (or, without
+        `start_shard`, average the ranks' averages, weighted by their batch counts)."""
+        if self._shard is None:
+            super().sync(group)
+            return
+        start, ranges = self._shard
+        self._shard = None
+        if group is None:
+            return
+        gathered = gather_objects(ranges, group)
+        self.load_state_dict(start)
+        for lo, hi in (pair for shard in gathered for pair in shard):
+            self._update(lo, hi)
 
     def _observe(self, x: Tensor) -> None:
         lo, hi = self._batch_range(x)
+        if self._shard is not None:
+            self._shard[1].append((lo, hi))
+        self._update(lo, hi)
+
+    def _update(self, lo: Tensor, hi: Tensor) -> None:
         if self.min is None or self.max is None:
             self.min, self.max = lo, hi
         else:

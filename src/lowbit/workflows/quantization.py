@@ -100,7 +100,7 @@ def quantize(
                 records = _quantize_fusable_outputs(
                     model, config, example, forward, records, static_quantizers(config)
                 )
-            observed = _observe(model, calib_data, forward, progress and rank(group) == 0)
+            observed = _observe(model, calib_data, forward, group, progress and rank(group) == 0)
         _finish(model, observed, group)
     model.lowbit_summary = QuantSummary(tuple(records), tuple(folded))  # type: ignore[assignment]
     return model
@@ -147,7 +147,7 @@ def calibrate(
     """
     group = active_group(group)
     with step(group, "calibration"):
-        observed = _observe(model, calib_data, forward, progress and rank(group) == 0)
+        observed = _observe(model, calib_data, forward, group, progress and rank(group) == 0)
     _finish(model, observed, group)
 
 
@@ -161,12 +161,15 @@ class _Observed:
 
 
 def _observe(
-    model: nn.Module, calib_data: Iterable[Any], forward: Forward | None, progress: bool
+    model: nn.Module, calib_data: Iterable[Any], forward: Forward | None, group: Any, progress: bool
 ) -> _Observed:
-    """The calibration pass over this process's data: local, nothing is exchanged."""
+    """The calibration pass over this process's data (its shard, in a group): local, nothing is
+    exchanged."""
     quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer) and q.calibrator]
     for q in quantizers:
         q.set_mode("calibrate")
+        if group is not None and q.calibrator is not None:
+            q.calibrator.start_shard()
     n_batches = 0
     watch = SignWatch(model)
     try:
@@ -245,7 +248,7 @@ def prepare_qat(
                     records = _quantize_fusable_outputs(
                         model, config, example, forward, records, qat_quantizers(config)
                     )
-            observed = _observe(model, calib_data, forward, progress and rank(group) == 0)
+            observed = _observe(model, calib_data, forward, group, progress and rank(group) == 0)
     if observed is not None:
         with torch.no_grad():
             _finish(model, observed, group)

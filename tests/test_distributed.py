@@ -101,7 +101,9 @@ def _same_files(rank: int, out: Path) -> None:
     """Every calibrator, shards of 3 + 3 batches, then 6 + 0 (a rank without data)."""
     for calibrator in CALIBRATORS:
         _quantize_and_write(_shard(_batches(), rank, (3, 3)), out, f"{calibrator}.w2", calibrator)
-    _quantize_and_write(_shard(_batches(), rank, (0, 6)), out, "entropy.empty", "entropy")
+    for calibrator in ("minmax", "moving_average", "entropy"):
+        shard = _shard(_batches(), rank, (0, 6))
+        _quantize_and_write(shard, out, f"{calibrator}.empty", calibrator)
 
 
 def _calibrator_sync(rank: int, out: Path) -> None:
@@ -249,9 +251,10 @@ def test_two_ranks_write_the_files_of_one(tmp_path: Path, one_thread: None) -> N
             one = (tmp_path / f"{calibrator}.w1.{suffix}").read_bytes()
             two = (tmp_path / f"{calibrator}.w2.{suffix}").read_bytes()
             assert one == two, f"{calibrator}: world size 2 wrote another {suffix} file"
-    for suffix in ("lowbit", "onnx"):
-        one = (tmp_path / f"entropy.w1.{suffix}").read_bytes()
-        assert one == (tmp_path / f"entropy.empty.{suffix}").read_bytes()
+    for calibrator in ("minmax", "moving_average", "entropy"):  # rank 0 without batches
+        for suffix in ("lowbit", "onnx"):
+            one = (tmp_path / f"{calibrator}.w1.{suffix}").read_bytes()
+            assert one == (tmp_path / f"{calibrator}.empty.{suffix}").read_bytes(), calibrator
     assert not list(tmp_path.glob("*.w2.rank*.onnx"))  # only rank 0 wrote the exports
     assert seconds < 60
 

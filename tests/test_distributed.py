@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lowbit
 from lowbit import presets
-from lowbit.algorithms import gptq, smoothquant
+from lowbit.algorithms import awq, gptq, smoothquant
 from lowbit.calib import CALIBRATORS, Histogram, MovingAverageMinMax
 from lowbit.cli import demo
 from lowbit.distributed import active_group, step
@@ -199,9 +199,15 @@ def _smoothed(batches: list[Any]) -> dict[str, torch.Tensor]:
     return smoothquant(_ln_mlp(), batches).state_dict()
 
 
+def _awq_state(batches: list[Any]) -> dict[str, torch.Tensor]:
+    model = lowbit.quantize(_ln_mlp(), presets.weight_only(4, 8), batches, progress=False)
+    return awq(model, batches, grid=5, progress=False).state_dict()
+
+
 def _llm_algorithms(rank: int, out: Path) -> None:
-    """GPTQ over shards of 4 + 2 batches; SmoothQuant over 6 + 0."""
+    """GPTQ and AWQ over shards of 4 + 2 batches; SmoothQuant over 6 + 0."""
     batches = _mlp_batches()
+    torch.save(_awq_state(_shard(batches, rank, (4, 2))), out / f"awq.rank{rank}.pt")
     _gptq_and_save(_shard(batches, rank, (4, 2)), out / "gptq.w2.lowbit")
     _gptq_and_save(_shard(batches, rank, (4, 2)), out / f"gptq.rank{rank}.lowbit", True)
     torch.save(_smoothed(_shard(batches, rank, (0, 6))), out / f"smooth.rank{rank}.pt")
@@ -320,17 +326,20 @@ def test_qat_under_ddp_converts_to_one_model(tmp_path: Path, digits_net: nn.Modu
     assert seconds < 60
 
 
-def test_gptq_and_smoothquant_reduce_over_ranks(tmp_path: Path, one_thread: None) -> None:
+def test_gptq_awq_and_smoothquant_reduce_over_ranks(tmp_path: Path, one_thread: None) -> None:
     seconds = _run("llm", tmp_path)
     _gptq_and_save(_mlp_batches(), tmp_path / "gptq.w1.lowbit")
     files = [(tmp_path / f"gptq.rank{r}.lowbit").read_bytes() for r in (0, 1)]
     assert files[0] == files[1] == (tmp_path / "gptq.w2.lowbit").read_bytes()
     assert files[0] == (tmp_path / "gptq.w1.lowbit").read_bytes()
-    one = _smoothed(_mlp_batches())
-    for rank in (0, 1):
-        two = torch.load(tmp_path / f"smooth.rank{rank}.pt")
-        assert all(torch.equal(one[k], two[k]) for k in one), f"rank {rank}"
-    assert not torch.equal(one["1.weight"], _ln_mlp()[1].weight)  # smoothing changed it
+    smoothed, scaled = _smoothed(_mlp_batches()), _awq_state(_mlp_batches())
+    assert not torch.equal(smoothed["1.weight"], _ln_mlp()[1].weight)  # smoothing changed it
+    assert not torch.equal(scaled["0.weight"], _ln_mlp()[0].weight)  # AWQ folded into the norm
+    for name, one in (("smooth", smoothed), ("awq", scaled)):
+        for rank in (0, 1):
+            two = torch.load(tmp_path / f"{name}.rank{rank}.pt")
+            assert one.keys() == two.keys(), name
+            assert all(torch.equal(one[k], two[k]) for k in one), f"{name}, rank {rank}"
     assert seconds < 60
 
 

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from lowbit import numerics
 from lowbit.algorithms.capture import capture_inputs
 from lowbit.algorithms.smoothquant import ScaleGroup, find_scale_groups, fold_scale, foldable
-from lowbit.batches import Forward, first_batch
+from lowbit.batches import Forward
+from lowbit.distributed import active_group, example_batch, gather_objects, step
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
@@ -59,28 +60,32 @@ def awq(
     forward: Forward | None = None,
     grid: int = 20,
     progress: bool = True,
+    group: Any = None,
 ) -> nn.Module:
     """Apply AWQ scaling to every weight-only quantized Linear of `qmodel`, in place.
 
     `qmodel` comes from `lowbit.quantize` with a weight-only uniform config (e.g.
     `presets.weight_only(4, 128)`). grid: how many values of alpha in [0, 1) to try.
     `qmodel.lowbit_awq` records, per group, the layer names, the chosen alpha and where 1/s went.
-    Returns `qmodel`.
+    Returns `qmodel`. Inside torch.distributed (or with `group=`), `calib_data` is this rank's
+    shard: each search runs on every rank's captured rows in rank order (the first 8,192), so
+    contiguous shards give the scales of one process.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be an nn.Module, got {type(qmodel).__name__}")
     if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
         raise ValueError(f"grid must be a positive int, got {grid!r}")
-    first_batch(calib_data)
+    group = active_group(group)
+    example = [example_batch(calib_data, group)]
     layers = _eligible_linears(qmodel)
     was_training = qmodel.training
     qmodel.eval()
     records: list[dict[str, Any]] = []
     try:
-        groups = find_scale_groups(qmodel, layers, calib_data, forward)
+        groups = find_scale_groups(qmodel, layers, example, forward)
         plan: list[ScaleGroup] = []
         for g in groups:
-            if g.producer is not None and foldable(qmodel, g, calib_data, forward):
+            if g.producer is not None and foldable(qmodel, g, example, forward):
                 plan.append(g)
             else:  # each layer on its own, with an explicit input scale
                 plan += [
@@ -88,7 +93,7 @@ def awq(
                     for n, m in zip(g.consumer_names, g.consumers, strict=True)
                 ]
         for g in progress_bar(plan, "AWQ", enabled=progress):
-            records.append(_awq_group(qmodel, g, calib_data, forward, grid))
+            records.append(_awq_group(qmodel, g, calib_data, forward, grid, group))
     finally:
         qmodel.train(was_training)
     qmodel.lowbit_awq = records  # type: ignore[assignment]
@@ -161,12 +166,32 @@ def search_scale(
     return best[2], best[1], best[0], rtn_err
 
 
+def _capture(
+    qmodel: nn.Module,
+    layer: nn.Module,
+    calib_data: Iterable[Any],
+    forward: Forward | None,
+    group: Any,
+) -> Tensor:
+    """The first `_MAX_ROWS` input rows of `layer`; in a group, every rank's rows in rank order
+    (a rank without batches has none)."""
+    if group is None:
+        return capture_inputs(qmodel, layer, calib_data, forward, max_rows=_MAX_ROWS)
+    x = None
+    with step(group, "AWQ's capture of layer inputs"):
+        if next(iter(calib_data), None) is not None:
+            x = capture_inputs(qmodel, layer, calib_data, forward, max_rows=_MAX_ROWS)
+    shards = [t for t in gather_objects(x, group) if t is not None]
+    return torch.cat(shards)[:_MAX_ROWS]
+
+
 def _awq_group(
     qmodel: nn.Module,
     g: ScaleGroup,
     calib_data: Iterable[Any],
     forward: Forward | None,
     grid: int,
+    group: Any,
 ) -> dict[str, Any]:
     layers = [m for m in g.consumers if isinstance(m, QuantModule)]
     # Inputs of the float model, as the reference implementation uses (and no fake
@@ -176,7 +201,7 @@ def _awq_group(
     try:
         for q in quantizers:
             q.set_mode("off")
-        x = capture_inputs(qmodel, layers[0], calib_data, forward, max_rows=_MAX_ROWS)
+        x = _capture(qmodel, layers[0], calib_data, forward, group)
     finally:
         for q, mode in zip(quantizers, modes, strict=True):
             q.mode = mode

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lowbit
 from lowbit import presets
-from lowbit.algorithms import awq, gptq, smoothquant
+from lowbit.algorithms import adaround, awq, bias_correction, equalize, gptq, smoothquant
 from lowbit.calib import CALIBRATORS, Histogram, MovingAverageMinMax
 from lowbit.cli import demo
 from lowbit.distributed import active_group, step
@@ -204,8 +204,32 @@ def _awq_state(batches: list[Any]) -> dict[str, torch.Tensor]:
     return awq(model, batches, grid=5, progress=False).state_dict()
 
 
-def _llm_algorithms(rank: int, out: Path) -> None:
-    """GPTQ and AWQ over shards of 4 + 2 batches; SmoothQuant over 6 + 0."""
+def _cnn_algorithm(name: str, batches: list[Any], path: Path, every_rank: bool = False) -> None:
+    """bias_correction or adaround (20 steps) on the int8 CNN, saved converted."""
+    model = lowbit.quantize(_model(), presets.int8(), batches, progress=False)
+    if name == "bias_correction":
+        bias_correction(model, batches, progress=False)
+    else:
+        adaround(model, batches, iterations=20, progress=False)
+    lowbit.save(lowbit.convert(model), path, every_rank=every_rank)
+
+
+def _equalized(batches: list[Any]) -> dict[str, torch.Tensor]:
+    """Cross-layer equalization of a ReLU6 CNN, whose bounded pairs need activation maxima."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU6(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten()
+    ).eval()
+    return equalize(model, batches, relu6="bounded", progress=False).state_dict()
+
+
+def _algorithms(rank: int, out: Path) -> None:
+    """GPTQ, AWQ, bias correction and AdaRound over shards of 4 + 2 batches; SmoothQuant over
+    6 + 0."""
+    for name in ("bias_correction", "adaround"):
+        shard = _shard(_batches(), rank, (4, 2))
+        _cnn_algorithm(name, shard, out / f"{name}.rank{rank}.lowbit", every_rank=True)
+    torch.save(_equalized(_shard(_batches(), rank, (4, 2))), out / f"cle.rank{rank}.pt")
     batches = _mlp_batches()
     torch.save(_awq_state(_shard(batches, rank, (4, 2))), out / f"awq.rank{rank}.pt")
     _gptq_and_save(_shard(batches, rank, (4, 2)), out / "gptq.w2.lowbit")
@@ -231,7 +255,7 @@ _SCENARIOS: dict[str, Callable[[int, Path], None]] = {
     "calibrator_sync": _calibrator_sync,
     "failures": _failures,
     "qat": _qat,
-    "llm": _llm_algorithms,
+    "algorithms": _algorithms,
     "dead_rank": _dead_rank,
 }
 
@@ -326,8 +350,13 @@ def test_qat_under_ddp_converts_to_one_model(tmp_path: Path, digits_net: nn.Modu
     assert seconds < 60
 
 
-def test_gptq_awq_and_smoothquant_reduce_over_ranks(tmp_path: Path, one_thread: None) -> None:
-    seconds = _run("llm", tmp_path)
+def test_algorithms_reduce_over_ranks(tmp_path: Path, one_thread: None) -> None:
+    seconds = _run("algorithms", tmp_path)
+    for name in ("bias_correction", "adaround"):
+        _cnn_algorithm(name, _batches(), tmp_path / f"{name}.w1.lowbit")
+        one = (tmp_path / f"{name}.w1.lowbit").read_bytes()
+        for rank in (0, 1):
+            assert (tmp_path / f"{name}.rank{rank}.lowbit").read_bytes() == one, name
     _gptq_and_save(_mlp_batches(), tmp_path / "gptq.w1.lowbit")
     files = [(tmp_path / f"gptq.rank{r}.lowbit").read_bytes() for r in (0, 1)]
     assert files[0] == files[1] == (tmp_path / "gptq.w2.lowbit").read_bytes()
@@ -335,7 +364,8 @@ def test_gptq_awq_and_smoothquant_reduce_over_ranks(tmp_path: Path, one_thread: 
     smoothed, scaled = _smoothed(_mlp_batches()), _awq_state(_mlp_batches())
     assert not torch.equal(smoothed["1.weight"], _ln_mlp()[1].weight)  # smoothing changed it
     assert not torch.equal(scaled["0.weight"], _ln_mlp()[0].weight)  # AWQ folded into the norm
-    for name, one in (("smooth", smoothed), ("awq", scaled)):
+    equalized = _equalized(_batches())
+    for name, one in (("smooth", smoothed), ("awq", scaled), ("cle", equalized)):
         for rank in (0, 1):
             two = torch.load(tmp_path / f"{name}.rank{rank}.pt")
             assert one.keys() == two.keys(), name

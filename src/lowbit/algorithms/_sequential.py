@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lowbit import numerics
 from lowbit.batches import check_batch, first_batch, tensors_of
+from lowbit.distributed import gather_objects, step
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import stderr_console
@@ -77,14 +78,25 @@ def check_qmodel(qmodel: nn.Module, what: str = "qmodel") -> dict[str, QuantModu
     return layers
 
 
-def concat_batches(calib_data: Iterable[Any], max_samples: int | None) -> Any:
+def concat_batches(calib_data: Iterable[Any], max_samples: int | None, group: Any = None) -> Any:
     """The calibration batches joined along dimension 0 into one, at most `max_samples` long.
 
     Tensors (and the tensors of tuples, lists and dicts) are concatenated; other items are
-    taken from the first batch.
+    taken from the first batch. In a process group every rank's joined shard is gathered and
+    joined again in rank order, so every rank gets the batch one process would get from the
+    shards one after the other (a rank without batches adds none).
     """
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    if group is not None:
+        mine = None
+        with step(group, "joining the calibration batches"):
+            if next(iter(calib_data), None) is not None:
+                mine = concat_batches(calib_data, max_samples)
+        shards = [b for b in gather_objects(mine, group) if b is not None]
+        if not shards:
+            raise ValueError("calib_data is empty on every rank: calibration needs a batch")
+        return concat_batches(shards, max_samples)
     first_batch(calib_data)
     parts: list[Any] = []
     n = 0

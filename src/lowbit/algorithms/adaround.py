@@ -55,6 +55,7 @@ from lowbit.algorithms._sequential import (
     summary_text,
 )
 from lowbit.batches import Forward, run_batch, run_hooked
+from lowbit.distributed import active_group
 from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
@@ -107,13 +108,15 @@ def adaround(
     seed: int = 0,
     forward: Forward | None = None,
     progress: bool = True,
+    group: Any = None,
 ) -> nn.Module:
     """Learn the rounding of every quantized layer's weights, in place; returns `qmodel`.
 
     qmodel: a model from `lowbit.quantize` (uniform, static weight quantizers; others are
         skipped and listed). Weight scales stay as calibrated. Its float weights are the
         reference, so run AdaRound on a freshly quantized model.
-    calib_data: calibration batches, joined into one of at most `max_samples` samples.
+    calib_data: calibration batches, joined into one of at most `max_samples` samples (inside
+        torch.distributed, or with `group=`, every rank's shard joined in rank order).
     iterations, lr, reg_weight: Adam steps per layer, its learning rate, and lambda.
     rows: input rows (patches) sampled per layer; batch_rows: rows per Adam step (layers whose
         patches are at most this long use all rows at every step, through their second moments).
@@ -128,7 +131,7 @@ def adaround(
     if not reg_weight >= 0:
         raise ValueError(f"reg_weight must be >= 0, got {reg_weight!r}")
     targets, skipped = _targets(layers)
-    batch = concat_batches(calib_data, max_samples)
+    batch = concat_batches(calib_data, max_samples, active_group(group))
     start = time.perf_counter()
     qmodel.eval()
     reference = _float_copy(qmodel)

@@ -31,6 +31,7 @@ from torch.func import functional_call
 
 from lowbit.algorithms._sequential import check_qmodel, concat_batches, layer_progress
 from lowbit.batches import Forward, run_hooked, tensors_of
+from lowbit.distributed import active_group
 from lowbit.transforms.fold_bn import PRODUCER_TYPES
 
 __all__ = ["BiasCorrection", "LayerCorrection", "bias_correction"]
@@ -126,11 +127,13 @@ def bias_correction(
     max_samples: int | None = 256,
     forward: Forward | None = None,
     progress: bool = True,
+    group: Any = None,
 ) -> nn.Module:
     """Correct the bias of every quantized Linear / Conv layer of `qmodel`, in place.
 
     calib_data: calibration batches, joined into one batch of at most `max_samples` samples
-        (at least 4: the held-out check needs two per half).
+        (at least 4: the held-out check needs two per half); inside torch.distributed, or with
+        `group=`, every rank's shard joined in rank order.
 
     Returns `qmodel`; `qmodel.lowbit_bias_correction` says which layers were corrected, by how
     much, and why the others were not.
@@ -147,7 +150,7 @@ def bias_correction(
     }
     if not targets:
         raise ValueError("qmodel has no Linear or Conv layer with quantized weights to correct")
-    batch = concat_batches(calib_data, max_samples)
+    batch = concat_batches(calib_data, max_samples, active_group(group))
     samples = _count(batch)
     if samples < _MIN_SAMPLES:
         raise ValueError(

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lowbit.algorithms._cle_pairs import Act, Relu6Mode, find_pairs
@@ -40,12 +41,12 @@ from lowbit.algorithms._sequential import check_float_model, summary_text
 from lowbit.batches import (
     Forward,
     check_batch,
-    first_batch,
     outputs_match,
     run_batch,
     run_user_batch,
 )
 from lowbit.config import QuantConfig, weight_spec_for
+from lowbit.distributed import active_group, all_reduce, example_batch, step
 from lowbit.spec import PerChannel, PerGroup
 from lowbit.transforms.fold_bn import flatten_outputs, fold_batchnorm
 from lowbit.transforms.trace import trace
@@ -107,6 +108,7 @@ def equalize(
     forward: Forward | None = None,
     inplace: bool = False,
     progress: bool = True,
+    group: Any = None,
 ) -> nn.Module:
     """Cross-layer equalization of a float model; returns the equalized model.
 
@@ -120,15 +122,17 @@ def equalize(
     BatchNorm is folded first (with the first batch of `calib_data`), since equalization has to
     see the weights that are actually quantized. `calib_data` (an iterable of batches, as for
     `lowbit.quantize`) also provides the pre-activation ranges for ReLU6-bounded pairs (see the
-    module docstring). `iterations` bounds the rounds over all pairs; rounds stop early once no
-    scale changes by more than `tolerance` (relative). The result's outputs equal the input
+    module docstring; inside torch.distributed, or with `group=`, all-reduced over the ranks).
+    `iterations` bounds the rounds over all pairs; rounds stop early once no scale changes by
+    more than `tolerance` (relative). The result's outputs equal the input
     model's to float rounding on the first batch (checked; on a mismatch the model is left
     unchanged and RuntimeError is raised). `model.lowbit_equalization` says which pairs were
     equalized and how much the weight ranges evened out.
     """
     check_float_model(model, "equalize")
     _check_settings(iterations, relu6, tolerance, config)
-    example = first_batch(calib_data)
+    group = active_group(group)
+    example = example_batch(calib_data, group)
     check_batch(example)
     if model.training:
         raise ValueError("model: is in training mode; call model.eval() first")
@@ -150,7 +154,7 @@ def equalize(
             skipped += [(first, second, why[first]) for first, second, _ in pairs if why[first]]
             pairs = [p for p in pairs if not why[p[0]]]
         clipped = [p for p in pairs if p[2].kind == "clip"]
-        maxima = _channel_maxima(model, clipped, calib_data, forward, progress)
+        maxima = _channel_maxima(model, clipped, calib_data, forward, progress, group)
         saved = {n: _clone(modules[n]) for pair in pairs for n in pair[:2]}
         ratios = {first: _range_ratio(modules[first]) for first, _, _ in pairs}
         rounds, frozen = _rescale(modules, pairs, maxima, iterations, tolerance)
@@ -320,8 +324,10 @@ def _channel_maxima(
     calib_data: Iterable[Any],
     forward: Forward | None,
     progress: bool,
+    group: Any,
 ) -> dict[str, Tensor]:
-    """Largest pre-activation value per output channel of each bounded pair's first layer."""
+    """Largest pre-activation value per output channel of each bounded pair's first layer
+    (over every rank of `group`: an exact all-reduce of the maxima)."""
     if not pairs:
         return {}
     from lowbit.progress import progress_bar
@@ -339,10 +345,19 @@ def _channel_maxima(
 
     handles = [modules[first].register_forward_hook(make_hook(first)) for first, _, _ in pairs]
     try:
-        for batch in progress_bar(calib_data, "equalize: activation ranges", enabled=progress):
-            check_batch(batch)
-            run_batch(model, batch, forward)
+        with step(group, "equalize's activation pass"):
+            for batch in progress_bar(calib_data, "equalize: activation ranges", enabled=progress):
+                check_batch(batch)
+                run_batch(model, batch, forward)
     finally:
         for h in handles:
             h.remove()
+    if group is not None:
+        for first, _, _ in pairs:
+            layer = modules[first]
+            channels = int(getattr(layer, "out_channels", getattr(layer, "out_features", 0)))
+            mine = maxima.get(first, torch.full((channels,), -math.inf, dtype=torch.float64))
+            reduced = all_reduce(mine, group, dist.ReduceOp.MAX)
+            if bool(torch.isfinite(reduced).any()):  # a layer no rank ran stays without
+                maxima[first] = reduced
     return maxima

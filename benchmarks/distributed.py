@@ -36,6 +36,7 @@ from lowbit.distributed import gather_objects
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_sample import calib_eval_split, find_data_dir
+from machine import describe, describe_line
 
 WORLDS = (1, 2)
 N_IMAGES, IMAGE_BATCH = 256, 32
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="the ImageNet sample folder")
     parser.add_argument("--only", choices=sorted(JOBS), action="append")
     args = parser.parse_args(argv)
+    print(describe_line())
     rows = []
     for job in args.only or list(JOBS):
         with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = Path(__file__).resolve().parent / "results" / "distributed.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    out.write_text(json.dumps({**describe(), "rows": rows}, indent=2))
     return 0
 
 

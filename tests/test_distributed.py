@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import lowbit
@@ -250,6 +252,36 @@ def _dead_rank(rank: int, out: Path) -> None:
     (out / "dead.json").write_text(json.dumps(seen))
 
 
+def _fsdp(rank: int, out: Path) -> None:
+    """QAT under FSDP2 (fully_shard): convert refuses the sharded model (FSDP forbids deepcopy);
+    the full state dict loaded into an unsharded prepare_qat copy converts, alike on each rank."""
+    data = demo.load_digits()
+    calib = demo.calibration_batches(data)[rank::WORLD]
+    torch.manual_seed(0)
+    model = lowbit.prepare_qat(demo.DigitsNet(), presets.int8(), calib, progress=False)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    x, y = data.x_train[rank::WORLD], data.y_train[rank::WORLD]
+    for i in range(0, 3 * 32, 32):
+        loss = nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    lowbit.sync_ranges(model)
+    try:
+        lowbit.convert(model.eval())
+        error = "no error"
+    except AssertionError as caught:
+        error = str(caught)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    torch.manual_seed(0)
+    plain = lowbit.prepare_qat(demo.DigitsNet(), presets.int8(), calib, progress=False)
+    plain.load_state_dict(full)
+    lowbit.save(lowbit.convert(plain.eval()), out / f"fsdp.rank{rank}.lowbit", every_rank=True)
+    (out / f"fsdp.rank{rank}.json").write_text(json.dumps(error))
+
+
 _SCENARIOS: dict[str, Callable[[int, Path], None]] = {
     "same_files": _same_files,
     "calibrator_sync": _calibrator_sync,
@@ -257,6 +289,7 @@ _SCENARIOS: dict[str, Callable[[int, Path], None]] = {
     "qat": _qat,
     "algorithms": _algorithms,
     "dead_rank": _dead_rank,
+    "fsdp": _fsdp,
 }
 
 
@@ -378,3 +411,12 @@ def test_a_rank_that_leaves_ends_the_others_wait(tmp_path: Path) -> None:
     kind, took = json.loads((tmp_path / "dead.json").read_text())
     assert kind != "no error"
     assert took < TIMEOUT_S + 5
+
+
+def test_qat_under_fsdp2_converts_through_the_full_state_dict(tmp_path: Path) -> None:
+    _run("fsdp", tmp_path)
+    for rank in (0, 1):
+        error = json.loads((tmp_path / f"fsdp.rank{rank}.json").read_text())
+        assert "FSDP does not support deepcopy" in error  # what docs/distributed.md quotes
+    files = [(tmp_path / f"fsdp.rank{r}.lowbit").read_bytes() for r in (0, 1)]
+    assert files[0] == files[1]

@@ -40,6 +40,10 @@ def _check_spec(value: object, where: str) -> None:
         raise TypeError(f"{where} must be a QuantSpec or None, got {type(value).__name__}")
 
 
+# Functional ops that can carry an output quantizer (`lowbit.nn.op_points`).
+OP_KINDS = ("add", "matmul", "cat")
+
+
 @dataclass(frozen=True)
 class LayerQuant:
     """The specs of one layer's roles; `None` leaves that role in float."""
@@ -72,6 +76,12 @@ class QuantConfig:
         Add, a pool, a concat), found by watching one forward pass. ONNX Runtime and TensorRT
         run a conv / matmul in integer only when its output is quantized; without this such
         layers stay float in the runtime (see docs/export.md). Layers with an output spec keep it.
+    ops: the output spec of each functional op kind ("add": tensor + tensor, "matmul",
+        "cat"), found in one forward pass like fusable outputs; kinds not listed stay float.
+    op_overrides: keys are globs on an op's point name (`"blocks.3.add_0"`: the calling
+        module, the op kind, its index among that kind in one call of that module's own
+        forward) or on the calling module's name (`"blocks.*"`); values a spec, or `None` to
+        keep it in float. The later matching entry wins. See docs/export.md, "Functional ops".
     """
 
     weight: QuantSpec | None = None
@@ -82,6 +92,8 @@ class QuantConfig:
     overrides: Mapping[type[nn.Module] | str, LayerQuant | None] = field(default_factory=dict)
     learnable_scales: bool = False
     fusable_outputs: bool = False
+    ops: Mapping[str, QuantSpec | None] = field(default_factory=dict)
+    op_overrides: Mapping[str, QuantSpec | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for role in ("weight", "input", "output"):
@@ -89,11 +101,12 @@ class QuantConfig:
         for flag in ("learnable_scales", "fusable_outputs"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"QuantConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
-        for name in ("calibrator_args", "overrides"):
+        for name in ("calibrator_args", "overrides", "ops", "op_overrides"):
             if not isinstance(getattr(self, name), Mapping):
                 raise TypeError(f"QuantConfig.{name} must be a dict, got {getattr(self, name)!r}")
             object.__setattr__(self, name, FrozenMapping(getattr(self, name)))
         self._check_overrides()
+        self._check_ops()
         self._check_calibrator()
 
     def _check_overrides(self) -> None:
@@ -108,6 +121,16 @@ class QuantConfig:
                     f"QuantConfig.overrides[{key!r}] must be a LayerQuant or None, "
                     f"got {type(value).__name__}"
                 )
+
+    def _check_ops(self) -> None:
+        for key, value in self.ops.items():
+            if key not in OP_KINDS:
+                raise ValueError(f"QuantConfig.ops key must be one of {OP_KINDS}, got {key!r}")
+            _check_spec(value, f"QuantConfig.ops[{key!r}]")
+        for key, value in self.op_overrides.items():
+            if not isinstance(key, str):
+                raise TypeError(f"QuantConfig.op_overrides key must be a name pattern, got {key!r}")
+            _check_spec(value, f"QuantConfig.op_overrides[{key!r}]")
 
     def _check_calibrator(self) -> None:
         """The calibrator exists and takes its arguments for every calibrated activation spec,
@@ -135,10 +158,10 @@ class QuantConfig:
 
     def _calibrated_specs(self) -> set[QuantSpec]:
         layers = [self.default, *(v for v in self.overrides.values() if v is not None)]
+        ops = [*self.ops.values(), *self.op_overrides.values()]
         return {
             spec
-            for lq in layers
-            for spec in (lq.input, lq.output)
+            for spec in [*(s for lq in layers for s in (lq.input, lq.output)), *ops]
             if spec is not None and spec.scheme not in ("binary", "ternary")
         }
 
@@ -157,6 +180,19 @@ class QuantConfig:
             if isinstance(key, str) and fnmatch.fnmatchcase(name, key):
                 chosen, decided_by = value, repr(key)
         return chosen, decided_by
+
+    def for_op(self, name: str, caller: str, kind: str) -> tuple[QuantSpec | None, str | None]:
+        """An op point's output spec (None: keep float) and the override key that decided."""
+        chosen, decided_by = self.ops.get(kind), None
+        for key, value in self.op_overrides.items():
+            if fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(caller, key):
+                chosen, decided_by = value, repr(key)
+        return chosen, decided_by
+
+    @property
+    def quantizes_ops(self) -> bool:
+        """Whether any op point can get a quantizer (then `quantize` looks for them)."""
+        return any(v is not None for v in (*self.ops.values(), *self.op_overrides.values()))
 
     def unmatched_overrides(self, modules: dict[str, nn.Module]) -> list[str]:
         """Override keys that match none of `modules` (by qualified name): a name pattern that

@@ -19,22 +19,32 @@ def int8(calibrator: str = "minmax", fusable_outputs: bool = True) -> QuantConfi
     """W8A8 as TensorRT: per-channel symmetric int8 weights, per-tensor symmetric int8 inputs.
 
     fusable_outputs (default True) also quantizes the layer outputs that feed residual Adds,
-    pools and the like (`QuantConfig.fusable_outputs`): ONNX Runtime and TensorRT run a layer in
-    integer only when its output is quantized. False quantizes layer inputs only.
+    pools and the like (`QuantConfig.fusable_outputs`), and the output of every add of two
+    tensors (`QuantConfig.ops`): ONNX Runtime and TensorRT run a layer or an Add in integer only
+    when its output is quantized, as their own quantizers do. False quantizes layer inputs only.
     """
     return QuantConfig(
-        weight=_INT8_WEIGHT, input=_INT8_ACT, calibrator=calibrator, fusable_outputs=fusable_outputs
+        weight=_INT8_WEIGHT,
+        input=_INT8_ACT,
+        calibrator=calibrator,
+        fusable_outputs=fusable_outputs,
+        ops={"add": _INT8_ACT} if fusable_outputs else {},
     )
 
 
 def int8_asymmetric(calibrator: str = "minmax", fusable_outputs: bool = True) -> QuantConfig:
     """W8A8 as ONNX Runtime and TFLite: int8 per-channel weights, uint8 affine inputs.
 
-    fusable_outputs: as in `int8`; with it ONNX Runtime runs every conv as QLinearConv.
+    fusable_outputs: as in `int8`; with it ONNX Runtime runs every conv as QLinearConv and
+    every residual add as QLinearAdd.
     """
     act = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerTensor())
     return QuantConfig(
-        weight=_INT8_WEIGHT, input=act, calibrator=calibrator, fusable_outputs=fusable_outputs
+        weight=_INT8_WEIGHT,
+        input=act,
+        calibrator=calibrator,
+        fusable_outputs=fusable_outputs,
+        ops={"add": act} if fusable_outputs else {},
     )
 
 

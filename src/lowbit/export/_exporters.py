@@ -29,6 +29,7 @@ from lowbit.export import _graph
 from lowbit.export._sites import Site
 from lowbit.export._trace import KeywordCall, Signature
 from lowbit.nn.modules import QuantModule
+from lowbit.nn.op_points import OpPoints, op_points
 from lowbit.nn.quantizer import TensorQuantizer
 
 Exporter = Literal["torchscript", "dynamo"]
@@ -81,7 +82,12 @@ def export_graph(
         }
     buffer = io.BytesIO()
     stub = _DynamoStub if dynamo else _TorchScriptStub
-    with _stubs(quantized, sites, stub), warnings.catch_warnings(), _quiet_logs():
+    with (
+        _stubs(quantized, sites, stub),
+        _op_stubs(call, sites, stub),
+        warnings.catch_warnings(),
+        _quiet_logs(),
+    ):
         warnings.simplefilter("ignore")  # tracer and exporter deprecation notes
         program = torch.onnx.export(
             call,
@@ -160,6 +166,25 @@ def _stubs(
         for m, attr, q in saved:
             setattr(m, attr, q)
         _ACTIVE.clear()
+
+
+@contextmanager
+def _op_stubs(
+    model: nn.Module, sites: dict[str, Site], stub: Callable[[str], nn.Module]
+) -> Iterator[None]:
+    """Swap functional-op output quantizers (`lowbit.nn.op_points`) for markers meanwhile."""
+    saved: list[tuple[OpPoints, str, TensorQuantizer]] = []
+    try:
+        for points in op_points(model).values():
+            for local, q in points.quantizers().items():
+                key = f"{points.point(local)}.output"
+                if key in sites:
+                    saved.append((points, local, q))
+                    points[local] = stub(key)
+        yield
+    finally:
+        for points, local, q in saved:
+            points[local] = q
 
 
 @contextmanager

@@ -50,6 +50,7 @@ from lowbit.export._trace import (
     strip_prefix,
 )
 from lowbit.nn.modules import QuantModule
+from lowbit.nn.op_points import OpPoints, op_points
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import QuantSpec
 
@@ -116,16 +117,17 @@ def export_onnx(
     inputs = as_inputs(example_inputs)
     out = Path(path)
     quantized = _quant_modules(model)
+    ops = _op_quantizers(model)
     explicit = opset is not None
     exporter = _exporters.DEFAULT_EXPORTER
-    opset = exporter_opset(exporter, _choose_opset(quantized, opset), explicit)
-    sites = _collect_sites(quantized, opset, reduce_range)  # checks them before any forward
+    opset = exporter_opset(exporter, _choose_opset(quantized, ops, opset), explicit)
+    sites = _collect_sites(quantized, ops, opset, reduce_range)  # checks them before any forward
 
     with eval_mode(model):
         call = KeywordCall(model, len(inputs.args), list(inputs.kwargs)).eval()
         names = signature(call, inputs, input_names, output_names, dynamic_axes)
         if opset != (opset := _operator_opset(exporter, names.functions, opset, explicit)):
-            sites = _collect_sites(quantized, opset, reduce_range)
+            sites = _collect_sites(quantized, ops, opset, reduce_range)
         traced = export_graph(exporter, call, inputs.tensors, names, opset, quantized, sites)
     proto = onnx.load_from_string(traced)
     strip_prefix(proto.graph, "model.")
@@ -185,6 +187,8 @@ def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
         if isinstance(m, QuantModule):
             quantized[name] = m
             inside.update(id(q) for q in m.quantizers().values())
+        elif isinstance(m, OpPoints):
+            inside.update(id(q) for q in m.values())
     for name, m in model.named_modules():
         kind = type(m)
         if isinstance(m, TensorQuantizer) and id(m) not in inside:
@@ -194,7 +198,7 @@ def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
                 "lowbit.quantize, before lowbit.convert"
             )
         lowbit_type = kind.__module__.startswith("lowbit.nn.") and not isinstance(
-            m, QuantModule | TensorQuantizer
+            m, QuantModule | TensorQuantizer | OpPoints
         )
         if lowbit_type and not any(m is q.module for q in quantized.values()):
             raise NotImplementedError(
@@ -213,13 +217,25 @@ def _active(q: TensorQuantizer | None) -> bool:
     return q is not None and q.mode != "off"
 
 
-def _choose_opset(quantized: dict[str, QuantModule], opset: int | None) -> int:
+def _op_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    """The active functional-op output quantizers by point name (`blocks.3.add_0`)."""
+    return {
+        points.point(local): q
+        for points in op_points(model).values()
+        for local, q in points.quantizers().items()
+        if _active(q)
+    }
+
+
+def _choose_opset(
+    quantized: dict[str, QuantModule], ops: dict[str, TensorQuantizer], opset: int | None
+) -> int:
     needed = any(
         needs_opset_21(q.spec, role)
         for m in quantized.values()
         for role, q in m.quantizers().items()
         if _active(q)
-    )
+    ) or any(needs_opset_21(q.spec, "output") for q in ops.values())
     if opset is None:
         return MAX_OPSET if needed else MIN_OPSET
     if isinstance(opset, bool) or not isinstance(opset, int):
@@ -232,9 +248,15 @@ def _choose_opset(quantized: dict[str, QuantModule], opset: int | None) -> int:
 
 
 def _collect_sites(
-    quantized: dict[str, QuantModule], opset: int, reduce_range: bool
+    quantized: dict[str, QuantModule],
+    ops: dict[str, TensorQuantizer],
+    opset: int,
+    reduce_range: bool,
 ) -> dict[str, Site]:
     sites: dict[str, Site] = {}
+    for name, q in ops.items():
+        site = activation_site(name, "output", q, opset)
+        sites[site.key] = site
     for name, m in quantized.items():
         for role, q in m.quantizers().items():
             if not _active(q):

@@ -7,6 +7,8 @@ parameters) and, in the safetensors metadata, a JSON header:
     {"format": "lowbit", "version": 1, "torch": "...",
      "modules": [{"name": "fc1", "kind": "IntLinear", "weight": {"spec": {...}, "shape": [...]},
                   "input": {"spec": {...}, "mode": "static"} | null, "output": ... }, ...],
+     "ops": [{"caller": "blocks.3", "counts": {"add": 1},            # functional-op output
+              "points": {"add_0": {"spec": {...}, "mode": "quantize"}}}],  # quantizers
      "identity": ["features.1", ...],          # layers the saved model replaced by nn.Identity
                                                # (BatchNorms folded into their convolution)
      "extras": ["cli.recipe", ...]}            # byte strings saved as uint8 tensors named
@@ -38,6 +40,7 @@ from lowbit.distributed import on_rank_zero
 from lowbit.nn.int_base import IntModule
 from lowbit.nn.int_build import int_module_from_record
 from lowbit.nn.modules import QuantModule
+from lowbit.nn.op_points import OpPoints, op_points
 from lowbit.nn.records import spec_from_dict
 from lowbit.numerics import check_codes, check_stored_codes, stored_codes_layout
 from lowbit.spec import PerTensor, QuantSpec
@@ -87,6 +90,7 @@ def save(
         "version": VERSION,
         "torch": torch.__version__,
         "modules": records,
+        "ops": [points.record() for points in op_points(model).values()],
         "identity": [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)],
         "extras": sorted(extras),
     }
@@ -173,11 +177,14 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     for name in [*header["identity"], *(r["name"] for r in header["modules"])]:
         _check_layer(model, name, path)
     built = {r["name"]: _build(model, r, tensors, path) for r in header["modules"]}
-    _check_state(_state_after(model, header["identity"], built), tensors, path)
+    ops = [_build_ops(model, r, tensors, path) for r in header["ops"]]
+    _check_state(_state_after(model, header["identity"], built, ops), tensors, path)
     for name in header["identity"]:
         model.set_submodule(name, nn.Identity())
     for name, int_module in built.items():
         model.set_submodule(name, int_module)
+    for points in ops:
+        points.attach(model.get_submodule(points.caller))
     model.load_state_dict(tensors, strict=True)
     return model
 
@@ -204,6 +211,22 @@ def _build(
         ) from None
     except ValueError as error:
         raise ValueError(f"not a lowbit file: {path}: layer {name!r}: {error}") from None
+
+
+def _build_ops(
+    model: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor], path: object
+) -> OpPoints:
+    """The functional-op quantizers of one calling module, checked against the model."""
+    try:
+        points = OpPoints.from_record(record, tensors)
+    except ValueError as error:
+        raise ValueError(f"not a lowbit file: {path}: {error}") from None
+    owner = _get_submodule(model, points.caller, path) if points.caller else model
+    if hasattr(owner, "lowbit_ops"):
+        raise ValueError(
+            f"model already has op quantizers on {points.caller!r}: pass a float model"
+        )
+    return points
 
 
 class _Mismatch(Exception):
@@ -299,13 +322,17 @@ def _out_features(module: nn.Module, weight_shape: tuple[int, ...]) -> int:
 
 
 def _state_after(
-    model: nn.Module, identity: list[str], built: dict[str, IntModule]
+    model: nn.Module, identity: list[str], built: dict[str, IntModule], ops: list[OpPoints]
 ) -> dict[str, Tensor]:
-    """The state dict `model` will have once the identities and integer modules are in."""
+    """The state dict `model` will have once the identities, integer modules and functional-op
+    quantizers are in."""
     gone = tuple(f"{n}." for n in [*identity, *built])
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(gone)}
     for name, module in built.items():
         state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    for points in ops:
+        prefix = f"{points.caller}.lowbit_ops." if points.caller else "lowbit_ops."
+        state.update({prefix + k: v for k, v in points.state_dict().items()})
     return state
 
 
@@ -360,16 +387,18 @@ def _read(
             f"supported (this lowbit reads version {VERSION})"
         )
     modules, identity = header.get("modules"), header.get("identity", [])
-    extras = header.get("extras", [])
+    extras, ops = header.get("extras", []), header.get("ops", [])
     if (
         not isinstance(modules, list)
+        or not isinstance(ops, list)
+        or not all(isinstance(r, dict) for r in ops)
         or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in modules)
         or not isinstance(identity, list)
         or not isinstance(extras, list)
         or not all(isinstance(n, str) for n in [*identity, *extras])
     ):
         raise ValueError(f"not a lowbit file: {path}: malformed header")
-    header["identity"], header["extras"] = identity, extras
+    header["identity"], header["extras"], header["ops"] = identity, extras, ops
     return header, loaded
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
 from lowbit.transforms.fold_bn import fold_batchnorm
 from lowbit.transforms.fusable_outputs import layers_needing_output_quantizers
+from lowbit.transforms.op_points import find_op_sites, place_op_points
 from lowbit.transforms.swap import (
     LayerRecord,
     QuantizerFactory,
@@ -33,10 +35,14 @@ from lowbit.workflows.sharded import sync_calibration
 
 @dataclass(frozen=True)
 class QuantSummary:
-    """What `quantize` did to each layer with weights, kept on the model; `str()` is a table."""
+    """What `quantize` did to each layer with weights, kept on the model; `str()` is a table.
+
+    ops: the functional ops (`QuantConfig.ops`) whose output is quantized, or kept in float by
+    an override, named `<calling module>.<kind>_<index>`, their kind the op ("add", ...)."""
 
     layers: tuple[LayerRecord, ...]
     folded_batchnorms: tuple[tuple[str, str], ...] = ()
+    ops: tuple[LayerRecord, ...] = ()
 
     @property
     def quantized(self) -> list[LayerRecord]:
@@ -53,8 +59,11 @@ class QuantSummary:
             f"lowbit: quantized {len(self.quantized)} of {len(self.layers)} layers with weights; "
             f"folded {len(self.folded_batchnorms)} BatchNorm(s)"
         ]
-        width = max((len(r.name) for r in self.layers), default=0)
-        for r in self.layers:
+        if self.ops:
+            n_ops = sum(r.quantized for r in self.ops)
+            lines[0] += f"; quantized the output of {n_ops} functional op(s)"
+        width = max((len(r.name) for r in (*self.layers, *self.ops)), default=0)
+        for r in (*self.layers, *self.ops):
             mark = "Q" if r.quantized else "F"
             lines.append(f"  {mark} {r.name:<{width}}  {r.kind:<24} {r.detail}")
         return "\n".join(lines)
@@ -100,10 +109,42 @@ def quantize(
                 records = _quantize_fusable_outputs(
                     model, config, example, forward, records, static_quantizers(config)
                 )
+            ops = _place_op_points(model, config, example, forward, static_quantizers(config))
             observed = _observe(model, calib_data, forward, group, progress and rank(group) == 0)
         _finish(model, observed, group)
-    model.lowbit_summary = QuantSummary(tuple(records), tuple(folded))  # type: ignore[assignment]
+    summary = QuantSummary(tuple(records), tuple(folded), tuple(ops))
+    model.lowbit_summary = summary  # type: ignore[assignment]
     return model
+
+
+@contextmanager
+def _quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Every quantizer off meanwhile: a watch pass needs no calibration and must not feed
+    calibrators."""
+    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.set_mode("off")
+    try:
+        yield
+    finally:
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.set_mode(mode)
+
+
+def _place_op_points(
+    model: nn.Module,
+    config: QuantConfig,
+    example: Any,
+    forward: Forward | None,
+    make_quantizer: QuantizerFactory,
+) -> list[LayerRecord]:
+    """Output quantizers on the functional ops the config names (`QuantConfig.ops`)."""
+    if not config.quantizes_ops:
+        return []
+    with _quantizers_off(model):
+        sites = find_op_sites(model, example, forward)
+    return place_op_points(model, config, sites, make_quantizer)
 
 
 def _quantize_fusable_outputs(
@@ -116,15 +157,8 @@ def _quantize_fusable_outputs(
 ) -> list[LayerRecord]:
     """Output quantizers (input spec) for the layers whose outputs no runtime can fuse."""
     assert config.input is not None
-    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
-    modes = [q.mode for q in quantizers]
-    for q in quantizers:  # the watch pass needs no calibration and must not feed calibrators
-        q.set_mode("off")
-    try:
+    with _quantizers_off(model):
         names = layers_needing_output_quantizers(model, example, forward)
-    finally:
-        for q, mode in zip(quantizers, modes, strict=True):
-            q.set_mode(mode)
     return add_output_quantizers(model, names, config.input, make_quantizer, records)
 
 
@@ -220,11 +254,11 @@ def prepare_qat(
         )
     if config.learnable_scales and calib_data is None:
         raise ValueError("learnable scales start from calibrated ranges: pass calib_data")
-    if config.fusable_outputs and calib_data is None:
+    if (config.fusable_outputs or config.quantizes_ops) and calib_data is None:
         raise ValueError(
-            "config.fusable_outputs (on in presets.int8() and int8_asymmetric()) finds the "
-            "outputs to quantize in one forward pass: pass calib_data, or set "
-            "config.fusable_outputs = False (dataclasses.replace(config, fusable_outputs=False))"
+            "config.fusable_outputs and config.ops (on in presets.int8() and int8_asymmetric()) "
+            "find the outputs to quantize in one forward pass: pass calib_data, or turn both "
+            "off (dataclasses.replace(config, fusable_outputs=False, ops={}))"
         )
     if not inplace:
         model = copy.deepcopy(model)
@@ -232,6 +266,7 @@ def prepare_qat(
     observed, was_training = None, model.training
     group = active_group(group)
     example = None if calib_data is None else example_batch(calib_data, group)
+    ops: list[LayerRecord] = []
     with step(group, "prepare_qat"):  # a failure on one rank ends every rank's call
         if calib_data is not None:
             probe = copy.deepcopy(model).eval()
@@ -243,16 +278,17 @@ def prepare_qat(
         records = swap_modules(model, config, qat_quantizers(config))
         if calib_data is not None:
             model.eval()
-            if config.fusable_outputs and config.input is not None:
-                with torch.no_grad():
+            with torch.no_grad():
+                if config.fusable_outputs and config.input is not None:
                     records = _quantize_fusable_outputs(
                         model, config, example, forward, records, qat_quantizers(config)
                     )
+                ops = _place_op_points(model, config, example, forward, qat_quantizers(config))
             observed = _observe(model, calib_data, forward, group, progress and rank(group) == 0)
     if observed is not None:
         with torch.no_grad():
             _finish(model, observed, group)
         model.train(was_training)
     model.lowbit_bn_pairs = pairs  # type: ignore[assignment]
-    model.lowbit_summary = QuantSummary(tuple(records))  # type: ignore[assignment]
+    model.lowbit_summary = QuantSummary(tuple(records), ops=tuple(ops))  # type: ignore[assignment]
     return model

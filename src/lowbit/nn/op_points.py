@@ -1,0 +1,206 @@
+"""Quantizer points on functional ops: the output of an `x + y`, a `torch.matmul`, a `torch.cat`.
+
+lowbit swaps modules, but a residual `x + inputs` or an attention `q @ k.T` is not a module: it is
+a call inside some module's forward. A point is named by that calling module, the op kind and the
+occurrence index of the op within that module's own forward (ops of its children belong to the
+children): `blocks.3.add_0` is the first add `blocks.3`'s forward calls itself.
+
+At run time `OpPoints`, a child module `lowbit_ops` of the calling module, holds one
+`TensorQuantizer` per configured point (so state_dict, calibration, QAT and export see them) and
+a forward pre-hook / hook pair on its module. While that module's forward runs, a
+`TorchFunctionMode` numbers the ops the forward calls directly (global module hooks count how
+deep in child modules a call is) and passes each configured op's result through its quantizer.
+Counting ops, not tracing a graph, works with any forward, whatever Python it runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.nn.records import spec_from_dict, spec_to_dict
+
+ATTRIBUTE = "lowbit_ops"  # the name of the `OpPoints` child on a calling module
+
+# The torch functions of each op kind (`x + y` and `x += y` reach the mode as Tensor.add /
+# Tensor.add_, `x @ y` as Tensor.matmul).
+OP_KINDS: dict[str, frozenset[Callable[..., Any]]] = {
+    "add": frozenset({torch.add, Tensor.add, Tensor.add_}),
+    "matmul": frozenset({torch.matmul, Tensor.matmul, torch.bmm, Tensor.bmm}),
+    "cat": frozenset({torch.cat, torch.concat, torch.concatenate}),
+}
+_KIND_OF = {func: kind for kind, funcs in OP_KINDS.items() for func in funcs}
+
+
+def op_kind(func: Any, args: Sequence[Any]) -> str | None:
+    """The kind of a torch call if it is a functional op lowbit can quantize, else None. An add
+    counts only between two tensors (`x + 1` is an affine map runtimes fold, not an op)."""
+    kind = _KIND_OF.get(func)
+    if kind == "add" and not (
+        len(args) >= 2 and isinstance(args[0], Tensor) and isinstance(args[1], Tensor)
+    ):
+        return None
+    return kind
+
+
+def point_name(module: str, kind: str, index: int) -> str:
+    """`blocks.3.add_0`: the name a point has in configs, the summary and the ONNX export."""
+    return f"{module}.{kind}_{index}" if module else f"{kind}_{index}"
+
+
+class OpPointMismatch(RuntimeError):
+    """A module's forward called a different number of ops than when its points were placed."""
+
+
+class OpPoints(nn.ModuleDict):
+    """The output quantizers ("add_0", "matmul_1", ...) of the ops one module's forward calls.
+
+    caller: the calling module's qualified name (for messages); counts: how many ops of each
+    kind with a quantizer that forward called when the points were placed. A forward that calls
+    another number of them is an `OpPointMismatch`: the points would quantize the wrong ops.
+    """
+
+    def __init__(
+        self, caller: str, counts: dict[str, int], quantizers: dict[str, TensorQuantizer]
+    ) -> None:
+        super().__init__(quantizers)
+        self.caller = caller
+        self.counts = dict(counts)
+        self._scopes: list[_Scope] = []
+
+    def attach(self, owner: nn.Module) -> None:
+        """Become `owner.lowbit_ops` and quantize the ops of its forward from now on."""
+        if hasattr(owner, ATTRIBUTE):
+            raise ValueError(f"module {self.caller!r} already has op quantizers")
+        owner.add_module(ATTRIBUTE, self)
+        owner.register_forward_pre_hook(self._enter)
+        owner.register_forward_hook(self._leave, always_call=True)
+
+    def _enter(self, owner: nn.Module, args: Any) -> None:
+        scope = _Scope(self, owner)
+        self._scopes.append(scope)
+        scope.start()
+
+    def _leave(self, owner: nn.Module, args: Any, output: Any) -> None:
+        scope = self._scopes.pop()
+        scope.stop()
+        if output is None:  # the forward raised (or returns nothing): nothing to check
+            return
+        for kind, expected in self.counts.items():
+            if scope.counts[kind] != expected:
+                raise OpPointMismatch(
+                    f"module {self.caller!r} called {scope.counts[kind]} {kind} op(s) in this "
+                    f"forward pass but {expected} when its op quantizers were placed (quantize's "
+                    f"first calibration batch): points are numbered by call order, so they no "
+                    f"longer match; keep its ops in float (QuantConfig.op_overrides "
+                    f"{{{self.caller!r}: None}}) or quantize with inputs that take the same path"
+                )
+
+    def quantizers(self) -> dict[str, TensorQuantizer]:
+        """Local name ("add_0") -> quantizer (the export swaps them for markers meanwhile)."""
+        return {k: q for k, q in self.items() if isinstance(q, TensorQuantizer)}
+
+    def record(self) -> dict[str, Any]:
+        """What a lowbit file keeps of these points (their scales are in its tensors)."""
+        points = {}
+        for local, q in self.quantizers().items():
+            if q.dynamic or q.learnable:
+                raise ValueError(
+                    f"op point {self.point(local)!r}: only static quantizers can be saved "
+                    "(a QAT model: call model.eval() and lowbit.convert first)"
+                )
+            points[local] = {"spec": spec_to_dict(q.spec), "mode": q.mode}
+        return {"caller": self.caller, "counts": self.counts, "points": points}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], tensors: dict[str, Tensor]) -> OpPoints:
+        """The points of `record`, with the scales and zero points in `tensors` (keyed as in
+        the model's state dict); ValueError for anything malformed or missing."""
+        try:
+            caller, counts = (
+                str(record["caller"]),
+                {str(k): int(v) for k, v in record["counts"].items()},
+            )
+            quantizers = {}
+            for local, point in record["points"].items():
+                q = TensorQuantizer(spec_from_dict(point["spec"]))
+                prefix = f"{caller}.{ATTRIBUTE}.{local}." if caller else f"{ATTRIBUTE}.{local}."
+                if point["mode"] == "quantize":
+                    q.set_qparams(tensors[prefix + "scale"], tensors[prefix + "zero_point"])
+                else:
+                    q.set_mode("off")
+                quantizers[str(local)] = q
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"malformed op point record: missing or wrong {error}") from None
+        return cls(caller, counts, quantizers)
+
+    def point(self, local: str) -> str:
+        """The point name of one of its quantizers: "add_0" -> "blocks.3.add_0"."""
+        return f"{self.caller}.{local}" if self.caller else local
+
+    def quantize(self, kind: str, index: int, result: Any) -> Any:
+        name = f"{kind}_{index}"
+        if name not in self or not isinstance(result, Tensor):
+            return result
+        return self[name](result)
+
+
+class _Scope(TorchFunctionMode):
+    """One forward pass of a calling module: numbers its own ops, quantizes the configured ones."""
+
+    def __init__(self, points: OpPoints, owner: nn.Module) -> None:
+        super().__init__()
+        self.points = points
+        self.owner = owner
+        self.counts: Counter[str] = Counter()
+        self.depth = 0  # > 0 while a child module runs: its ops are not the owner's
+        self._handles: list[RemovableHandle] = []
+
+    def start(self) -> None:
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._child_enters),
+            nn.modules.module.register_module_forward_hook(self._child_leaves, always_call=True),
+        ]
+        self.__enter__()
+
+    def stop(self) -> None:
+        self.__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+
+    def _child_enters(self, module: nn.Module, args: Any) -> None:
+        self.depth += 1
+
+    def _child_leaves(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module is self.owner and self.depth == 0:
+            return  # the owner's own end: its hooks were added after its entry was counted
+        self.depth -= 1
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        result = func(*args, **(kwargs or {}))
+        if self.depth:
+            return result
+        kind = op_kind(func, args)
+        if kind is None:
+            return result
+        index = self.counts[kind]
+        self.counts[kind] += 1
+        return self.points.quantize(kind, index, result)
+
+
+def op_points(model: nn.Module) -> dict[str, OpPoints]:
+    """The `OpPoints` of a model by the qualified name of their calling module."""
+    return {m.caller: m for m in model.modules() if isinstance(m, OpPoints)}

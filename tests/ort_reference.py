@@ -12,6 +12,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from lowbit.nn.op_points import op_points
+from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.numerics import quantize
 from lowbit.workflows.quantization import quant_modules
 
@@ -137,9 +139,9 @@ def activation_code_flips(
     theirs = session.run([codes for codes, _, _ in sites], {"input": x.numpy()})
     simulated = _quantizer_inputs(qmodel, x, [name for _, _, name in sites])
     flipped = np.zeros(len(x), dtype=bool)
+    quantizers = activation_quantizers(qmodel)
     for (_, zero_point, name), ort_codes in zip(sites, theirs, strict=True):
-        layer, role = name.rsplit(".", 1)
-        quantizer = getattr(quant_modules(qmodel)[layer], f"{role}_quantizer")
+        quantizer = quantizers[name]
         zp = quantizer.zero_point
         value = simulated[name] / quantizer.scale  # in steps from the zero point
         ours = quantize(simulated[name], quantizer.scale, zp, quantizer.spec).long() - zp
@@ -153,24 +155,34 @@ def activation_code_flips(
     return flipped
 
 
+def activation_quantizers(qmodel: torch.nn.Module) -> dict[str, TensorQuantizer]:
+    """The input and output quantizers by export site name: "layer.input", "layer.output" and
+    "<calling module>.add_0.output" for functional-op points."""
+    found = {
+        f"{layer}.{role}": q
+        for layer, m in quant_modules(qmodel).items()
+        for role, q in m.quantizers().items()
+        if role != "weight"
+    }
+    for points in op_points(qmodel).values():
+        found.update({f"{points.point(k)}.output": q for k, q in points.quantizers().items()})
+    return found
+
+
 def _quantizer_inputs(
     qmodel: torch.nn.Module, x: torch.Tensor, names: list[str]
 ) -> dict[str, torch.Tensor]:
-    """What each named quantizer ("layer.input" / "layer.output") receives, one row a sample."""
-    layers = quant_modules(qmodel)
+    """What each named quantizer receives, one row a sample."""
+    quantizers = activation_quantizers(qmodel)
     seen: dict[str, torch.Tensor] = {}
 
     def keep(name: str, value: torch.Tensor) -> None:
         seen[name] = value.detach().flatten(1)
 
-    hooks = []
-    for name in names:
-        layer, role = name.rsplit(".", 1)
-        if role == "input":
-            hook = layers[layer].register_forward_pre_hook(lambda _, a, n=name: keep(n, a[0]))
-        else:  # the wrapped layer's own output, before the output quantizer
-            hook = layers[layer].module.register_forward_hook(lambda _, a, y, n=name: keep(n, y))
-        hooks.append(hook)
+    hooks = [
+        quantizers[name].register_forward_pre_hook(lambda _, a, n=name: keep(n, a[0]))
+        for name in names
+    ]
     try:
         with torch.no_grad():
             qmodel(x)

@@ -55,7 +55,7 @@ def point_name(module: str, kind: str, index: int) -> str:
     return f"{module}.{kind}_{index}" if module else f"{kind}_{index}"
 
 
-class OpPointMismatch(RuntimeError):
+class OpPointMismatch(ValueError):
     """A module's forward called a different number of ops than when its points were placed."""
 
 

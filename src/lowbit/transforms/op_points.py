@@ -44,17 +44,17 @@ class _Find(TorchFunctionMode):
     def __init__(self, names: dict[int, str]) -> None:
         super().__init__()
         self.names = names
-        self.stack: list[nn.Module] = []
+        # the modules running, innermost last, each with its ops so far in this call of it
+        self.stack: list[tuple[nn.Module, Counter[str]]] = []
         self.inside_layer = 0  # > 0 while a quantized layer (or a quantizer) runs
-        self.counts: dict[str, Counter[str]] = {}
-        self.sites: list[OpSite] = []
+        self.sites: dict[OpSite, None] = {}  # in call order; a module called twice adds none
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        self.stack.append(module)
+        self.stack.append((module, Counter()))
         self.inside_layer += isinstance(module, QuantModule | TensorQuantizer)
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.stack and self.stack[-1] is module:
+        if self.stack and self.stack[-1][0] is module:
             self.stack.pop()
             self.inside_layer -= isinstance(module, QuantModule | TensorQuantizer)
 
@@ -69,17 +69,17 @@ class _Find(TorchFunctionMode):
         kind = op_kind(func, args)
         if kind is None or self.inside_layer or not self.stack:
             return result
-        caller = self.names.get(id(self.stack[-1]))
-        if caller is None:  # a module built inside the forward: not addressable
-            return result
-        counts = self.counts.setdefault(caller, Counter())
-        self.sites.append(OpSite(caller, kind, counts[kind]))
+        module, counts = self.stack[-1]
+        caller = self.names.get(id(module))
+        if caller is not None:  # else a module built inside the forward: not addressable
+            self.sites[OpSite(caller, kind, counts[kind])] = None
         counts[kind] += 1
         return result
 
 
 def find_op_sites(model: nn.Module, batch: Any, forward: Forward | None = None) -> list[OpSite]:
-    """Every functional op (`OP_KINDS`) one forward pass of `batch` calls, in call order.
+    """Every functional op (`OP_KINDS`) one forward pass of `batch` calls, in call order. A
+    module called several times numbers the ops of each call from 0, as at run time.
 
     Run it with the model's quantizers off: the pass must not feed calibrators."""
     find = _Find({id(m): name for name, m in model.named_modules()})
@@ -93,7 +93,7 @@ def find_op_sites(model: nn.Module, batch: Any, forward: Forward | None = None) 
     finally:
         for handle in handles:
             handle.remove()
-    return find.sites
+    return list(find.sites)
 
 
 def place_op_points(

@@ -257,8 +257,9 @@ def prepare_qat(
     if (config.fusable_outputs or config.quantizes_ops) and calib_data is None:
         raise ValueError(
             "config.fusable_outputs and config.ops (on in presets.int8() and int8_asymmetric()) "
-            "find the outputs to quantize in one forward pass: pass calib_data, or turn both "
-            "off (dataclasses.replace(config, fusable_outputs=False, ops={}))"
+            "find the outputs to quantize in one forward pass: pass calib_data, or set "
+            "config.fusable_outputs = False and config.ops = {} "
+            "(dataclasses.replace(config, fusable_outputs=False, ops={}))"
         )
     if not inplace:
         model = copy.deepcopy(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -122,3 +124,18 @@ class TensorQuantizer(nn.Module):
             f", {name}" for name in ("dynamic", "learnable", "track") if getattr(self, name)
         )
         return f"{kind} {sign}{gran}{flags}, mode={self.mode}"
+
+
+@contextmanager
+def switched_off(quantizers: Iterable[TensorQuantizer]) -> Iterator[None]:
+    """The quantizers pass values through unchanged meanwhile (a watch pass must not feed
+    calibrators); their modes come back afterwards, also on error."""
+    quantizers = list(quantizers)
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.set_mode("off")
+    try:
+        yield
+    finally:
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.set_mode(mode)

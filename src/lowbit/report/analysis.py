@@ -19,7 +19,7 @@ from lowbit.calib import FROM_HISTOGRAM, Histogram, from_histogram
 from lowbit.evaluate.accuracy import top1_agreement
 from lowbit.evaluate.sqnr import output_sqnr
 from lowbit.nn.modules import QuantModule
-from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.nn.quantizer import TensorQuantizer, switched_off
 from lowbit.numerics import fake_quantize, tensor_qparams
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
 from lowbit.transforms.fold_bn import fold_batchnorm
@@ -206,7 +206,7 @@ def layer_effects(
     effects = []
     for name, layer in layers.items():
         others = [q for n, m in layers.items() if n != name for q in _quantizers(m)]
-        with _switched_off(others):
+        with switched_off(others):
             outputs = model_outputs(qmodel, batches)
         effects.append(
             LayerEffect(
@@ -238,9 +238,7 @@ def suggest_fixes(
     for effect in effects[:worst]:
         layer = layers[effect.layer]
         assert isinstance(layer, QuantModule)
-        trials = {
-            f"keep it in float: --exclude '{effect.layer}'": _switched_off(_quantizers(layer))
-        }
+        trials = {f"keep it in float: --exclude '{effect.layer}'": switched_off(_quantizers(layer))}
         if per_tensor and _per_tensor_weight(layer):
             trials["per-channel weights (drop --per-tensor)"] = _per_channel_weight(layer)
         gains = {}
@@ -265,19 +263,6 @@ def _gain(action: str, gain: float) -> str:
 
 def _quantizers(layer: QuantModule) -> list[TensorQuantizer]:
     return [q for q in layer.quantizers().values() if q is not None]
-
-
-@contextmanager
-def _switched_off(quantizers: Sequence[TensorQuantizer]) -> Iterator[None]:
-    """The quantizers pass values through unchanged inside the block; their modes come back."""
-    modes = [q.mode for q in quantizers]
-    for q in quantizers:
-        q.set_mode("off")
-    try:
-        yield
-    finally:
-        for q, mode in zip(quantizers, modes, strict=True):
-            q.set_mode(mode)
 
 
 def _per_tensor_weight(layer: QuantModule) -> bool:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ from lowbit.batches import Forward, run_user_batch
 from lowbit.config import QuantConfig
 from lowbit.distributed import active_group, example_batch, rank, step
 from lowbit.nn.modules import quant_modules as quant_modules  # re-exported for callers
-from lowbit.nn.quantizer import TensorQuantizer
+from lowbit.nn.quantizer import TensorQuantizer, switched_off
 from lowbit.progress import progress_bar
 from lowbit.transforms.fold_bn import fold_batchnorm
 from lowbit.transforms.fusable_outputs import layers_needing_output_quantizers
@@ -117,21 +116,6 @@ def quantize(
     return model
 
 
-@contextmanager
-def _quantizers_off(model: nn.Module) -> Iterator[None]:
-    """Every quantizer off meanwhile: a watch pass needs no calibration and must not feed
-    calibrators."""
-    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
-    modes = [q.mode for q in quantizers]
-    for q in quantizers:
-        q.set_mode("off")
-    try:
-        yield
-    finally:
-        for q, mode in zip(quantizers, modes, strict=True):
-            q.set_mode(mode)
-
-
 def _place_op_points(
     model: nn.Module,
     config: QuantConfig,
@@ -142,7 +126,7 @@ def _place_op_points(
     """Output quantizers on the functional ops the config names (`QuantConfig.ops`)."""
     if not config.quantizes_ops:
         return []
-    with _quantizers_off(model):
+    with switched_off(q for q in model.modules() if isinstance(q, TensorQuantizer)):
         sites = find_op_sites(model, example, forward)
     return place_op_points(model, config, sites, make_quantizer)
 
@@ -157,7 +141,7 @@ def _quantize_fusable_outputs(
 ) -> list[LayerRecord]:
     """Output quantizers (input spec) for the layers whose outputs no runtime can fuse."""
     assert config.input is not None
-    with _quantizers_off(model):
+    with switched_off(q for q in model.modules() if isinstance(q, TensorQuantizer)):
         names = layers_needing_output_quantizers(model, example, forward)
     return add_output_quantizers(model, names, config.input, make_quantizer, records)
 

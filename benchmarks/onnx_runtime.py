@@ -4,11 +4,12 @@ and against ONNX Runtime's own quantize_static.
 Models, all from the same float network and the same 64 calibration images (sorted file order):
 - fp32: `torch.onnx.export` of the float model;
 - lowbit presets with their defaults (`int8()`, `int8_asymmetric()`, which quantize the layer
-  outputs ORT needs, `fusable_outputs=True`), exported with `export_onnx`'s default
+  outputs ORT needs, `fusable_outputs=True`, and the residual Adds' outputs, `ops={"add": ...}`),
+  exported with `export_onnx`'s default
   target="onnxruntime" for ORT and target="openvino" for OpenVINO; `int8()` also with
   target="tensorrt" (int8 zero point 0, TensorRT's form) in ORT and target="onnxruntime" in
   OpenVINO; both presets also with `fusable_outputs=False` (the outputs that reach the residual
-  Adds and the pool left unquantized); `w4a8(None)` (INT4 weights: float convs in ORT);
+  Adds and the pool, and the Adds' outputs, left unquantized); `w4a8(None)` (INT4 weights: float convs in ORT);
 - ort quantize_static: `onnxruntime.quantization.quantize_static` of the fp32 file (after
   `quant_pre_process`, QDQ, per_channel=True, uint8 activations, int8 weights), with MinMax and
   Percentile calibration.
@@ -23,7 +24,8 @@ interleaved rounds (every model once per round, so a busy machine slows all of t
 the spread (the middle half of the rounds). Top-1 is on the other 436 images; "agree" is top-1
 agreement with lowbit's own simulation of the same model (with --agree: the simulation is slow,
 so it is off by default). The graph ORT actually runs is saved
-(`SessionOptions.optimized_model_filepath`) and its integer convolutions counted. The CPU (model
+(`SessionOptions.optimized_model_filepath`) and its integer convolutions and residual Adds
+(QLinearAdd) counted. The CPU (model
 name and VNNI / AMX flags) is printed with the table.
 
     .venv/bin/python benchmarks/onnx_runtime.py [--data DIR] [--rounds N] [--eval-limit N]
@@ -69,6 +71,7 @@ THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_runtime.json"
 INT8_CONVS = ("QLinearConv", "ConvInteger")
 FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
+INT8_ADDS, FLOAT_ADDS = ("QLinearAdd",), ("Add",)
 Runner = Callable[[np.ndarray], np.ndarray]
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -109,6 +112,7 @@ class Row:
     ms_b32: float | None = None
     spread_b32: float | None = None  # interquartile range of the batch-32 rounds, ms
     int8_convs: str = ""
+    int8_adds: str = ""  # residual Adds (of two activations) ORT runs as QLinearAdd
     optimized_ops: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -234,11 +238,20 @@ def float64_control(qmodel: nn.Module, x: Tensor, sim: Tensor) -> dict[str, Any]
 
 
 def optimized_ops(path: Path, tmp: Path) -> dict[str, int]:
+    """Op counts of the graph ORT runs; an Add of a constant (a bias) counts as "Add(constant)",
+    so "Add" counts the Adds of two activations (residual Adds)."""
     import onnx
 
     out = tmp / f"{path.stem}.optimized.onnx"
     session(path, out)
-    return dict(Counter(n.op_type for n in onnx.load(str(out)).graph.node))
+    graph = onnx.load(str(out)).graph
+    constants = {t.name for t in graph.initializer}
+
+    def kind(node: Any) -> str:
+        constant = node.op_type == "Add" and any(i in constants for i in node.input)
+        return "Add(constant)" if constant else node.op_type
+
+    return dict(Counter(kind(n) for n in graph.node))
 
 
 def time_models(runners: dict[str, Runner], x: Tensor, rounds: int) -> dict[str, list[float]]:
@@ -278,13 +291,14 @@ def table(rows: list[Row]) -> str:
     """Markdown; the agreement column only when measured (--agree)."""
     agree = any(r.agree is not None for r in rows)
     head = ["model", "file MB", "top-1 %", "ms batch 1", "ms batch 32 (spread)", "int8 convs"]
+    head.append("int8 adds")
     head[3:3] = ["agree w/ lowbit sim %"] if agree else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.name, f"{r.file_mb:.1f}", fmt(None if r.top1 is None else 100 * r.top1)]
         cells += [fmt(None if r.agree is None else 100 * r.agree)] if agree else []
         cells += [fmt(r.ms_b1, ".1f"), f"{fmt(r.ms_b32, '.0f')} ({fmt(r.spread_b32, '.0f')})"]
-        cells.append(r.int8_convs or "-")
+        cells += [r.int8_convs or "-", r.int8_adds or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -345,11 +359,20 @@ def measure(
             n_int = sum(row.optimized_ops.get(k, 0) for k in INT8_CONVS)
             n_all = n_int + sum(row.optimized_ops.get(k, 0) for k in FLOAT_CONVS)
             row.int8_convs = f"{n_int}/{n_all}"
+            row.int8_adds = _fraction(row.optimized_ops, INT8_ADDS, FLOAT_ADDS)
         rows.append(row)
     timings = time_models(runners, split.evals, rounds)
     for row in rows:
         row.ms_b1, row.ms_b32, row.spread_b32 = timings[row.name]
     return rows
+
+
+def _fraction(ops: dict[str, int], integer: tuple[str, ...], floating: tuple[str, ...]) -> str:
+    """ "9/9": the integer ops of a kind out of all of that kind in ORT's optimized graph. The
+    float count includes any Add that is not between activations (a bias after an integer
+    product), so it is an upper bound on the residual Adds left in float."""
+    n_int = sum(ops.get(k, 0) for k in integer)
+    return f"{n_int}/{n_int + sum(ops.get(k, 0) for k in floating)}"
 
 
 def main(argv: list[str] | None = None) -> int:

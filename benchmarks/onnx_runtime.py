@@ -9,7 +9,8 @@ Models, all from the same float network and the same 64 calibration images (sort
   target="onnxruntime" for ORT and target="openvino" for OpenVINO; `int8()` also with
   target="tensorrt" (int8 zero point 0, TensorRT's form) in ORT and target="onnxruntime" in
   OpenVINO; both presets also with `fusable_outputs=False` (the outputs that reach the residual
-  Adds and the pool, and the Adds' outputs, left unquantized); `w4a8(None)` (INT4 weights: float convs in ORT);
+  Adds and the pool, and the Adds' outputs, left unquantized); `w4a8(None)` (INT4 weights:
+  float convs in ORT);
 - ort quantize_static: `onnxruntime.quantization.quantize_static` of the fp32 file (after
   `quant_pre_process`, QDQ, per_channel=True, uint8 activations, int8 weights), with MinMax and
   Percentile calibration.

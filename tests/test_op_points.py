@@ -4,6 +4,7 @@ calibrated, exported as Q/DQ that ONNX Runtime fuses, saved and loaded."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -137,8 +138,7 @@ def test_bad_op_config_is_named():
         QuantConfig(ops={"mul": UINT8})
     with pytest.raises(TypeError, match=r"op_overrides\['b1'\] must be a QuantSpec"):
         QuantConfig(op_overrides={"b1": 8})  # type: ignore[dict-item]
-    config = presets.int8()
-    config.op_overrides = {"blocks.*": None}
+    config = replace(presets.int8(), op_overrides={"blocks.*": None})
     with pytest.raises(ValueError, match=r"'blocks\.\*' matches no functional op.*b1\.inner"):
         quantize(Net().eval(), config, _data(1), progress=False)
 

@@ -16,7 +16,7 @@ Counting ops, not tracing a graph, works with any forward, whatever Python it ru
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,13 +39,13 @@ OP_KINDS: dict[str, frozenset[Callable[..., Any]]] = {
 _KIND_OF = {func: kind for kind, funcs in OP_KINDS.items() for func in funcs}
 
 
-def op_kind(func: Any, args: Sequence[Any]) -> str | None:
-    """The kind of a torch call if it is a functional op lowbit can quantize, else None. An add
-    counts only between two tensors (`x + 1` is an affine map runtimes fold, not an op)."""
+def op_kind(func: Any, tensor_operands: int) -> str | None:
+    """The kind of a torch call if it is a functional op lowbit can quantize, else None.
+
+    tensor_operands: how many of its first two arguments are tensors. An add counts only
+    between two tensors (`x + 1` is an affine map runtimes fold, not an op)."""
     kind = _KIND_OF.get(func)
-    if kind == "add" and not (
-        len(args) >= 2 and isinstance(args[0], Tensor) and isinstance(args[1], Tensor)
-    ):
+    if kind == "add" and tensor_operands < 2:
         return None
     return kind
 
@@ -193,7 +193,7 @@ class _Scope(TorchFunctionMode):
         result = func(*args, **(kwargs or {}))
         if self.depth:
             return result
-        kind = op_kind(func, args)
+        kind = op_kind(func, sum(isinstance(a, Tensor) for a in args[:2]))
         if kind is None:
             return result
         index = self.counts[kind]

@@ -1,9 +1,9 @@
 """Find the functional ops a model's forward calls and give the configured ones quantizers.
 
-`find_op_sites` watches one forward pass with a `TorchFunctionMode` and global module hooks: each
-op is attributed to the innermost module running when it is called, and numbered per kind in
-that module's forward, exactly as `lowbit.nn.op_points` numbers them at run time. Ops inside a
-quantized layer (a `QuantModule` and what it wraps) are the layer's own, never points.
+`find_op_sites` reads one traced forward pass (`lowbit.transforms.trace`): each op belongs to the
+innermost module running when it is called, and is numbered per kind within one call of that
+module, exactly as `lowbit.nn.op_points` numbers them at run time. Ops inside a quantized layer
+(a `QuantModule` and what it wraps) are the layer's own, never points.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from lowbit.batches import Forward, run_batch
 from lowbit.config import OP_KINDS, QuantConfig
@@ -22,7 +21,9 @@ from lowbit.nn.modules import QuantModule
 from lowbit.nn.op_points import OP_KINDS as OP_FUNCTIONS
 from lowbit.nn.op_points import OpPoints, op_kind, point_name
 from lowbit.nn.quantizer import TensorQuantizer
-from lowbit.transforms.swap import LayerRecord, QuantizerFactory, describe
+from lowbit.nn.records import describe
+from lowbit.transforms.swap import LayerRecord, QuantizerFactory
+from lowbit.transforms.trace import Value, trace
 
 assert set(OP_KINDS) == set(OP_FUNCTIONS), "config.OP_KINDS and nn.op_points.OP_KINDS differ"
 
@@ -40,60 +41,28 @@ class OpSite:
         return point_name(self.caller, self.kind, self.index)
 
 
-class _Find(TorchFunctionMode):
-    def __init__(self, names: dict[int, str]) -> None:
-        super().__init__()
-        self.names = names
-        # the modules running, innermost last, each with its ops so far in this call of it
-        self.stack: list[tuple[nn.Module, Counter[str]]] = []
-        self.inside_layer = 0  # > 0 while a quantized layer (or a quantizer) runs
-        self.sites: dict[OpSite, None] = {}  # in call order; a module called twice adds none
-
-    def enter(self, module: nn.Module, args: Any) -> None:
-        self.stack.append((module, Counter()))
-        self.inside_layer += isinstance(module, QuantModule | TensorQuantizer)
-
-    def leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.stack and self.stack[-1][0] is module:
-            self.stack.pop()
-            self.inside_layer -= isinstance(module, QuantModule | TensorQuantizer)
-
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        result = func(*args, **(kwargs or {}))
-        kind = op_kind(func, args)
-        if kind is None or self.inside_layer or not self.stack:
-            return result
-        module, counts = self.stack[-1]
-        caller = self.names.get(id(module))
-        if caller is not None:  # else a module built inside the forward: not addressable
-            self.sites[OpSite(caller, kind, counts[kind])] = None
-        counts[kind] += 1
-        return result
-
-
 def find_op_sites(model: nn.Module, batch: Any, forward: Forward | None = None) -> list[OpSite]:
     """Every functional op (`OP_KINDS`) one forward pass of `batch` calls, in call order. A
-    module called several times numbers the ops of each call from 0, as at run time.
+    module called several times numbers the ops of each call from 0, as at run time; ops inside
+    a quantized layer (or a quantizer) are the layer's own.
 
     Run it with the model's quantizers off: the pass must not feed calibrators."""
-    find = _Find({id(m): name for name, m in model.named_modules()})
-    handles = [
-        nn.modules.module.register_module_forward_pre_hook(find.enter),
-        nn.modules.module.register_module_forward_hook(find.leave, always_call=True),
-    ]
-    try:
-        with find:
-            run_batch(model, batch, forward)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(find.sites)
+    traced = trace(model, lambda m: run_batch(m, batch, forward))
+    layers = {n for n, m in model.named_modules() if isinstance(m, QuantModule | TensorQuantizer)}
+    counts: dict[str, Counter[str]] = {}  # per calling module, its ops in its current call
+    sites: dict[OpSite, None] = {}  # in call order; a module called twice adds none
+    for call in traced.calls:
+        if call.module is not None:  # a module starts a call: its ops are numbered from 0
+            counts[call.module] = Counter()
+            continue
+        operands = sum(isinstance(a, Value) for a in call.args[:2])
+        kind = op_kind(call.func, operands)
+        if kind is None or call.caller is None or layers.intersection(call.scope):
+            continue
+        seen = counts.setdefault(call.caller, Counter())
+        sites[OpSite(call.caller, kind, seen[kind])] = None
+        seen[kind] += 1
+    return list(sites)
 
 
 def place_op_points(

@@ -259,7 +259,7 @@ def test_a_forward_that_runs_other_ops_is_a_clear_error():
         quantize(Branchy().eval(), config, calib, progress=False)
 
 
-def test_qat_trains_through_the_points(float_net):
+def test_qat_trains_through_the_points(float_net, tmp_path):
     qat = prepare_qat(float_net, presets.int8_asymmetric(), _data(2), progress=False)
     assert len(qat.lowbit_summary.ops) == 6
     qat.train()
@@ -267,7 +267,12 @@ def test_qat_trains_through_the_points(float_net):
     qat(x).square().mean().backward()
     assert qat.stem.module.weight.grad is not None
     qat.eval()
+    converted = lowbit.convert(qat)
     with torch.no_grad():
-        torch.testing.assert_close(lowbit.convert(qat)(x), qat(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(converted(x), qat(x), atol=1e-5, rtol=0)
+    lowbit.save(converted, tmp_path / "qat.lowbit")  # the points' tracked ranges are kept
+    loaded = lowbit.load(tmp_path / "qat.lowbit", copy.deepcopy(float_net))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), converted(x), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"config\.ops"):
         prepare_qat(float_net, QuantConfig(ops={"add": UINT8}))

@@ -109,14 +109,10 @@ class OpPoints(nn.ModuleDict):
 
     def record(self) -> dict[str, Any]:
         """What a lowbit file keeps of these points (their scales are in its tensors)."""
-        points = {}
-        for local, q in self.quantizers().items():
-            if q.dynamic or q.learnable:
-                raise ValueError(
-                    f"op point {self.point(local)!r}: only static quantizers can be saved "
-                    "(a QAT model: call model.eval() and lowbit.convert first)"
-                )
-            points[local] = {"spec": spec_to_dict(q.spec), "mode": q.mode}
+        points = {
+            local: {"spec": spec_to_dict(q.spec), "mode": q.mode}
+            for local, q in self.quantizers().items()
+        }
         return {"caller": self.caller, "counts": self.counts, "points": points}
 
     @classmethod
@@ -132,9 +128,9 @@ class OpPoints(nn.ModuleDict):
             for local, point in record["points"].items():
                 q = TensorQuantizer(spec_from_dict(point["spec"]))
                 prefix = f"{caller}.{ATTRIBUTE}.{local}." if caller else f"{ATTRIBUTE}.{local}."
-                if point["mode"] == "quantize":
+                if point["mode"] == "quantize" and not q.dynamic:  # binary / ternary: dynamic
                     q.set_qparams(tensors[prefix + "scale"], tensors[prefix + "zero_point"])
-                else:
+                elif point["mode"] == "off":
                     q.set_mode("off")
                 quantizers[str(local)] = q
         except (KeyError, TypeError, AttributeError) as error:

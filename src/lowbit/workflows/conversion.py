@@ -42,6 +42,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Weights become integer codes (packed for 4 bits and fewer) with their scales; linear layers
     compute with integer kernels where PyTorch has one. Layers without one (convolutions,
     embeddings, unusual specs) are computed as dequantize-then-float; one warning lists them.
+    Functional-op quantizers (`QuantConfig.ops`) stay as they are: the add (matmul, cat) runs in
+    float and its output is fake-quantized, the same numbers as before.
     `model.lowbit_summary` is kept.
     """
     if not isinstance(model, nn.Module):

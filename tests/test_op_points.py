@@ -276,3 +276,38 @@ def test_qat_trains_through_the_points(float_net, tmp_path):
         torch.testing.assert_close(loaded(x), converted(x), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"config\.ops"):
         prepare_qat(float_net, QuantConfig(ops={"add": UINT8}))
+
+
+class Attention(nn.Module):
+    """The two matmuls of attention and a cat, all functional."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.q(x) @ self.k(x).transpose(-1, -2)  # matmul_0
+        out = torch.matmul(torch.softmax(scores / 8**0.5, -1), self.v(x))  # matmul_1
+        return torch.cat([out, x], -1)  # cat_0
+
+
+def test_matmul_and_cat_points_export_and_match_ort(tmp_path):
+    torch.manual_seed(0)
+    config = QuantConfig(ops={"matmul": UINT8, "cat": UINT8})
+    calib = [torch.randn(4, 6, 8) for _ in range(2)]
+    qmodel = quantize(Attention().eval(), config, calib, progress=False)
+    assert [r.name for r in qmodel.lowbit_summary.ops] == ["matmul_0", "matmul_1", "cat_0"]
+    x = torch.randn(4, 6, 8)
+    path = export_onnx(qmodel, x, tmp_path / "a.onnx")
+    scales = {n.input[1] for n in onnx.load(path).graph.node if n.op_type == "QuantizeLinear"}
+    assert scales == {"matmul_0.output_scale", "matmul_1.output_scale", "cat_0.output_scale"}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    flipped = activation_code_flips(path, qmodel, x)
+    assert flipped.mean() <= 0.5
+    np.testing.assert_allclose(
+        session.run(None, {"input": x.numpy()})[0][~flipped], ref[~flipped], atol=1e-5
+    )

@@ -205,10 +205,10 @@ def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
                 f"module {name!r}: {kind.__name__} (a converted integer module) cannot be "
                 "exported; export the simulated model from lowbit.quantize, before convert"
             )
-    if not quantized:
+    if not quantized and not op_points(model):
         raise ValueError(
-            "the model has no quantized layer (QuantModule): quantize it with lowbit.quantize "
-            "first, or export the float model with torch.onnx.export"
+            "the model has no quantized layer (QuantModule) or functional op: quantize it with "
+            "lowbit.quantize first, or export the float model with torch.onnx.export"
         )
     return quantized
 

@@ -311,3 +311,23 @@ def test_matmul_and_cat_points_export_and_match_ort(tmp_path):
     np.testing.assert_allclose(
         session.run(None, {"input": x.numpy()})[0][~flipped], ref[~flipped], atol=1e-5
     )
+
+
+def test_the_dynamo_exporter_writes_the_points_too(asym, tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+    from lowbit.export import _exporters
+
+    monkeypatch.setattr(_exporters, "DEFAULT_EXPORTER", "dynamo")
+    x = _data(1, seed=5)[0]
+    path = export_onnx(asym, x[:1], tmp_path / "d.onnx")
+    scales = {n.input[1] for n in onnx.load(path).graph.node if n.op_type == "QuantizeLinear"}
+    assert {"b1.add_0.output_scale", "b2.inner.add_0.output_scale"} <= scales
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = asym(x).numpy()
+    out = session.run(None, {"input": x.numpy()})[0]
+    flipped = activation_code_flips(path, asym, x)  # rounding-boundary flips only
+    assert flipped.mean() <= 0.25
+    np.testing.assert_allclose(out[~flipped], ref[~flipped], atol=1e-4)

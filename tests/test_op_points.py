@@ -19,7 +19,7 @@ from lowbit import presets
 from lowbit.config import QuantConfig
 from lowbit.export import export_onnx
 from lowbit.io.lowbit_format import read_header
-from lowbit.nn.op_points import OpPointMismatch, op_points
+from lowbit.nn.op_points import op_points
 from lowbit.spec import PerTensor, QuantSpec
 from lowbit.transforms.op_points import find_op_sites
 from lowbit.workflows.quantization import prepare_qat, quantize
@@ -255,7 +255,7 @@ class Branchy(nn.Module):
 def test_a_forward_that_runs_other_ops_is_a_clear_error():
     calib = [torch.ones(4, 4), -torch.ones(4, 4)]
     config = QuantConfig(ops={"add": UINT8})
-    with pytest.raises(OpPointMismatch, match=r"module '' called 1 add op\(s\).*but 2"):
+    with pytest.raises(lowbit.OpPointMismatch, match=r"module '' called 1 add op\(s\).*but 2"):
         quantize(Branchy().eval(), config, calib, progress=False)
 
 

@@ -8,7 +8,7 @@ from lowbit.config import LayerQuant, QuantConfig
 from lowbit.distributed import DistributedError
 from lowbit.evaluate import analyze
 from lowbit.evaluate.mixed_precision import auto_quantize
-from lowbit.exceptions import LowbitWarning
+from lowbit.exceptions import LowbitWarning, OpPointMismatch
 from lowbit.export import export_onnx
 from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
@@ -22,6 +22,7 @@ __all__ = [
     "DistributedError",
     "LayerQuant",
     "LowbitWarning",
+    "OpPointMismatch",
     "PerChannel",
     "PerGroup",
     "PerTensor",

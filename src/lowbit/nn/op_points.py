@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from lowbit.exceptions import OpPointMismatch
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.nn.records import spec_from_dict, spec_to_dict
 
@@ -53,10 +54,6 @@ def op_kind(func: Any, tensor_operands: int) -> str | None:
 def point_name(module: str, kind: str, index: int) -> str:
     """`blocks.3.add_0`: the name a point has in configs, the summary and the ONNX export."""
     return f"{module}.{kind}_{index}" if module else f"{kind}_{index}"
-
-
-class OpPointMismatch(ValueError):
-    """A module's forward called a different number of ops than when its points were placed."""
 
 
 class OpPoints(nn.ModuleDict):

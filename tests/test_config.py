@@ -86,9 +86,7 @@ def test_bits_out_of_range_and_wrong_types_fail_when_built() -> None:
         QuantConfig(weight=QuantSpec(bits=17))
     with pytest.raises(ValueError, match="bits"):
         presets.weight_only(bits=1)
-    with pytest.raises(
-        TypeError, match=r"QuantConfig\.weight must be a QuantSpec or None"
-    ):
+    with pytest.raises(TypeError, match=r"QuantConfig\.weight must be a QuantSpec or None"):
         QuantConfig(weight=8)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"LayerQuant\.input must be a QuantSpec or None"):
         LayerQuant(input="int8")  # type: ignore[arg-type]

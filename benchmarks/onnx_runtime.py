@@ -41,7 +41,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -65,6 +64,7 @@ from lowbit.workflows.quantization import quantize
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model
 from imagenet_sample import calib_eval_split, find_data_dir
+from machine import cpu_description, describe
 
 N_CALIB = 64
 BATCH = 32
@@ -74,7 +74,6 @@ INT8_CONVS = ("QLinearConv", "ConvInteger")
 FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
 INT8_ADDS, FLOAT_ADDS = ("QLinearAdd",), ("Add",)
 Runner = Callable[[np.ndarray], np.ndarray]
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 # Every preset whose export has integer activations, with its defaults, and the variants that
 # show what each default buys.
@@ -99,7 +98,13 @@ EXPORTS: list[tuple[str, str, tuple[str, ...]]] = [
     ("int8_asymmetric(fusable_outputs=False)", "onnxruntime", (ORT,)),
     ("w4a8(None)", "onnxruntime", (ORT,)),  # INT4 weights: float convs in ORT
 ]
-ORT_STATIC = ("MinMax", "Percentile")
+# ORT's quantize_static runs by row name: (calibration method, symmetric activations). The
+# symmetric row is the peer of int8(): uint8 codes around 128, as its export for ORT writes.
+ORT_STATIC = {
+    "MinMax": ("MinMax", False),
+    "Percentile": ("Percentile", False),
+    "MinMax symmetric": ("MinMax", True),
+}
 
 
 @dataclass
@@ -118,23 +123,6 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-def cpu_description() -> str:
-    """The CPU's model name and the integer-matmul ISA flags it has (Linux), for the tables."""
-    info = Path("/proc/cpuinfo")
-    if not info.is_file():
-        return platform.processor() or platform.machine()
-    text = info.read_text()
-    name = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
-        platform.machine(),
-    )
-    flags = next(
-        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-    )
-    have = [f for f in ISA_FLAGS if f in flags]
-    return f"{name} ({', '.join(have) or 'no AVX2 / VNNI / AMX'}; {os.cpu_count()} logical CPUs)"
-
-
 def export_fp32(model: nn.Module, example: Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -150,7 +138,9 @@ def export_fp32(model: nn.Module, example: Tensor, path: Path) -> None:
         )
 
 
-def ort_quantize_static(fp32_path: Path, calib: Tensor, path: Path, method: str) -> None:
+def ort_quantize_static(
+    fp32_path: Path, calib: Tensor, path: Path, method: str, symmetric: bool
+) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -179,6 +169,7 @@ def ort_quantize_static(fp32_path: Path, calib: Tensor, path: Path, method: str)
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, method),
+        extra_options={"ActivationSymmetric": symmetric},
     )
 
 
@@ -412,11 +403,10 @@ def main(argv: list[str] | None = None) -> int:
             control = float64_control(asym, split.evals, sims["int8_asymmetric()"])
         paths["fp32"] = tmp / "fp32.onnx"
         export_fp32(fp32, calib[:1], paths["fp32"])
-        for method in ORT_STATIC:
-            paths[f"ort quantize_static {method}"] = tmp / f"ort_static_{method}.onnx"
-            ort_quantize_static(
-                paths["fp32"], calib, paths[f"ort quantize_static {method}"], method
-            )
+        for name, (method, symmetric) in ORT_STATIC.items():
+            path = tmp / f"ort_static_{name.replace(' ', '_')}.onnx"
+            paths[f"ort quantize_static {name}"] = path
+            ort_quantize_static(paths["fp32"], calib, path, method, symmetric)
         log("ORT quantize_static")
         for runtime in runtimes:
             rows += measure(runtime, paths, sims, split, args.rounds, tmp)
@@ -435,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     meta = {
         "model": "efficientnet-lite0",
-        "cpu": cpu,
+        **describe(),
         "n_calib": N_CALIB,
         "n_eval": len(split.evals),
         "threads": THREADS,

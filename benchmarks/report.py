@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficientnet_lite0 import load_model
 from imagenet_sample import find_data_dir
-from onnx_runtime import cpu_description, export_fp32
+from machine import cpu_description, describe_line
+from onnx_runtime import export_fp32
 
 N_CALIB = 64
 THREADS = 2
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         export_fp32(load_model(), torch.zeros(1, 3, 224, 224), onnx_path)
         wall, result = run_report(onnx_path, data_dir / "dev", tmp / "report.html", args.threads)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"CPU: {cpu_description()}, {args.threads} threads")
+    print(describe_line())
+    print(f"{args.threads} threads")
     print(f"lowbit report, EfficientNet-Lite0 ONNX, {N_CALIB} calibration images:")
     print(f"  wall {wall:.1f} s, peak RSS {peak_mb:.0f} MB")
     print("| variant | latency ms | spread | speed-up | layers run |")

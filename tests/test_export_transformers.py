@@ -17,6 +17,7 @@ from torch import nn
 
 from lowbit import presets
 from lowbit.export import export_onnx
+from lowbit.nn.op_points import op_points
 from lowbit.workflows.quantization import quant_modules, quantize
 
 transformers = pytest.importorskip("transformers")
@@ -106,13 +107,14 @@ def test_dict_inputs_dynamic_batch_and_sequence(qbert, tmp_path):
     assert "bert.embeddings.LayerNorm.weight" in {t.name for t in model.graph.initializer}
     for i in model.graph.input:
         assert [d.dim_param for d in i.type.tensor_type.shape.dim] == ["batch", "sequence"]
-    # one QuantizeLinear per activation quantizer (the median check below only sees the last)
+    # one QuantizeLinear per activation quantizer, those of the residual adds' outputs too (the
+    # median check below only sees the last)
     activations = [
         q
         for m in quant_modules(qbert).values()
         for role, q in m.quantizers().items()
         if role != "weight" and q is not None and q.mode != "off"
-    ]
+    ] + [q for points in op_points(qbert).values() for q in points.quantizers().values()]
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == len(activations) > 12
     for batch, length in [(1, 5), (3, 24)]:  # neither the example's batch nor its length
         tokens = _tokens(batch, length, seed=batch)

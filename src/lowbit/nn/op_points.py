@@ -184,7 +184,8 @@ class _Scope(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         result = func(*args, **(kwargs or {}))
-        if self.depth:
+        # Every torch call of the forward passes here: most are no op kind, so look that up first.
+        if self.depth or func not in _KIND_OF:
             return result
         kind = op_kind(func, sum(isinstance(a, Tensor) for a in args[:2]))
         if kind is None:

@@ -49,7 +49,7 @@ from lowbit.export._trace import (
     signature,
     strip_prefix,
 )
-from lowbit.nn.modules import QuantModule
+from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.op_points import OpPoints, op_points
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import QuantSpec
@@ -181,14 +181,13 @@ def _operator_opset(
 
 
 def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
-    quantized: dict[str, QuantModule] = {}
-    inside: set[int] = set()
-    for name, m in model.named_modules():
-        if isinstance(m, QuantModule):
-            quantized[name] = m
-            inside.update(id(q) for q in m.quantizers().values())
-        elif isinstance(m, OpPoints):
-            inside.update(id(q) for q in m.values())
+    """`quant_modules(model)`, after checking that every quantizer and lowbit module in the model
+    is one the export can write (none outside a QuantModule or OpPoints, no converted module)."""
+    quantized = quant_modules(model)
+    points = op_points(model)
+    inside = {id(q) for m in quantized.values() for q in m.quantizers().values()}
+    inside.update(id(q) for p in points.values() for q in p.values())
+    wrapped = {id(m.module) for m in quantized.values()}
     for name, m in model.named_modules():
         kind = type(m)
         if isinstance(m, TensorQuantizer) and id(m) not in inside:
@@ -200,12 +199,12 @@ def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
         lowbit_type = kind.__module__.startswith("lowbit.nn.") and not isinstance(
             m, QuantModule | TensorQuantizer | OpPoints
         )
-        if lowbit_type and not any(m is q.module for q in quantized.values()):
+        if lowbit_type and id(m) not in wrapped:
             raise NotImplementedError(
                 f"module {name!r}: {kind.__name__} (a converted integer module) cannot be "
                 "exported; export the simulated model from lowbit.quantize, before convert"
             )
-    if not quantized and not op_points(model):
+    if not quantized and not points:
         raise ValueError(
             "the model has no quantized layer (QuantModule) or functional op: quantize it with "
             "lowbit.quantize first, or export the float model with torch.onnx.export"

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from lowbit.nn.modules import quant_modules
 from lowbit.nn.op_points import op_points
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.numerics import quantize
-from lowbit.workflows.quantization import quant_modules
 
 ONNX_DTYPES = {
     "int8": TensorProto.INT8,
@@ -137,9 +137,9 @@ def activation_code_flips(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     theirs = session.run([codes for codes, _, _ in sites], {"input": x.numpy()})
-    simulated = _quantizer_inputs(qmodel, x, [name for _, _, name in sites])
-    flipped = np.zeros(len(x), dtype=bool)
     quantizers = activation_quantizers(qmodel)
+    simulated = _quantizer_inputs(qmodel, x, {name: quantizers[name] for _, _, name in sites})
+    flipped = np.zeros(len(x), dtype=bool)
     for (_, zero_point, name), ort_codes in zip(sites, theirs, strict=True):
         quantizer = quantizers[name]
         zp = quantizer.zero_point
@@ -170,18 +170,17 @@ def activation_quantizers(qmodel: torch.nn.Module) -> dict[str, TensorQuantizer]
 
 
 def _quantizer_inputs(
-    qmodel: torch.nn.Module, x: torch.Tensor, names: list[str]
+    qmodel: torch.nn.Module, x: torch.Tensor, quantizers: dict[str, TensorQuantizer]
 ) -> dict[str, torch.Tensor]:
-    """What each named quantizer receives, one row a sample."""
-    quantizers = activation_quantizers(qmodel)
+    """What each of `quantizers` (by name) receives when `qmodel` runs `x`, one row a sample."""
     seen: dict[str, torch.Tensor] = {}
 
     def keep(name: str, value: torch.Tensor) -> None:
         seen[name] = value.detach().flatten(1)
 
     hooks = [
-        quantizers[name].register_forward_pre_hook(lambda _, a, n=name: keep(n, a[0]))
-        for name in names
+        q.register_forward_pre_hook(lambda _, a, n=name: keep(n, a[0]))
+        for name, q in quantizers.items()
     ]
     try:
         with torch.no_grad():

@@ -149,6 +149,18 @@ def _failures(rank: int, out: Path) -> None:
     (out / f"failures.rank{rank}.json").write_text(json.dumps(seen))
 
 
+def _train(net: nn.Module, data: demo.Digits, rank: int, steps: int) -> None:
+    """`steps` SGD steps of 32 digits from this rank's half of the training set."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    net.train()
+    x, y = data.x_train[rank::WORLD], data.y_train[rank::WORLD]
+    for i in range(0, steps * 32, 32):
+        loss = nn.functional.cross_entropy(net(x[i : i + 32]), y[i : i + 32])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def _qat(rank: int, out: Path) -> None:
     """QAT of the digits CNN under DistributedDataParallel, each rank on its half of the data;
     sync_ranges makes the ranks' activation ranges, and so their integer models, the same."""
@@ -157,15 +169,7 @@ def _qat(rank: int, out: Path) -> None:
     net.load_state_dict(torch.load(out / "digits.pt"))
     calib = demo.calibration_batches(data)[rank::WORLD]
     model = lowbit.prepare_qat(net, presets.int8(), calib, progress=False)
-    ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
-    model.train()
-    x, y = data.x_train[rank::WORLD], data.y_train[rank::WORLD]
-    for i in range(0, 5 * 32, 32):
-        loss = nn.functional.cross_entropy(ddp(x[i : i + 32]), y[i : i + 32])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    _train(DistributedDataParallel(model), data, rank, steps=5)
     trackers = [q.calibrator for q in model.modules() if getattr(q, "track", False)]
     torch.save([c.state_dict() for c in trackers], out / f"qat.before.rank{rank}.pt")
     lowbit.sync_ranges(model)
@@ -260,14 +264,7 @@ def _fsdp(rank: int, out: Path) -> None:
     torch.manual_seed(0)
     model = lowbit.prepare_qat(demo.DigitsNet(), presets.int8(), calib, progress=False)
     fully_shard(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    model.train()
-    x, y = data.x_train[rank::WORLD], data.y_train[rank::WORLD]
-    for i in range(0, 3 * 32, 32):
-        loss = nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    _train(model, data, rank, steps=3)
     lowbit.sync_ranges(model)
     try:
         lowbit.convert(model.eval())

@@ -36,6 +36,7 @@ class IntLinear(IntModule):
         self.out_features, self.in_features = self.weight_shape
         bias = need(tensors, "bias").float() if record.get("bias") else None
         self.register_buffer("bias", bias)
+        self._int4_group_size = self._int4_group()  # fixed by the spec and shape: found once
         self._kernels = self._choose_kernels()
         # per-token int8 inputs that `kernels.dynamic` quantizes itself, in one op on the CPU
         self._per_token = self._kernels[0] == "int_mm" and self._per_token_spec()
@@ -48,7 +49,7 @@ class IntLinear(IntModule):
                 return "int_mm", "int_mm"
             return "dequantize", "dequantize"
         small = self.weight_spec.scheme == "uniform" and self.weight_spec.bits <= 4
-        if small and self._int4_group() is not None:
+        if small and self._int4_group_size is not None:
             return "int4pack", "dequantize"
         if self._int8_weight_ok() and _has_op("_weight_int8pack_mm"):
             return "int8pack", "dequantize"
@@ -184,7 +185,7 @@ class IntLinear(IntModule):
             return weight_only.linear_int4(xf, rows, scale, center, bias, vnni).to(x.dtype)
         if x.shape[0] == 0:
             return self._add_bias(x.new_zeros(0, self.out_features))
-        group = self._int4_group()
+        group = self._int4_group_size
         assert group is not None
         packed = cached(packs, "int4_weight", self._int4_pack)
         scales_zeros = cached(packs, "int4_scales", lambda: self._int4_scales_zeros(group))

@@ -360,7 +360,7 @@ def stored_codes_layout(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[torch.
     bits = packed_bits(spec)
     if bits is None:
         return torch.Size(shape), spec.storage_dtype
-    per_byte = 8 // bits
+    per_byte = _per_byte(bits)
     return torch.Size([-(-math.prod(shape) // per_byte)]), torch.uint8
 
 
@@ -396,7 +396,7 @@ def check_stored_codes(stored: Tensor, spec: QuantSpec) -> None:
     bits = packed_bits(spec)
     if bits is None:
         return check_codes(stored, spec)
-    per_byte = 8 // bits
+    per_byte = _per_byte(bits)
     every_byte = torch.arange(256, dtype=torch.uint8)
     decoded = load_codes(every_byte, spec, (256 * per_byte,)).reshape(256, per_byte)
     present = torch.bincount(stored.reshape(-1), minlength=256) > 0

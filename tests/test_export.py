@@ -19,8 +19,9 @@ from lowbit import presets
 from lowbit.cli import demo
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.export import export_onnx, reduce_range_config
+from lowbit.nn.modules import quant_modules
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
-from lowbit.workflows.quantization import prepare_qat, quant_modules, quantize
+from lowbit.workflows.quantization import prepare_qat, quantize
 
 
 @pytest.fixture(scope="module")

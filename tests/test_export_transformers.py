@@ -17,8 +17,9 @@ from torch import nn
 
 from lowbit import presets
 from lowbit.export import export_onnx
+from lowbit.nn.modules import quant_modules
 from lowbit.nn.op_points import op_points
-from lowbit.workflows.quantization import quant_modules, quantize
+from lowbit.workflows.quantization import quantize
 
 transformers = pytest.importorskip("transformers")
 

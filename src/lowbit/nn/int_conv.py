@@ -88,8 +88,8 @@ class IntConv(IntFallback):
         size = [(k - 1) * d + s + 1 for k, d, s in spans]  # an output of at least 2 x 2
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(1, m.in_channels, *size, generator=generator)
-        w = self.dequantized_weight().to(self.qweight.device)
-        x = x.to(self.qweight.device)
+        w = self.dequantized_weight()  # on the device of the weight's buffers
+        x = x.to(w.device)
         try:  # a forward that fails on the probe is not this one: it keeps its own (and error)
             with torch.no_grad():
                 got = functional_call(m, {"weight": w}, (x,), strict=False)

@@ -20,9 +20,10 @@ from lowbit.algorithms.cle import equalize
 from lowbit.cli import demo
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.evaluate.mixed_precision import auto_quantize
+from lowbit.nn.modules import quant_modules
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
 from lowbit.transforms.fold_bn import fold_batchnorm
-from lowbit.workflows.quantization import quant_modules, quantize
+from lowbit.workflows.quantization import quantize
 
 
 class _MobileBlock(nn.Module):

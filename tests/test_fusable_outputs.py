@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from lowbit import presets
 from lowbit.export import export_onnx
-from lowbit.workflows.quantization import prepare_qat, quant_modules, quantize
+from lowbit.nn.modules import quant_modules
+from lowbit.workflows.quantization import prepare_qat, quantize
 
 
 class ResidualNet(nn.Module):

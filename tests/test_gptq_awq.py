@@ -19,9 +19,9 @@ from lowbit.algorithms.capture import (
 )
 from lowbit.algorithms.gptq import gptq, gptq_quantize_weight
 from lowbit.algorithms.smoothquant import smoothquant
+from lowbit.nn.modules import quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.spec import PerChannel, PerGroup, QuantSpec
-from lowbit.workflows.quantization import quant_modules
 
 D = 64
 

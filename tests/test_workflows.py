@@ -13,9 +13,9 @@ from torch import nn
 from lowbit import presets
 from lowbit.cli import demo
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.nn.modules import QuantModule
+from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
-from lowbit.workflows.quantization import prepare_qat, quant_modules, quantize
+from lowbit.workflows.quantization import prepare_qat, quantize
 
 # One test image of the 360, in accuracy points: the resolution of every accuracy below.
 IMAGE = 100 / 360

@@ -13,7 +13,6 @@ from torch import nn
 from lowbit.batches import Forward, run_user_batch
 from lowbit.config import QuantConfig
 from lowbit.distributed import active_group, example_batch, rank, step
-from lowbit.nn.modules import quant_modules as quant_modules  # re-exported for callers
 from lowbit.nn.quantizer import TensorQuantizer, switched_off
 from lowbit.progress import progress_bar
 from lowbit.transforms.fold_bn import fold_batchnorm

@@ -63,7 +63,9 @@ def analyze(
                 signal[name] += float((r * r).sum())
                 noise[name] += float(((r - q) ** 2).sum())
     errors = [
-        LayerError(name, type(layers[name].module).__name__, _db(signal[name], noise[name]))
+        LayerError(
+            name, type(layers[name].module).__name__, energy_ratio_db(signal[name], noise[name])
+        )
         for name in layers
     ]
     return sorted(errors, key=lambda e: e.sqnr_db)
@@ -92,10 +94,11 @@ def output_sqnr(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float
         r, q = r.double(), q.double()
         signal += float((r * r).sum())
         noise += float(((r - q) ** 2).sum())
-    return _db(signal, noise)
+    return energy_ratio_db(signal, noise)
 
 
-def _db(signal: float, noise: float) -> float:
+def energy_ratio_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): the one SQNR formula; inf when there is no noise."""
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(max(signal, 1e-300) / noise)

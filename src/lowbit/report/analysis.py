@@ -5,7 +5,6 @@ the fixes measured to help the worst layers."""
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,10 +16,10 @@ from torch import Tensor, nn
 from lowbit.batches import run_batch
 from lowbit.calib import FROM_HISTOGRAM, Histogram, from_histogram
 from lowbit.evaluate.accuracy import top1_agreement
-from lowbit.evaluate.sqnr import output_sqnr
-from lowbit.nn.modules import QuantModule
+from lowbit.evaluate.sqnr import energy_ratio_db, output_sqnr
+from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer, switched_off
-from lowbit.numerics import fake_quantize, tensor_qparams
+from lowbit.numerics import fake_quantize, qparams, tensor_qparams
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
 from lowbit.transforms.fold_bn import fold_batchnorm
 
@@ -90,7 +89,7 @@ def activation_stats(
     `histograms` are keyed by quantizer name (`layer.input_quantizer`); layers without one are
     skipped.
     """
-    qmodules = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantModule)}
+    qmodules = quant_modules(qmodel)
     stats = []
     for name in layers:
         histogram = histograms.get(f"{name}.input_quantizer")
@@ -118,8 +117,6 @@ def _as_floats(r: tuple[Tensor, Tensor]) -> tuple[float, float]:
 
 def _histogram_sqnr(h: Histogram, lo: float, hi: float, spec: QuantSpec) -> float:
     """SQNR of the observed values quantized to [lo, hi]: bin centres weighted by their counts."""
-    from lowbit.numerics import qparams
-
     edges = h.edges().double()
     keep = h.counts > 0
     centres = ((edges[:-1] + edges[1:]) / 2)[keep].clamp(h.min, h.max)
@@ -128,7 +125,7 @@ def _histogram_sqnr(h: Histogram, lo: float, hi: float, spec: QuantSpec) -> floa
     approx = fake_quantize(centres.float(), scale, zero_point, spec).double()
     noise = float((counts * (centres - approx) ** 2).sum())
     signal = float((counts * centres**2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    return energy_ratio_db(signal, noise)
 
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:
@@ -202,7 +199,7 @@ def layer_effects(
     This is the layer's own cost; the SQNR at a layer inside the fully quantized model also
     carries what earlier layers passed on, so it ranks deep layers worst whatever they cost.
     """
-    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantModule)}
+    layers = quant_modules(qmodel)
     effects = []
     for name, layer in layers.items():
         others = [q for n, m in layers.items() if n != name for q in _quantizers(m)]
@@ -233,11 +230,10 @@ def suggest_fixes(
     per-tensor weights) per-channel weights for it, in the whole quantized model; propose what
     raised the model's output SQNR (`base_sqnr` as it is) by at least HELPFUL_DB, and list the
     rest as tried."""
-    layers = dict(qmodel.named_modules())
+    layers = quant_modules(qmodel)
     fixes = []
     for effect in effects[:worst]:
         layer = layers[effect.layer]
-        assert isinstance(layer, QuantModule)
         trials = {f"keep it in float: --exclude '{effect.layer}'": switched_off(_quantizers(layer))}
         if per_tensor and _per_tensor_weight(layer):
             trials["per-channel weights (drop --per-tensor)"] = _per_channel_weight(layer)

@@ -290,6 +290,11 @@ def test_extras_round_trip_and_load_ignores_them(tmp_path):
     assert lowbit.io.read_extra(path, "tool.blob") == blob
     assert lowbit.io.read_extra(path, "tool.empty") == b""
     assert lowbit.io.read_extra(path, "tool.none") is None
+    both = lowbit.io.lowbit_format.read_extras(path, ["tool.blob", "tool.none", "tool.empty"])
+    assert both == {"tool.blob": blob, "tool.empty": b""}
+    (tmp_path / "x.lowbit").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a lowbit file"):
+        lowbit.io.lowbit_format.read_extras(tmp_path / "x.lowbit", [])  # checked with no names
     x = torch.randn(2, 512)
     with torch.no_grad():
         assert torch.equal(load(path, _big(seed=1))(x), model(x))

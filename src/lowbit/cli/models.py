@@ -237,16 +237,17 @@ def _onnx2torch() -> Callable[[Any], nn.Module]:
 
 
 def _load_lowbit(path: Path, model_factory: str | None) -> LoadedModel:
-    from lowbit.io.lowbit_format import load, read_extra, read_header
+    from lowbit.io.lowbit_format import load, read_extras
 
-    read_header(path)  # reports a missing or foreign file first
-    recipe = model_factory or read_recipe(path)
+    # one header read; a missing or foreign file is reported first
+    extras = read_extras(path, [] if model_factory else [RECIPE, FLOAT_ONNX])
+    recipe = model_factory or _parse_recipe(extras.get(RECIPE))
     if recipe is None:
         raise ValueError(
             f"{path} does not say how to build its float skeleton (it was not written by "
             "`lowbit quantize`): pass --model-factory package.module:factory"
         )
-    float_onnx = None if model_factory else read_extra(path, FLOAT_ONNX)
+    float_onnx = extras.get(FLOAT_ONNX)
     if float_onnx is not None:
         skeleton, shape = proto_to_torch(_with_zero_weights(float_onnx), path.name)
     else:
@@ -255,11 +256,8 @@ def _load_lowbit(path: Path, model_factory: str | None) -> LoadedModel:
     return LoadedModel(load(path, skeleton).eval(), recipe, "lowbit", shape)
 
 
-def read_recipe(path: Path) -> str | None:
-    """The skeleton recipe the command line stored in a .lowbit file, if any."""
-    from lowbit.io.lowbit_format import read_extra
-
-    raw = read_extra(path, RECIPE)
+def _parse_recipe(raw: bytes | None) -> str | None:
+    """The skeleton recipe the command line stored in a .lowbit file (its RECIPE extra), if any."""
     if raw is None:
         return None
     try:

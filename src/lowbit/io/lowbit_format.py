@@ -25,7 +25,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +149,18 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_extra(path: str | os.PathLike[str], name: str) -> bytes | None:
     """The byte string saved as `extras[name]`, or None if the file has none of that name."""
-    if name not in read_header(path)["extras"]:
-        return None
+    return read_extras(path, [name]).get(name)
+
+
+def read_extras(path: str | os.PathLike[str], names: Iterable[str]) -> dict[str, bytes]:
+    """Those of `names` the file has as extras, from one read of its header; ValueError if
+    `path` is not a lowbit file (also when `names` is empty)."""
+    stored = read_header(path)["extras"]
+    present = [n for n in names if n in stored]
+    if not present:
+        return {}
     with safe_open(str(path), framework="pt") as f:
-        return bytes(f.get_tensor(_EXTRA + name).numpy())
+        return {n: bytes(f.get_tensor(_EXTRA + n).numpy()) for n in present}
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:

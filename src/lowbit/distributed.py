@@ -14,7 +14,7 @@ local thing.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ __all__ = [
     "check_same",
     "example_batch",
     "gather_objects",
+    "gather_shards",
     "on_rank_zero",
     "rank",
     "step",
@@ -86,6 +87,18 @@ def gather_objects(obj: Any, group: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+def gather_shards(
+    calib_data: Iterable[Any], group: Any, what: str, compute: Callable[[], T]
+) -> list[T]:
+    """`compute()` on every rank whose `calib_data` has a batch, as one `step` named `what`;
+    what those ranks computed, in rank order (a rank without batches adds nothing)."""
+    mine = None
+    with step(group, what):
+        if next(iter(calib_data), None) is not None:
+            mine = compute()
+    return [r for r in gather_objects(mine, group) if r is not None]
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from lowbit import numerics
 from lowbit.batches import check_batch, first_batch, tensors_of
-from lowbit.distributed import gather_objects, step
+from lowbit.distributed import gather_shards
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import stderr_console
@@ -89,11 +90,8 @@ def concat_batches(calib_data: Iterable[Any], max_samples: int | None, group: An
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
     if group is not None:
-        mine = None
-        with step(group, "joining the calibration batches"):
-            if next(iter(calib_data), None) is not None:
-                mine = concat_batches(calib_data, max_samples)
-        shards = [b for b in gather_objects(mine, group) if b is not None]
+        join = partial(concat_batches, calib_data, max_samples)
+        shards = gather_shards(calib_data, group, "joining the calibration batches", join)
         if not shards:
             raise ValueError("calib_data is empty on every rank: calibration needs a batch")
         return concat_batches(shards, max_samples)

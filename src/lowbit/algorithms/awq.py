@@ -20,6 +20,7 @@ Then the weight quantizer's parameters are set again from the scaled weight.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from lowbit import numerics
 from lowbit.algorithms.capture import capture_inputs
 from lowbit.algorithms.smoothquant import ScaleGroup, find_scale_groups, fold_scale, foldable
 from lowbit.batches import Forward
-from lowbit.distributed import active_group, example_batch, gather_objects, step
+from lowbit.distributed import active_group, example_batch, gather_shards
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
@@ -177,11 +178,8 @@ def _capture(
     (a rank without batches has none)."""
     if group is None:
         return capture_inputs(qmodel, layer, calib_data, forward, max_rows=_MAX_ROWS)
-    x = None
-    with step(group, "AWQ's capture of layer inputs"):
-        if next(iter(calib_data), None) is not None:
-            x = capture_inputs(qmodel, layer, calib_data, forward, max_rows=_MAX_ROWS)
-    shards = [t for t in gather_objects(x, group) if t is not None]
+    capture = partial(capture_inputs, qmodel, layer, calib_data, forward, max_rows=_MAX_ROWS)
+    shards = gather_shards(calib_data, group, "AWQ's capture of layer inputs", capture)
     return torch.cat(shards)[:_MAX_ROWS]
 
 

@@ -166,7 +166,7 @@ def example_batch(calib_data: Any, group: Any) -> Any:
     holders = [r for r, has in enumerate(gather_objects(example is not None, group)) if has]
     if not holders:
         raise ValueError("calib_data is empty on every rank: calibration needs at least one batch")
-    if example is None or len(holders) < dist.get_world_size(group):
+    if len(holders) < dist.get_world_size(group):  # every rank joins the broadcast
         box = [example]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, holders[0]), group=group)
         example = box[0] if example is None else example

@@ -399,5 +399,5 @@ def check_stored_codes(stored: Tensor, spec: QuantSpec) -> None:
     per_byte = _per_byte(bits)
     every_byte = torch.arange(256, dtype=torch.uint8)
     decoded = load_codes(every_byte, spec, (256 * per_byte,)).reshape(256, per_byte)
-    present = torch.bincount(stored.reshape(-1), minlength=256) > 0
+    present = torch.bincount(stored.reshape(-1), minlength=256).cpu() > 0
     check_codes(decoded[present], spec)

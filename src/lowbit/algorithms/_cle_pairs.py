@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from lowbit.transforms.fold_bn import PRODUCER_TYPES
+from lowbit.transforms.fold_bn import BN_TYPES, PRODUCER_TYPES
 from lowbit.transforms.trace import Call, Trace, Value
 
 __all__ = ["Act", "Relu6Mode", "find_pairs"]
@@ -32,7 +32,6 @@ _PASS_THROUGH: tuple[type[nn.Module], ...] = (
     nn.Dropout3d,
 )
 _ACT_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh)
-_BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,7 @@ def _function_act(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
 
 def _opaque(module: nn.Module) -> bool:
     """Modules whose insides the trace does not look into (layers, activations, leaves)."""
-    known = (*EQ_LAYERS, *PRODUCER_TYPES, *_ACT_MODULES, *_PASS_THROUGH, *_BN_TYPES)
+    known = (*EQ_LAYERS, *PRODUCER_TYPES, *_ACT_MODULES, *_PASS_THROUGH, *BN_TYPES)
     return isinstance(module, known) or not any(True for _ in module.children())
 
 

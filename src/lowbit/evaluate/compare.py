@@ -19,10 +19,18 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from lowbit.calib import FROM_HISTOGRAM, Histogram
+from lowbit.calib import FROM_HISTOGRAM, Histogram, HistogramCalibrator, from_histogram
 from lowbit.config import QuantConfig
+from lowbit.evaluate.accuracy import accuracy, logits, top1_agreement
 from lowbit.evaluate.latency import Latency
+from lowbit.evaluate.size import model_bytes
+from lowbit.evaluate.sqnr import output_sqnr
+from lowbit.nn import IntModule
+from lowbit.nn.modules import QuantModule
+from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
+from lowbit.workflows.conversion import convert
+from lowbit.workflows.quantization import quantize
 
 # A quantization workflow that needs no calibration data, e.g. `quantize_dynamic`.
 Workflow = Callable[[nn.Module], nn.Module]
@@ -96,7 +104,6 @@ def quantize_variant(
 ) -> Variant:
     """`model` quantized with a config (simulated, calibrated on `calib`) or by a workflow,
     timed."""
-    from lowbit.workflows.quantization import quantize
 
     start = time.perf_counter()
     if isinstance(how, QuantConfig):
@@ -173,8 +180,6 @@ def _recalibrated_group(
 
 def input_histograms(qmodel: nn.Module) -> dict[str, Histogram]:
     """The histogram each calibrated activation quantizer observed, by qualified name."""
-    from lowbit.calib import HistogramCalibrator
-    from lowbit.nn.quantizer import TensorQuantizer
 
     return {
         name: q.calibrator.histogram
@@ -195,8 +200,6 @@ def recalibrated(
 ) -> nn.Module:
     """`qmodel` (a copy unless `inplace`) whose quantizers named in `histograms` take
     `calibrator`'s ranges from those histograms: no forward pass."""
-    from lowbit.calib import from_histogram
-    from lowbit.nn.quantizer import TensorQuantizer
 
     model = qmodel if inplace else copy.deepcopy(qmodel)
     quantizers = dict(model.named_modules())
@@ -211,8 +214,6 @@ def recalibrated(
 def deployable(variant: Variant) -> nn.Module:
     """The model that runs in PyTorch after quantization: integer modules (`convert`), built
     once per variant."""
-    from lowbit.nn.modules import QuantModule
-    from lowbit.workflows.conversion import convert
 
     if variant.runnable is None:
         if not any(isinstance(m, QuantModule) for m in variant.model.modules()):
@@ -235,7 +236,6 @@ KERNEL_NAMES = {
 
 def layer_kernels(model: nn.Module) -> dict[tuple[str, str], int]:
     """How many converted layers of each kind run each kernel: {("conv", "onednn_qconv"): 49}."""
-    from lowbit.nn import IntModule
 
     counts: Counter[tuple[str, str]] = Counter()
     for m in model.modules():
@@ -267,8 +267,6 @@ def measure(
     """Fill in size, and for the deployable (converted) model: accuracy on labelled `data` and,
     given the float model's logits on `calib`, top-1 agreement with and output SQNR against
     them."""
-    from lowbit.evaluate import model_bytes, output_sqnr
-    from lowbit.evaluate.accuracy import accuracy, logits, top1_agreement
 
     variant.size_bytes = model_bytes(variant.model)
     runnable = deployable(variant)

@@ -17,14 +17,10 @@ from torch.nn.utils import parametrize
 from lowbit.batches import outputs_match, tensors_of
 from lowbit.transforms.trace import Trace, Value, trace
 
-__all__ = ["PRODUCER_TYPES", "flatten_outputs", "fold_batchnorm", "fold_bn_into"]
+__all__ = ["BN_TYPES", "PRODUCER_TYPES", "flatten_outputs", "fold_batchnorm", "fold_bn_into"]
 
-_BN_TYPES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-)
+# Every BatchNorm (1d / 2d / 3d, SyncBatchNorm, materialised lazy ones) folds by one formula.
+BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d,
@@ -53,7 +49,7 @@ def fold_bn_into(module: nn.Module, bn: nn.Module) -> None:
     keeps its identity (optimizers holding it stay valid); a bias is created if there was none.
     ``bn`` itself is left untouched: the caller removes it from the graph.
     """
-    if not isinstance(bn, _BN_TYPES):
+    if not isinstance(bn, BN_TYPES):
         raise TypeError(f"bn: expected a BatchNorm module, got {type(bn).__name__}")
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
     out_channels = _output_channel_count(module)
@@ -130,14 +126,14 @@ def _uses(model: nn.Module, seen: Trace) -> _Uses:
     for call in seen.calls:
         readers = [v.id for v in call.inputs if v.id in uses.outputs]
         if call.module is None:
-            if not any(isinstance(modules[s], _BN_TYPES) for s in call.scope):
+            if not any(isinstance(modules[s], BN_TYPES) for s in call.scope):
                 for key in readers:
                     uses.function_users[key] = uses.function_users.get(key, 0) + 1
             continue
         module = modules[call.module]
         for key in readers:
             uses.module_users.setdefault(key, set()).add(call.module)
-        if isinstance(module, _BN_TYPES) and call.first is not None:
+        if isinstance(module, BN_TYPES) and call.first is not None:
             uses.bn_inputs.setdefault(call.module, call.first.id)
         elif isinstance(module, PRODUCER_TYPES) and call.output is not None:
             uses.outputs[call.output.id] = (call.module, call.output)

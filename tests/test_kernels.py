@@ -338,10 +338,14 @@ def test_compiled_converted_conv_model_matches_eager(monkeypatch):
     torch.manual_seed(0)
     calib = [torch.randn(4, 3, 15, 13)]
     int_model = convert(quantize(ConvNet(), presets.int8(), calib, progress=False))
-    compiled = torch.compile(int_model)
     x = torch.randn(2, 3, 15, 13)
     with torch.no_grad():
-        assert _rel(compiled(x), int_model(x)) < 1e-5
+        # Run eagerly first, as users warm up: the oneDNN packs built here must not be baked
+        # into the graph as plain tensors (that read out of bounds and crashed the process).
+        eager = int_model(x)
+        compiled = torch.compile(int_model)
+        assert _rel(compiled(x), eager) < 1e-5
+        assert _rel(int_model(x), eager) == 0
 
 
 def test_conv_without_kernel_keeps_the_fallback():
@@ -432,6 +436,40 @@ def test_compiled_quantize_dynamic_model_matches_eager():
         x = torch.randn(m, 37)
         with torch.no_grad():
             assert _rel(compiled(x), dyn(x)) < 1e-5, m
+
+
+def test_compiled_kernel_is_checked_against_eager_before_it_is_trusted(monkeypatch):
+    """A compiled kernel that computes other codes than the eager one on this CPU is dropped with
+    a warning; each new signature is checked once, then trusted."""
+    monkeypatch.setitem(kernels.compile._state, "enabled", True)
+    calls = []
+
+    def codes(x: Tensor, shift: int) -> Tensor:
+        calls.append("eager")
+        return (x + shift).to(torch.uint8)
+
+    def right(x: Tensor, shift: int) -> Tensor:
+        calls.append("compiled")
+        return (x + shift).to(torch.uint8)
+
+    checked = kernels.compile.Compiled(codes)
+    checked._compiled = right
+    x = torch.arange(6.0)
+    for _ in range(2):
+        assert torch.equal(checked(x, 1), codes(x, 1))
+    assert calls.count("compiled") == 2 and calls.count("eager") == 3  # checked once, then trusted
+    checked(torch.arange(7.0), 1)  # a new shape: checked again
+    assert calls.count("eager") == 4
+
+    wrong = kernels.compile.Compiled(codes)
+    wrong._compiled = lambda x, shift: torch.zeros_like(x, dtype=torch.uint8)
+    with pytest.warns(UserWarning, match="other values than the eager one"):
+        assert torch.equal(wrong(x, 1), codes(x, 1))
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(wrong(x, 1), codes(x, 1))  # eager for good, no second warning
+    assert "compiled" not in calls
 
 
 def test_failed_native_build_warns_once_and_keeps_the_eager_kernels(monkeypatch):

@@ -45,6 +45,11 @@ class Packs:
         """
         # Runs on every forward of a converted layer: a plain loop.
         compiling = torch.compiler.is_compiling()
+        if compiling and self._entries:
+            # Layouts built eagerly hold opaque tensors (oneDNN's packed weights) that dynamo
+            # would bake into the graph as plain constants and read out of bounds: trace the
+            # packing instead.
+            return {}
         stamp = self._stamp
         fresh = len(stamp) == len(sources)
         if fresh:

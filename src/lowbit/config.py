@@ -82,6 +82,11 @@ class QuantConfig:
         module, the op kind, its index among that kind in one call of that module's own
         forward) or on the calling module's name (`"blocks.*"`); values a spec, or `None` to
         keep it in float. The later matching entry wins. See docs/export.md, "Functional ops".
+    ends: the specs of the first and the last layer that the default specs quantize (in module
+        order, no override deciding them), when there are at least three such layers:
+        XNOR-Net and TWN keep those in higher precision (a binary first layer sees raw pixels,
+        a binary last layer makes the logits). `LayerQuant()` keeps them float; None (default)
+        treats them as the others. The summary names them.
     """
 
     weight: QuantSpec | None = None
@@ -94,10 +99,13 @@ class QuantConfig:
     fusable_outputs: bool = False
     ops: Mapping[str, QuantSpec | None] = field(default_factory=dict)
     op_overrides: Mapping[str, QuantSpec | None] = field(default_factory=dict)
+    ends: LayerQuant | None = None
 
     def __post_init__(self) -> None:
         for role in ("weight", "input", "output"):
             _check_spec(getattr(self, role), f"QuantConfig.{role}")
+        if self.ends is not None and not isinstance(self.ends, LayerQuant):
+            raise TypeError(f"QuantConfig.ends must be a LayerQuant or None, got {self.ends!r}")
         for flag in ("learnable_scales", "fusable_outputs"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"QuantConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
@@ -158,6 +166,7 @@ class QuantConfig:
 
     def _calibrated_specs(self) -> set[QuantSpec]:
         layers = [self.default, *(v for v in self.overrides.values() if v is not None)]
+        layers += [self.ends] if self.ends is not None else []
         ops = [*self.ops.values(), *self.op_overrides.values()]
         return {
             spec

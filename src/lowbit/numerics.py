@@ -242,6 +242,35 @@ def fake_quantize(
     return restore((q - z) * s)
 
 
+def centered_sign(x: Tensor, center: Tensor, scale: Tensor, axis: int) -> Tensor:
+    """Binary activation around a per-channel centre: c + scale * sign(x - c), sign(0) = +1.
+
+    The centre makes a sign carry information where x does not change sign (ReLU outputs):
+    XNOR-Net binarizes after a BatchNorm, ReActNet (Liu et al. 2020) learns a threshold per
+    channel (RSign); this is that threshold, with the centre added back so the two levels
+    c - scale and c + scale approximate x itself. `center` has one value per slice of `axis`,
+    `scale` is one value. Gradients (straight-through, clipped to |x - c| <= scale): x gets 1
+    inside, the centre 1 outside, the scale LSQ's sign(u) - u inside (u = (x - c) / scale),
+    scaled by 1 / sqrt(x.numel()).
+    """
+    check_finite(x)
+    axis = _axis(x, axis)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    c = center.to(x.dtype).reshape(shape)
+    s = scale.to(x.dtype)
+    with torch.no_grad():
+        y = c + s * torch.where(x - c >= 0, 1.0, -1.0).to(x.dtype)
+    if not (x.requires_grad or center.requires_grad or scale.requires_grad):
+        return y
+    if scale.requires_grad:
+        s = _scale_gradient(s, 1.0 / math.sqrt(max(x.numel(), 1)))
+    u = (x - c) / s
+    clipped = u.clamp(-1.0, 1.0)
+    surrogate = c + s * (clipped - clipped.detach() + torch.where(u >= 0, 1.0, -1.0).to(x.dtype))
+    return y + (surrogate - surrogate.detach())
+
+
 def _round(v: Tensor, spec: QuantSpec, generator: Rng) -> Tensor:
     if spec.rounding == "stochastic":
         noise = torch.rand(v.shape, generator=generator, dtype=v.dtype, device=v.device)

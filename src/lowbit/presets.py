@@ -6,8 +6,9 @@ Configs are frozen: derive a variant with `dataclasses.replace(config, ...)`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
-from lowbit.config import QuantConfig
+from lowbit.config import LayerQuant, QuantConfig
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 # TensorRT's int8: symmetric, narrow range [-127, 127], weights per output channel.
@@ -61,19 +62,45 @@ def w4a8(group_size: int | None = 128, calibrator: str = "minmax") -> QuantConfi
     return QuantConfig(weight=weight, input=_INT8_ACT, calibrator=calibrator)
 
 
-def binary(xnor: bool = False) -> QuantConfig:
+Ends = Literal["int8", "float", "same"]
+
+
+def binary(xnor: bool = False, ends: Ends | None = None) -> QuantConfig:
     """Binary weights (sign times the mean |w| per channel, XNOR-Net / BWN).
 
-    xnor=True binarizes the inputs of each layer too (XNOR-Net), with a per-tensor scale.
+    xnor=True binarizes the inputs of each layer too (XNOR-Net): around a centre per channel
+    with one scale, set by calibration and learned in QAT (`lowbit.nn.binary_act`), so that
+    ReLU outputs binarize to something other than +1. Converted, such layers run on bits
+    (`module.kernel` "xnor"; binary weights with float inputs: "bwn").
+    ends: the first and last layers (models of three or more): "int8" (W8A8, the default with
+    xnor=True), "float", or "same" as the others (the default without xnor): XNOR-Net keeps
+    them in higher precision; the summary says which they are.
     """
     weight = QuantSpec(bits=1, scheme="binary", granularity=PerChannel(0))
     act = QuantSpec(bits=1, scheme="binary", granularity=PerTensor()) if xnor else None
-    return QuantConfig(weight=weight, input=act)
+    ends = ends if ends is not None else ("int8" if xnor else "same")
+    return QuantConfig(weight=weight, input=act, ends=_ends(ends))
 
 
-def ternary() -> QuantConfig:
-    """Ternary weights {-a, 0, +a} per channel (TWN); float inputs."""
-    return QuantConfig(weight=QuantSpec(bits=2, scheme="ternary", granularity=PerChannel(0)))
+def ternary(activations: Literal["float", "int8"] = "float", ends: Ends = "same") -> QuantConfig:
+    """Ternary weights {-a, 0, +a} per channel (TWN); float inputs, or static per-tensor int8
+    ones. Converted, both run on two bit-planes (`module.kernel` "ternary").
+
+    ends: the first and last layers (models of three or more): "int8", "float" or "same".
+    """
+    if activations not in ("float", "int8"):
+        raise ValueError(f"activations must be 'float' or 'int8', got {activations!r}")
+    weight = QuantSpec(bits=2, scheme="ternary", granularity=PerChannel(0))
+    act = _INT8_ACT if activations == "int8" else None
+    return QuantConfig(weight=weight, input=act, ends=_ends(ends))
+
+
+def _ends(ends: str) -> LayerQuant | None:
+    """`QuantConfig.ends` for a preset's `ends` argument."""
+    choices = {"int8": LayerQuant(_INT8_WEIGHT, _INT8_ACT), "float": LayerQuant(), "same": None}
+    if ends not in choices:
+        raise ValueError(f"ends must be one of {', '.join(choices)}, got {ends!r}")
+    return choices[ends]
 
 
 # The named presets, as the command line offers them; the calibrator reaches only the presets

@@ -41,7 +41,9 @@ from lowbit.nn.packs import Packs
 from lowbit.nn.records import ActMode, describe, spec_from_dict
 from lowbit.spec import QuantSpec
 
-Kernel = Literal["int_mm", "int8pack", "int4pack", "onednn_qconv", "gather", "dequantize"]
+Kernel = Literal[
+    "int_mm", "int8pack", "int4pack", "onednn_qconv", "gather", "dequantize", "xnor", "bwn", "ternary"
+]
 
 
 class IntModule(nn.Module):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit import numerics
+from lowbit.nn import int_binary
 from lowbit.nn.int_base import IntFallback, IntModule
 from lowbit.nn.int_conv import IntConv
 from lowbit.nn.int_embedding import IntEmbedding
@@ -17,7 +18,15 @@ from lowbit.nn.modules import QuantModule
 from lowbit.nn.records import act_record, spec_to_dict
 
 _KINDS: dict[str, type[IntModule]] = {
-    c.kind: c for c in (IntLinear, IntConv, IntEmbedding, IntFallback)
+    c.kind: c
+    for c in (
+        IntLinear,
+        IntConv,
+        IntEmbedding,
+        IntFallback,
+        int_binary.IntBinaryLinear,
+        int_binary.IntBinaryConv,
+    )
 }
 
 
@@ -29,7 +38,7 @@ def int_module_from_record(
     if cls is None:
         raise ValueError(f"unknown integer module kind {record.get('kind')!r}")
     if issubclass(cls, IntFallback):
-        return cls(module, record, tensors)
+        return cls(module, record, tensors)  # type: ignore[call-arg]
     return IntLinear(record, tensors)
 
 
@@ -67,6 +76,9 @@ def int_module_from_quant(qm: QuantModule) -> IntModule | None:
         if record[role] is not None and record[role]["mode"] == "static":
             tensors[f"{role}_scale"] = q.scale.detach().float().clone()
             tensors[f"{role}_zero_point"] = q.zero_point.detach().clone()
+    bits = int_binary.build(qm, module, record, tensors)
+    if bits is not None:
+        return bits
     plain_linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
     if plain_linear:
         record["kind"] = IntLinear.kind

@@ -9,10 +9,11 @@ from torch import nn
 
 from lowbit.calib import make_calibrator
 from lowbit.config import LayerQuant, QuantConfig, weight_spec_for
+from lowbit.nn.binary_act import CenteredSign
 from lowbit.nn.modules import QUANTIZABLE, QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.nn.records import describe
-from lowbit.spec import QuantSpec
+from lowbit.spec import PerTensor, QuantSpec
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
@@ -34,6 +35,8 @@ def static_quantizers(config: QuantConfig) -> QuantizerFactory:
     """Quantizers for static PTQ: activations calibrated, weights fixed from the weight."""
 
     def make(spec: QuantSpec, role: str) -> TensorQuantizer:
+        if _centred(spec, role):
+            return CenteredSign(spec)
         if role == "weight" or spec.scheme in ("binary", "ternary"):
             return TensorQuantizer(spec)
         calibrator = make_calibrator(config.calibrator, spec.granularity, **config.calibrator_args)
@@ -48,12 +51,20 @@ def qat_quantizers(config: QuantConfig) -> QuantizerFactory:
 
     def make(spec: QuantSpec, role: str) -> TensorQuantizer:
         learnable = config.learnable_scales and spec.scheme == "uniform"
+        if _centred(spec, role):
+            return CenteredSign(spec, learnable=True)
         if role == "weight" or spec.scheme in ("binary", "ternary"):
             return TensorQuantizer(spec, dynamic=not learnable, learnable=learnable)
         calibrator = make_calibrator("moving_average", spec.granularity)
         return TensorQuantizer(spec, calibrator, learnable=learnable, track=not learnable)
 
     return make
+
+
+def _centred(spec: QuantSpec, role: str) -> bool:
+    """Binary activations binarize around a centre per channel (`CenteredSign`): a plain sign
+    turns every ReLU output into +1."""
+    return role != "weight" and spec.scheme == "binary" and spec.granularity == PerTensor()
 
 
 def check_overrides(model: nn.Module, config: QuantConfig) -> None:
@@ -75,8 +86,21 @@ def swap_modules(
 ) -> list[LayerRecord]:
     """Replace quantizable layers in place; return one record per layer with weights."""
     records: list[LayerRecord] = []
-    _swap_children(model, "", config, make_quantizer, records)
+    _swap_children(model, "", config, make_quantizer, records, _ends(model, config))
     return records
+
+
+def _ends(model: nn.Module, config: QuantConfig) -> dict[str, str]:
+    """The first and last layers the default specs quantize, when `config.ends` applies to
+    them (at least three such layers): name -> "first" / "last"."""
+    if config.ends is None:
+        return {}
+    names = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, QUANTIZABLE) and config.for_layer(name, m) == (config.default, None)
+    ]
+    return {names[0]: "first", names[-1]: "last"} if len(names) >= 3 else {}
 
 
 def _swap_children(
@@ -85,19 +109,24 @@ def _swap_children(
     config: QuantConfig,
     make_quantizer: QuantizerFactory,
     records: list[LayerRecord],
+    ends: dict[str, str],
 ) -> None:
     for child_name, child in parent.named_children():
         name = f"{prefix}{child_name}"
         kind = type(child).__name__
         if isinstance(child, QUANTIZABLE):
             layer, decided_by = config.for_layer(name, child)
+            end = ""
+            if name in ends:
+                end = f" (the {ends[name]} layer: QuantConfig.ends, XNOR-Net practice)"
+            layer = config.ends if end else layer
             wrapped = _wrap(child, layer, make_quantizer) if layer is not None else None
             if wrapped is None:
                 why = f"kept in float by override {decided_by}" if decided_by else "no spec"
-                records.append(LayerRecord(name, kind, False, why))
+                records.append(LayerRecord(name, kind, False, "kept in float" + end if end else why))
                 continue
             setattr(parent, child_name, wrapped)
-            records.append(LayerRecord(name, kind, True, _how(wrapped)))
+            records.append(LayerRecord(name, kind, True, _how(wrapped) + end))
             continue
         own_params = list(child.parameters(recurse=False))
         if own_params and isinstance(child, _NORMS):
@@ -112,7 +141,7 @@ def _swap_children(
                     "its own forward code)",
                 )
             )
-        _swap_children(child, f"{name}.", config, make_quantizer, records)
+        _swap_children(child, f"{name}.", config, make_quantizer, records, ends)
 
 
 def _wrap(
@@ -130,6 +159,10 @@ def _wrap(
     if layer.input is not None and not is_embedding:
         input_q = make_quantizer(layer.input, "input")
     output_q = make_quantizer(layer.output, "output") if layer.output is not None else None
+    if isinstance(module, nn.modules.conv._ConvNd):  # centres per channel: axis 1
+        for q in (input_q, output_q):
+            if isinstance(q, CenteredSign):
+                q.set_axis(1)
     return QuantModule(module, weight_q, input_q, output_q)
 
 

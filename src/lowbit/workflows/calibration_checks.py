@@ -24,6 +24,7 @@ from torch import nn
 
 from lowbit.batches import model_input, tensors_of
 from lowbit.exceptions import LowbitWarning
+from lowbit.nn.binary_act import CenteredSign
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -48,6 +49,14 @@ def finish_calibration(model: nn.Module, quantizers: list[TensorQuantizer], batc
             continue
         lo, hi = q.calibrator.compute_range(q.spec)  # once: the entropy / MSE searches cost
         if bool((torch.maximum(lo.abs(), hi.abs()) <= torch.finfo(torch.float32).tiny).all()):
+            if isinstance(q, CenteredSign):  # a constant input: no sign around its centre
+                _warn(
+                    f"{names[id(q)]}: every channel of its input held one value throughout "
+                    "calibration, so its sign around the channel mean carries nothing; it stays "
+                    "in float"
+                )
+                q.set_mode("off")
+                continue
             zeros.append(names[id(q)])
             q.set_mode("off")
             continue
@@ -113,15 +122,16 @@ class SignWatch:
 
 
 def binary_activation_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    """The binary (sign) input and output quantizers of a model's quantized layers, by what
-    they quantize ("input of layer 'features.3'")."""
+    """The plain binary (sign) input and output quantizers of a model's quantized layers, by
+    what they quantize ("input of layer 'features.3'")."""
     found = {}
     for name, m in model.named_modules():
         if not isinstance(m, QuantModule):
             continue
         for role in ("input", "output"):
             q = getattr(m, f"{role}_quantizer")
-            if q is not None and q.spec.scheme == "binary":
+            # centred ones (`CenteredSign`) binarize around their channel means
+            if q is not None and q.spec.scheme == "binary" and not isinstance(q, CenteredSign):
                 found[f"{role} of layer {name!r}"] = q
     return found
 

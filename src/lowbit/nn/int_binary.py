@@ -1,0 +1,308 @@
+"""Converted binary and ternary layers that compute on bits (`lowbit.kernels.binary`).
+
+Kernels (`module.kernel`):
+- "xnor": binary weights x centred binary inputs (`binary(xnor=True)`). The input becomes bits of
+  x >= c (c the per-channel centre), the products popcounts: y = beta * alpha_n * dot + alpha_n *
+  (sign(w_n) . c) + bias, dot = K - 2 * popcount(a XOR w), exactly the simulation's
+  (c + beta * sign(x - c)) @ (alpha * sign(w)) with its integer part computed on bits. A Conv2d
+  (zero padding, one group) runs a bit im2col: padded taps count as +1 and their share is taken
+  back out, so zero padding of the centred input is exact as well.
+- "bwn": binary weights x float inputs (or int8 ones: exact int32 sums): the inputs added with
+  the weight's sign, from the weight's bits.
+- "ternary": ternary weights on two bit-planes (sign, nonzero) x float or int8 inputs as "bwn";
+  x dynamic ternary inputs by popcounts.
+- "dequantize": anything else (other devices, grouped or strided-padding convolutions), with the
+  same centred binarization in float.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit import numerics
+from lowbit.kernels import binary
+from lowbit.nn.int_base import IntFallback, Kernel
+from lowbit.nn.packs import cached
+from lowbit.nn.records import spec_from_dict
+from lowbit.spec import PerChannel, PerTensor, QuantSpec
+
+Packed = dict[str, Any]
+
+
+def bits_kernel(
+    weight: QuantSpec, input_spec: QuantSpec | None, input_mode: str | None, centred: bool
+) -> Kernel | None:
+    """The bit kernel for these specs ("xnor", "bwn", "ternary"), None where none applies."""
+    if weight.scheme not in ("binary", "ternary") or weight.granularity not in (
+        PerTensor(),
+        PerChannel(0),
+    ):
+        return None
+    name: Kernel = "bwn" if weight.scheme == "binary" else "ternary"  # type: ignore[assignment]
+    if input_spec is None:
+        return name
+    if centred:
+        return "xnor" if weight.scheme == "binary" else None
+    if _int8_input(input_spec, input_mode):
+        return name
+    ternary_input = input_spec.scheme == "ternary" and input_spec.granularity == PerTensor()
+    return "ternary" if ternary_input and weight.scheme == "ternary" else None
+
+
+def _int8_input(spec: QuantSpec, mode: str | None) -> bool:
+    """Symmetric signed 8-bit per-tensor inputs: int8 codes, zero point 0."""
+    return (
+        spec.scheme == "uniform"
+        and spec.signed
+        and spec.symmetric
+        and spec.bits <= 8
+        and spec.granularity == PerTensor()
+        and mode in ("static", "dynamic")
+    )
+
+
+class _BitsBase(IntFallback):
+    """Shared: centred activations, the weight's bit-planes, the per-output weight scale."""
+
+    def __init__(
+        self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> None:
+        super().__init__(module, record, tensors)
+        self._axes: dict[str, int] = {}
+        for role in ("input", "output"):
+            rec = record.get(role)
+            if rec is not None and rec.get("center"):
+                self.register_buffer(f"{role}_center", tensors[f"{role}_center"].float())
+                self._axes[role] = int(rec.get("axis", -1))
+
+    def _centred(self, role: str) -> bool:
+        return role in self._axes
+
+    def _fake_quant(self, role: str, x: Tensor) -> Tensor:
+        if not self._centred(role) or x.numel() == 0:
+            return super()._fake_quant(role, x)
+        center, scale = getattr(self, f"{role}_center"), getattr(self, f"{role}_scale")
+        return numerics.centered_sign(x, center, scale, self._axes[role])
+
+    def _pack_sources(self) -> tuple[Tensor | None, ...]:
+        return (*super()._pack_sources(), getattr(self.module, "bias", None))
+
+    def _rows(self) -> tuple[Tensor, Tensor | None]:
+        """The weight's sign and nonzero bit rows [N, words(K)], K in the weight's order."""
+        codes = self.weight_codes().reshape(self.weight_shape[0], -1)
+        nonzero = binary.pack_bits(codes != 0) if self.weight_spec.scheme == "ternary" else None
+        return binary.pack_bits(codes > 0), nonzero
+
+    def _alpha(self) -> Tensor:
+        return self.weight_scale.float().expand(self.weight_shape[0]).contiguous()
+
+    def _bias(self) -> Tensor:
+        bias = getattr(self.module, "bias", None)
+        n = self.weight_shape[0]
+        return torch.zeros(n) if bias is None else bias.detach().float()
+
+    def _int8_codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """int8 input codes and the input scale (static, or from x itself)."""
+        spec = self.input_spec
+        assert spec is not None
+        scale, zero_point = self._qparams("input", x)
+        return numerics.quantize(x, scale, zero_point, spec).to(torch.int8), scale.float()
+
+
+class IntBinaryLinear(_BitsBase):
+    """A Linear with binary or ternary weights on bits; see the module docstring."""
+
+    kind = "IntBinaryLinear"
+
+    def __init__(
+        self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> None:
+        super().__init__(module, record, tensors)
+        chosen = bits_kernel(
+            self.weight_spec, self.input_spec, self.input_mode, self._centred("input")
+        )
+        if type(module).forward is not nn.Linear.forward:
+            chosen = None  # a subclass computes something else in its forward
+        self._kernels = (chosen or "dequantize", "dequantize")
+        self.out_features, self.in_features = self.weight_shape
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        kernel = self.kernel
+        if kernel == "dequantize" or args or kwargs or not isinstance(x, Tensor):
+            return super().forward(x, *args, **kwargs)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x: {self.kind} expects {self.in_features} features in the last dimension, "
+                f"got shape {tuple(x.shape)}"
+            )
+        rows = x.reshape(-1, self.in_features).float()
+        packs = self.current_packs()
+        if kernel == "xnor":
+            y = self._xnor(rows, packs)
+        elif self.input_spec is not None and self.input_spec.scheme == "ternary":
+            y = self._ternary_inputs(rows, packs)
+        else:
+            y = self._sign_sums(rows, packs)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return self._fake_quant("output", y).to(x.dtype)
+
+    def _xnor(self, rows: Tensor, packs: Packed) -> Tensor:
+        weight = cached(packs, "blocked", lambda: binary.block_rows(self._rows()[0]))
+        scale, offset = cached(packs, "xnor_affine", self._xnor_affine)
+        bits = binary.sign_bits(rows, self.input_center)
+        dots = binary.popcount_dots(bits, weight, self.out_features, self.in_features)
+        return torch.addcmul(offset, dots.float(), scale)
+
+    def _xnor_affine(self) -> tuple[Tensor, Tensor]:
+        """beta * alpha per output, and the centre's share plus the bias."""
+        scale = self.input_scale.float() * self._alpha()
+        offset = self.dequantized_weight() @ self.input_center + self._bias()
+        return scale, offset
+
+    def _sign_sums(self, rows: Tensor, packs: Packed) -> Tensor:
+        sign, nonzero = cached(packs, "rows", self._rows)
+        alpha, bias = cached(packs, "alpha_bias", lambda: (self._alpha(), self._bias()))
+        if self.input_spec is None:
+            return torch.addcmul(bias, binary.sign_mask_sums(rows, sign, nonzero), alpha)
+        codes, scale = self._int8_codes(rows)
+        sums = binary.sign_mask_sums(codes, sign, nonzero).float()
+        return torch.addcmul(bias, sums, alpha * scale)
+
+    def _ternary_inputs(self, rows: Tensor, packs: Packed) -> Tensor:
+        spec = self.input_spec
+        assert spec is not None
+        sign, nonzero = cached(packs, "rows", self._rows)
+        assert nonzero is not None
+        blocked = cached(packs, "blocked2", lambda: (binary.block_rows(sign), binary.block_rows(nonzero)))
+        alpha, bias = cached(packs, "alpha_bias", lambda: (self._alpha(), self._bias()))
+        if rows.shape[0] == 0:
+            return bias.expand(0, self.out_features)
+        scale, zero_point = numerics.tensor_qparams(rows, spec)
+        codes = numerics.quantize(rows, scale, zero_point, spec)
+        dots = binary.popcount_dots(
+            binary.pack_bits(codes > 0),
+            blocked[0],
+            self.out_features,
+            self.in_features,
+            binary.pack_bits(codes != 0),
+            blocked[1],
+        )
+        return torch.addcmul(bias, dots.float(), alpha * scale.float())
+
+
+class IntBinaryConv(_BitsBase):
+    """A convolution with binary weights; an XNOR Conv2d (zero padding, one group, centred
+    binary inputs) runs on bits, any other dequantizes (with the same centred inputs)."""
+
+    kind = "IntBinaryConv"
+
+    def __init__(
+        self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
+    ) -> None:
+        super().__init__(module, record, tensors)
+        xnor = self._xnor_conv_ok() and self._centred("input")
+        self._kernels = ("xnor" if xnor else "dequantize", "dequantize")
+
+    def _xnor_conv_ok(self) -> bool:
+        m = self.module
+        return (
+            isinstance(m, nn.Conv2d)
+            and type(m).forward is nn.Conv2d.forward
+            and m.padding_mode == "zeros"
+            and isinstance(m.padding, tuple)
+            and m.groups == 1
+            and bits_kernel(self.weight_spec, self.input_spec, self.input_mode, True) == "xnor"
+        )
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        plain = isinstance(x, Tensor) and x.dim() in (3, 4) and x.numel() and not (args or kwargs)
+        if self.kernel == "dequantize" or not plain:
+            return super().forward(x, *args, **kwargs)
+        batch = x if x.dim() == 4 else x.unsqueeze(0)
+        y = self._xnor(batch.float())
+        y = y if x.dim() == 4 else y.squeeze(0)
+        return self._fake_quant("output", y).to(x.dtype)
+
+    def _geometry(self) -> tuple[tuple[int, int], ...]:
+        m = self.module
+        assert isinstance(m, nn.Conv2d)
+        pairs = (m.kernel_size, m.stride, m.padding, m.dilation)
+        return tuple((int(p[0]), int(p[1])) for p in pairs)  # type: ignore[index]
+
+    def _xnor(self, x: Tensor) -> Tensor:
+        packs = self.current_packs()
+        kernel, stride, padding, dilation = self._geometry()
+        n, c = self.weight_shape[0], self.weight_shape[1]
+        weight = cached(packs, "blocked", self._weight_bits)
+        h, w = x.shape[-2:]
+        scale, offset, corr = cached(packs, f"maps_{h}x{w}", lambda: self._maps(h, w))
+        bits = binary.sign_bits_conv(x, self.input_center, kernel, stride, padding, dilation)
+        k = c * kernel[0] * kernel[1]
+        dots = binary.popcount_dots(bits, weight, n, k).reshape(x.shape[0], -1, n)
+        y = torch.addcmul(offset, (dots - corr).float(), scale)  # [B, L, N]
+        ho, wo = corr.shape[0] // self._out_width(w), self._out_width(w)
+        return y.reshape(x.shape[0], ho, wo, n).permute(0, 3, 1, 2)
+
+    def _out_width(self, w: int) -> int:
+        kernel, stride, padding, dilation = self._geometry()
+        return (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+
+    def _weight_bits(self) -> Tensor:
+        """Sign bits [N, kh * kw * words(C)]: each tap's channels in their own words."""
+        codes = self.weight_codes()
+        n, c, kh, kw = codes.shape
+        taps = codes.permute(0, 2, 3, 1).reshape(n, kh * kw, c)
+        return binary.block_rows(binary.pack_bits(taps > 0).reshape(n, -1))
+
+    def _maps(self, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
+        """For an h x w input: beta * alpha [N]; the centre's share plus the bias [L, N] (a
+        zero-padded convolution of the centres); what the +1 padding adds to each dot [L, N]."""
+        m = self.module
+        assert isinstance(m, nn.Conv2d)
+        _, stride, padding, dilation = self._geometry()
+        c = self.weight_shape[1]
+        center = self.input_center.reshape(1, c, 1, 1).expand(1, c, h, w)
+        weight = self.dequantized_weight()
+        offset = F.conv2d(center, weight, self._bias(), stride, padding, dilation)
+        pads = (padding[1], padding[1], padding[0], padding[0])
+        outside = F.pad(torch.zeros(1, c, h, w), pads, value=1.0)
+        signs = self.weight_codes().float()
+        corr = F.conv2d(outside, signs, None, stride, 0, dilation).round().to(torch.int32)
+        scale = self.input_scale.float() * self._alpha()
+        n = self.weight_shape[0]
+        return scale, offset.reshape(n, -1).t().contiguous(), corr.reshape(n, -1).t().contiguous()
+
+
+def build(
+    qm: nn.Module, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
+) -> IntFallback | None:
+    """The bit module of a simulated layer (`int_build`'s hook), or None where the layer keeps
+    the other integer modules. Records the centres of centred binary activations, which only
+    these modules apply."""
+    from lowbit.nn.binary_act import CenteredSign
+
+    centred = False
+    for role in ("input", "output"):
+        q = getattr(qm, f"{role}_quantizer", None)
+        if isinstance(q, CenteredSign) and record[role] is not None:
+            record[role] = dict(record[role], center=True, axis=q.axis)
+            tensors[f"{role}_center"] = q.center.detach().float().clone()
+            centred = True
+    rec = record.get("input")
+    kernel = bits_kernel(
+        spec_from_dict(record["weight"]["spec"]),
+        None if rec is None else spec_from_dict(rec["spec"]),
+        None if rec is None else rec["mode"],
+        bool(rec and rec.get("center")),
+    )
+    if isinstance(module, nn.Linear) and (kernel is not None or centred):
+        record["kind"] = IntBinaryLinear.kind
+        return IntBinaryLinear(module, record, tensors)
+    if isinstance(module, nn.modules.conv._ConvNd) and centred:
+        record["kind"] = IntBinaryConv.kind
+        return IntBinaryConv(module, record, tensors)
+    return None

@@ -1,0 +1,94 @@
+"""The bit kernels (`lowbit.kernels.binary`) against integer products computed from the codes,
+on every instruction set this CPU runs, on odd sizes, one row and no rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit import kernels
+from lowbit.kernels import binary, native
+
+# K not a multiple of 64 nor 512, N not of 16 or 32, one row, no rows
+SHAPES = [(5, 100, 19), (1, 577, 33), (0, 70, 8), (9, 1024, 50), (3, 1, 1)]
+# -1: the eager twins (C++ kernels switched off); then each instruction set this CPU runs
+ISAS = [-1, *binary.isa_levels()]
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    """Switches lowbit's C++ kernels on for an instruction set, off for the eager twins."""
+    monkeypatch.setitem(kernels.compile._state, "enabled", request.param >= 0)
+    if request.param >= 0 and native.ops() is None:
+        pytest.skip("lowbit's C++ kernels are not built here")
+    return max(request.param, 0)
+
+
+def _codes(m: int, k: int, g: torch.Generator, ternary: bool = False) -> torch.Tensor:
+    if ternary:
+        return torch.randint(-1, 2, (m, k), generator=g)
+    return torch.randint(0, 2, (m, k), generator=g) * 2 - 1
+
+
+def _planes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return binary.pack_bits(codes > 0), binary.pack_bits(codes != 0)
+
+
+def test_pack_bits_round_trips_and_puts_element_k_in_bit_k():
+    bits = torch.zeros(2, 130, dtype=torch.bool)
+    bits[0, 0] = bits[0, 65] = bits[1, 129] = True
+    packed = binary.pack_bits(bits)
+    assert packed.shape == (2, 3) and packed.dtype == torch.int64
+    assert packed[0].tolist() == [1, 2, 0] and packed[1].tolist() == [0, 0, 2]
+    assert torch.equal(binary.unpack_bits(packed, 130), bits)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_xnor_and_ternary_dots_are_exact(isa, m, k, n):
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    a, w = _codes(m, k, g), _codes(n, k, g)
+    a_bits = binary.sign_bits(a.float())
+    assert torch.equal(a_bits, binary.pack_bits(a > 0))
+    w_bits = binary.block_rows(binary.pack_bits(w > 0))
+    dots = binary.popcount_dots(a_bits, w_bits, n, k, isa=isa)
+    assert dots.dtype == torch.int32 and dots.shape == (m, n)
+    assert torch.equal(dots.long(), a @ w.t())
+    at, wt = _codes(m, k, g, ternary=True), _codes(n, k, g, ternary=True)
+    (a_s, a_nz), (w_s, w_nz) = _planes(at), _planes(wt)
+    blocked = binary.block_rows(w_s), binary.block_rows(w_nz)
+    dots = binary.popcount_dots(a_s, blocked[0], n, k, a_nz, blocked[1], isa=isa)
+    assert torch.equal(dots.long(), at @ wt.t())
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_sign_mask_sums_int8_exact_and_float_close(isa, m, k, n):
+    g = torch.Generator().manual_seed(k + n)
+    for ternary in (False, True):
+        w = _codes(n, k, g, ternary)
+        sign, nonzero = _planes(w)
+        nonzero = nonzero if ternary else None
+        x8 = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+        got = binary.sign_mask_sums(x8, sign, nonzero, isa)
+        assert got.dtype == torch.int32 and torch.equal(got.long(), x8.long() @ w.t())
+        x = torch.randn(m, k, generator=g)
+        want = x.double() @ w.double().t()
+        assert torch.allclose(binary.sign_mask_sums(x, sign, nonzero, isa).double(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", [-1, 0], indirect=True)
+def test_sign_bits_conv_is_the_bit_im2col_with_padding_as_plus_one(isa):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 70, 5, 6, generator=g)
+    center = torch.randn(70, generator=g) * 0.1
+    got = binary.sign_bits_conv(x, center, (3, 3), (2, 1), (1, 1), (1, 1))
+    signs = torch.where(x - center.reshape(1, -1, 1, 1) >= 0, 1.0, -1.0)
+    cols = F.unfold(F.pad(signs, (1, 1, 1, 1), value=1.0), (3, 3), stride=(2, 1))
+    cols = cols.reshape(2, 70, 9, -1).permute(0, 3, 2, 1).reshape(-1, 9, 70)
+    assert got.shape == (cols.shape[0], 9 * 2)
+    unpacked = binary.unpack_bits(got.reshape(-1, 9, 2), 128)[..., :70]
+    assert torch.equal(unpacked, cols > 0)
+
+

@@ -17,6 +17,7 @@ from lowbit.kernels import compile as kernel_compile
 from lowbit.kernels import dynamic, onednn_conv_available, weight_only
 from lowbit.kernels.conv import onednn_conv_exact
 from lowbit.nn import IntConv, IntEmbedding, IntLinear, IntModule, PerTokenQuantizer, int_linear
+from lowbit.nn.int_binary import IntBinaryLinear
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.padded_conv import ZeroPaddedConv2d
 from lowbit.nn.quantizer import TensorQuantizer
@@ -57,8 +58,8 @@ STATIC_CONFIGS = {
     "w4a8_group": (lambda: presets.w4a8(group_size=16), "dequantize"),
     "weight_only_int8": (presets.weight_only, "int8pack"),
     "weight_only_int16": (lambda: presets.weight_only(16), "dequantize"),
-    "binary": (presets.binary, "int8pack"),
-    "ternary": (presets.ternary, "int8pack"),
+    "binary": (presets.binary, "bwn"),  # on bits (issue 20): lowbit.nn.int_binary
+    "ternary": (presets.ternary, "ternary"),
 }
 
 
@@ -71,7 +72,7 @@ def test_int_linear_matches_simulation(name, k, n):
     sim = quantize(_linear_model(k, n), make_config(), _calib(k), progress=False)
     int_model = _convert_quiet(sim)
     layer = int_model[0]
-    assert isinstance(layer, IntLinear)
+    assert isinstance(layer, IntLinear | IntBinaryLinear)
     assert layer.kernel == kernel
     g = torch.Generator().manual_seed(1)
     for lead in INPUT_SHAPES:

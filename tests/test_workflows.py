@@ -338,9 +338,16 @@ def _relu_cnn() -> nn.Module:
     ).eval()
 
 
+# A plain sign (no centre): binary inputs per channel are not centred (`CenteredSign` is for the
+# per-tensor binary inputs of `presets.binary(xnor=True)`).
+_PLAIN_SIGN = QuantConfig(
+    weight=presets.binary().weight, input=QuantSpec(bits=1, scheme="binary", granularity=PerChannel(1))
+)
+
+
 def test_xnor_on_a_relu_cnn_is_an_error_not_a_constant_model():
-    """Sign binarizes every ReLU output to +1: the model would predict one class for every
-    input. Each such layer gets a warning, and the constant model an error naming them."""
+    """A plain sign binarizes every ReLU output to +1: the model would predict one class for
+    every input. Each such layer gets a warning, and the constant model an error naming them."""
     from lowbit.exceptions import LowbitWarning
 
     calib = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -348,7 +355,7 @@ def test_xnor_on_a_relu_cnn_is_an_error_not_a_constant_model():
         pytest.warns(LowbitWarning, match="never went below 0") as record,
         pytest.raises(ValueError, match="same for every calibration sample") as error,
     ):
-        quantize(_relu_cnn(), presets.binary(xnor=True), calib, progress=False)
+        quantize(_relu_cnn(), _PLAIN_SIGN, calib, progress=False)
     warned = [str(w.message) for w in record if "never went below 0" in str(w.message)]
     assert [m.split(" never")[0] for m in warned] == [
         "the input of layer '3'",
@@ -358,8 +365,20 @@ def test_xnor_on_a_relu_cnn_is_an_error_not_a_constant_model():
     assert "layer '0'" not in str(error.value)  # its input is signed
     # Following the advice (those layers' inputs in float) gives a model that depends on x.
     weights_only = LayerQuant(weight=presets.binary().weight)
-    config = replace(presets.binary(xnor=True), overrides={"3": weights_only, "7": weights_only})
+    config = replace(_PLAIN_SIGN, overrides={"3": weights_only, "7": weights_only})
     qmodel = quantize(_relu_cnn(), config, calib, progress=False)
+    with torch.no_grad():
+        assert float(qmodel(torch.randn(16, 3, 8, 8)).std(0).max()) > 1e-3
+
+
+def test_xnor_preset_binarizes_relu_outputs_around_their_centres():
+    """presets.binary(xnor=True) centres each binary input (issue 20): the same ReLU CNN
+    quantizes silently, every layer binary (ends="same"), and its output depends on x."""
+    calib = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qmodel = quantize(_relu_cnn(), presets.binary(xnor=True, ends="same"), calib, progress=False)
+    assert all("I binary" in r.detail for r in qmodel.lowbit_summary.quantized)
     with torch.no_grad():
         assert float(qmodel(torch.randn(16, 3, 8, 8)).std(0).max()) > 1e-3
 
@@ -369,10 +388,10 @@ def test_xnor_warns_for_a_signless_input_that_does_not_make_the_model_constant()
 
     calib = [torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with pytest.warns(LowbitWarning, match="input of layer 'after_relu' never went below 0"):
-        quantize(_TwoPaths(), presets.binary(xnor=True), calib, progress=False)
+        quantize(_TwoPaths(), _PLAIN_SIGN, calib, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", LowbitWarning)  # signed inputs everywhere: silent
-        quantize(_TwoPaths(relu_path=False), presets.binary(xnor=True), calib, progress=False)
+        quantize(_TwoPaths(relu_path=False), _PLAIN_SIGN, calib, progress=False)
 
 
 def test_override_keyed_by_a_type_the_model_lacks_is_an_error(digits_net):

@@ -122,9 +122,26 @@ def popcount_dots(
         an = a_nonzero if a_nonzero is not None else _EMPTY
         wn = w_nonzero if w_nonzero is not None else _EMPTY
         return ops.popcount_dots(a, an, w_blocked, wn, n, k, isa)
-    w = _codes(_unblock(w_blocked, n), None if w_nonzero is None else _unblock(w_nonzero, n), k)
-    codes = _codes(a, a_nonzero, k)
-    return (codes @ w.t()).to(torch.int32)
+    return _popcount_dots_eager(a, w_blocked, n, k, a_nonzero, w_nonzero)
+
+
+def _popcount_dots_eager(
+    a: Tensor, w_blocked: Tensor, n: int, k: int, a_nonzero: Tensor | None, w_nonzero: Tensor | None
+) -> Tensor:
+    """The popcount formulas over every bit of the rows (as the C++ kernel counts them), in
+    float64 products of 0 / 1 bits: popcount(a ^ w) = |a| + |w| - 2 a.w."""
+    width = a.shape[1] * 64
+    bits_a = unpack_bits(a, width).double()
+    bits_w = unpack_bits(_unblock(w_blocked, n), width).double()
+    if a_nonzero is None or w_nonzero is None:
+        differ = bits_a.sum(1, keepdim=True) + bits_w.sum(1) - 2 * bits_a @ bits_w.t()
+        return (k - 2 * differ).to(torch.int32)
+    nz_a = unpack_bits(a_nonzero, width).double()
+    nz_w = unpack_bits(_unblock(w_nonzero, n), width).double()
+    both = nz_a @ nz_w.t()  # popcount(m)
+    differ = (nz_a * bits_a) @ nz_w.t() + nz_a @ (nz_w * bits_w).t()
+    differ -= 2 * (nz_a * bits_a) @ (nz_w * bits_w).t()  # popcount(m & (a ^ w))
+    return (both - 2 * differ).to(torch.int32)
 
 
 def sign_mask_sums(

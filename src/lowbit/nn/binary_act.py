@@ -29,6 +29,12 @@ from lowbit.spec import PerTensor, QuantSpec
 _KEYS = ("sum", "count", "deviation", "elements")
 
 
+def channel_axis(x: Tensor, axis: int, dims: int | None) -> int:
+    """The channel axis of x: `axis`, one lower for an unbatched input of a layer whose batched
+    inputs have `dims` dimensions (a convolution's [C, H, W])."""
+    return axis - 1 if dims is not None and axis > 0 and x.dim() == dims - 1 else axis
+
+
 def _channel_rows(x: Tensor, axis: int) -> Tensor:
     """x as [elements per channel, channels]."""
     return x.movedim(axis, -1).reshape(-1, x.shape[axis])
@@ -41,9 +47,10 @@ class CenterCalibrator(Calibrator):
     exact for one batch and close for many; sums merge across shards.
     """
 
-    def __init__(self, axis: int = -1) -> None:
+    def __init__(self, axis: int = -1, dims: int | None = None) -> None:
         super().__init__(granularity=PerTensor())
         self.axis = axis
+        self.dims = dims
         self.sum: Tensor | None = None
         self.count = 0
         self.deviation = 0.0
@@ -54,7 +61,7 @@ class CenterCalibrator(Calibrator):
         return self.count > 0
 
     def _observe(self, x: Tensor) -> None:
-        rows = _channel_rows(x.double(), self.axis)
+        rows = _channel_rows(x.double(), channel_axis(x, self.axis, self.dims))
         total = rows.sum(0)
         if self.sum is not None and self.sum.shape != total.shape:
             raise ValueError(
@@ -120,14 +127,16 @@ class CenteredSign(TensorQuantizer):
         # step before that is an error, not a silent float pass
         self.mode = "quantize" if learnable else "calibrate"
         self.axis = axis
+        self.dims: int | None = None
         self.center_learnable = learnable
         self.register_buffer("center", torch.empty(0))
 
-    def set_axis(self, axis: int) -> None:
-        """The channel axis of the tensors it will see (1 for a convolution's)."""
-        self.axis = axis
+    def set_axis(self, axis: int, dims: int | None = None) -> None:
+        """The channel axis of the tensors it will see (1 for a convolution's, whose batched
+        inputs have `dims` dimensions)."""
+        self.axis, self.dims = axis, dims
         assert isinstance(self.calibrator, CenterCalibrator)
-        self.calibrator.axis = axis
+        self.calibrator.axis, self.calibrator.dims = axis, dims
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "off":
@@ -141,7 +150,8 @@ class CenteredSign(TensorQuantizer):
                 "a binary activation has no centre and scale yet: they start from calibration "
                 "(pass calib_data to lowbit.quantize or lowbit.prepare_qat)"
             )
-        return numerics.centered_sign(x, self.center, self.scale, self.axis)
+        axis = channel_axis(x, self.axis, self.dims)
+        return numerics.centered_sign(x, self.center, self.scale, axis)
 
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
         """Calibration is over: the centre from the calibrator, the scale from `hi`."""

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from lowbit import numerics
 from lowbit.kernels import binary
-from lowbit.nn.int_base import IntFallback, Kernel
+from lowbit.nn.binary_act import CenteredSign, channel_axis
+from lowbit.nn.int_base import IntFallback, Kernel, need
 from lowbit.nn.packs import cached
 from lowbit.nn.records import spec_from_dict
 from lowbit.spec import PerChannel, PerTensor, QuantSpec
@@ -72,12 +73,13 @@ class _BitsBase(IntFallback):
         self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
     ) -> None:
         super().__init__(module, record, tensors)
-        self._axes: dict[str, int] = {}
+        self._axes: dict[str, tuple[int, int | None]] = {}
         for role in ("input", "output"):
             rec = record.get(role)
             if rec is not None and rec.get("center"):
-                self.register_buffer(f"{role}_center", tensors[f"{role}_center"].float())
-                self._axes[role] = int(rec.get("axis", -1))
+                self.register_buffer(f"{role}_center", need(tensors, f"{role}_center").float())
+                dims = rec.get("dims")
+                self._axes[role] = int(rec.get("axis", -1)), None if dims is None else int(dims)
 
     def _centred(self, role: str) -> bool:
         return role in self._axes
@@ -86,7 +88,8 @@ class _BitsBase(IntFallback):
         if not self._centred(role) or x.numel() == 0:
             return super()._fake_quant(role, x)
         center, scale = getattr(self, f"{role}_center"), getattr(self, f"{role}_scale")
-        return numerics.centered_sign(x, center, scale, self._axes[role])
+        axis = channel_axis(x, *self._axes[role])
+        return numerics.centered_sign(x, center, scale, axis)
 
     def _pack_sources(self) -> tuple[Tensor | None, ...]:
         return (*super()._pack_sources(), getattr(self.module, "bias", None))
@@ -283,13 +286,11 @@ def build(
     """The bit module of a simulated layer (`int_build`'s hook), or None where the layer keeps
     the other integer modules. Records the centres of centred binary activations, which only
     these modules apply."""
-    from lowbit.nn.binary_act import CenteredSign
-
     centred = False
     for role in ("input", "output"):
         q = getattr(qm, f"{role}_quantizer", None)
         if isinstance(q, CenteredSign) and record[role] is not None:
-            record[role] = dict(record[role], center=True, axis=q.axis)
+            record[role] = dict(record[role], center=True, axis=q.axis, dims=q.dims)
             tensors[f"{role}_center"] = q.center.detach().float().clone()
             centred = True
     rec = record.get("input")

@@ -162,7 +162,7 @@ def _wrap(
     if isinstance(module, nn.modules.conv._ConvNd):  # centres per channel: axis 1
         for q in (input_q, output_q):
             if isinstance(q, CenteredSign):
-                q.set_axis(1)
+                q.set_axis(1, module.weight.dim())
     return QuantModule(module, weight_q, input_q, output_q)
 
 

@@ -267,7 +267,8 @@ void block_sums(Isa isa, const Operands& o, int64_t r0, int rows, int64_t blk, i
   block_scalar(o, r0, rows, blk, sums);
 }
 
-// int32 [M, n] dot products of bit rows with the blocked weight (see the top of the file).
+// int32 [M, n] dot products of bit rows with the blocked weight (see the top of the file); k:
+// the number of real codes in a row (a convolution row pads each tap to whole words).
 // XNOR: k - 2 * sums; ternary (a_nonzero and w_nonzero given): the sums themselves.
 at::Tensor popcount_dots(const at::Tensor& a, const at::Tensor& a_nonzero, const at::Tensor& w,
                          const at::Tensor& w_nonzero, int64_t n, int64_t k, int64_t isa) {
@@ -275,7 +276,7 @@ at::Tensor popcount_dots(const at::Tensor& a, const at::Tensor& a_nonzero, const
                   w.scalar_type() == at::kLong && w.size(2) == kBlock && w.is_contiguous(),
               "popcount_dots: a must be int64 [M, W], w int64 [N / 32, W, 32]");
   const int64_t m = a.size(0), words = a.size(1), blocks = w.size(0);
-  TORCH_CHECK(w.size(1) == words && (k + 63) / 64 == words && n <= blocks * kBlock &&
+  TORCH_CHECK(w.size(1) == words && k <= words * 64 && n <= blocks * kBlock &&
                   n > (blocks - 1) * kBlock,
               "popcount_dots: shapes disagree (a ", a.sizes(), ", w ", w.sizes(), ", n ", n,
               ", k ", k, ")");

@@ -20,7 +20,6 @@ markdown tables and writes benchmarks/results/binary.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -169,40 +168,53 @@ def bench_digits(rounds: int, epochs: int) -> list[dict[str, Any]]:
     calib = demo.calibration_batches(data)
     rows = []
     for name, config in (("xnor", BINARY), ("ternary_int8", presets.ternary("int8", ends="int8"))):
-        qat = lowbit.prepare_qat(fp32, config, calib, progress=False)
-        train(qat, data, epochs, 1e-3, seed=1)
-        converted = lowbit.convert(qat)
-        with torch.inference_mode():
-            sim_pred = qat(data.x_test).argmax(1)
-            int_pred = converted(data.x_test).argmax(1)
-            one, batch = data.x_test[:1], data.x_test[:256]
-            ms = interleaved(
-                {
-                    "fp32_b1": lambda: fp32(one),
-                    "lowbit_b1": lambda: converted(one),
-                    "fp32_b256": lambda: fp32(batch),
-                    "lowbit_b256": lambda: converted(batch),
-                },
-                rounds,
-            )
-        row = {
-            "bench": "digits",
-            "network": name,
-            "threads": torch.get_num_threads(),
-            "epochs": epochs,
-            "accuracy_fp32": demo.accuracy(fp32, data.x_test, data.y_test),
-            "accuracy_sim": float((sim_pred == data.y_test).float().mean() * 100),
-            "accuracy_converted": float((int_pred == data.y_test).float().mean() * 100),
-            "agreement_converted_sim": float((sim_pred == int_pred).float().mean()),
-            "bytes_fp32": _file_bytes(fp32, False),
-            "bytes_lowbit": _file_bytes(converted, True),
-            "kernels": kernels_used(converted),
-            "ms": ms,
-            "summary": str(qat.lowbit_summary),
-        }
+        row = _digits_row(name, config, fp32, data, calib, rounds, epochs)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "summary"}), flush=True)
     return rows
+
+
+def _digits_row(
+    name: str,
+    config: QuantConfig,
+    fp32: nn.Module,
+    data: demo.Digits,
+    calib: list[Tensor],
+    rounds: int,
+    epochs: int,
+) -> dict[str, Any]:
+    """QAT from the FP32 twin, convert, then accuracy, files and speed of one network."""
+    qat = lowbit.prepare_qat(fp32, config, calib, progress=False)
+    train(qat, data, epochs, 1e-3, seed=1)
+    converted = lowbit.convert(qat)
+    one, batch = data.x_test[:1], data.x_test[:256]
+    with torch.inference_mode():
+        sim_pred = qat(data.x_test).argmax(1)
+        int_pred = converted(data.x_test).argmax(1)
+        ms = interleaved(
+            {
+                "fp32_b1": lambda: fp32(one),
+                "lowbit_b1": lambda: converted(one),
+                "fp32_b256": lambda: fp32(batch),
+                "lowbit_b256": lambda: converted(batch),
+            },
+            rounds,
+        )
+    return {
+        "bench": "digits",
+        "network": name,
+        "threads": torch.get_num_threads(),
+        "epochs": epochs,
+        "accuracy_fp32": demo.accuracy(fp32, data.x_test, data.y_test),
+        "accuracy_sim": float((sim_pred == data.y_test).float().mean() * 100),
+        "accuracy_converted": float((int_pred == data.y_test).float().mean() * 100),
+        "agreement_converted_sim": float((sim_pred == int_pred).float().mean()),
+        "bytes_fp32": _file_bytes(fp32, False),
+        "bytes_lowbit": _file_bytes(converted, True),
+        "kernels": kernels_used(converted),
+        "ms": ms,
+        "summary": str(qat.lowbit_summary),
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -19,7 +19,7 @@ from lowbit.config import QuantConfig
 from lowbit.kernels import native
 from lowbit.nn.binary_act import CenteredSign
 from lowbit.nn.int_binary import IntBinaryConv, IntBinaryLinear
-from lowbit.spec import PerTensor, QuantSpec
+from lowbit.spec import QuantSpec
 
 XNOR = QuantConfig(weight=presets.binary().weight, input=presets.binary(xnor=True).input)
 
@@ -51,11 +51,17 @@ def _signs(x: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
 
 def test_xnor_linear_is_the_integer_formula(native_kernels):
     torch.manual_seed(0)
-    sim = lowbit.quantize(nn.Sequential(nn.Linear(100, 19)), XNOR, [torch.randn(8, 100) + 1], progress=False)
+    sim = lowbit.quantize(
+        nn.Sequential(nn.Linear(100, 19)), XNOR, [torch.randn(8, 100) + 1], progress=False
+    )
     layer = _quiet_convert(sim)[0]
     assert isinstance(layer, IntBinaryLinear) and layer.kernel == "xnor"
     w = layer.weight_codes().double()
-    alpha, beta, c = layer.weight_scale.double(), layer.input_scale.double(), layer.input_center.double()
+    alpha, beta, c = (
+        layer.weight_scale.double(),
+        layer.input_scale.double(),
+        layer.input_center.double(),
+    )
     bias = layer.module.bias.double()
     for shape in ((7, 100), (1, 100), (0, 100), (2, 3, 100)):
         x = torch.randn(*shape) + 1
@@ -95,7 +101,14 @@ def test_xnor_conv_is_the_integer_formula_with_zero_padding(native_kernels):
         batch = h if h.dim() == 4 else h.unsqueeze(0)
         c = conv.input_center.reshape(1, -1, 1, 1)
         levels = c.double() + conv.input_scale.double() * _signs(batch, c)
-        want = F.conv2d(levels, conv.dequantized_weight().double(), m.bias.double(), m.stride, m.padding, m.dilation)
+        want = F.conv2d(
+            levels,
+            conv.dequantized_weight().double(),
+            m.bias.double(),
+            m.stride,
+            m.padding,
+            m.dilation,
+        )
         assert _rel(got if got.dim() == 4 else got.unsqueeze(0), want) < 1e-6
         assert _rel(got, simulated) < 1e-5
 
@@ -106,12 +119,17 @@ def test_xnor_conv_is_the_integer_formula_with_zero_padding(native_kernels):
         (presets.binary(), "bwn"),
         (presets.ternary(), "ternary"),
         (presets.ternary("int8"), "ternary"),
-        (QuantConfig(weight=presets.ternary().weight, input=QuantSpec(bits=2, scheme="ternary")), "ternary"),
+        (
+            QuantConfig(weight=presets.ternary().weight, input=QuantSpec(bits=2, scheme="ternary")),
+            "ternary",
+        ),
     ],
 )
 def test_bwn_and_ternary_linears_match_the_simulation(native_kernels, config, kernel):
     torch.manual_seed(1)
-    sim = lowbit.quantize(nn.Sequential(nn.Linear(77, 19)), config, [torch.randn(8, 77)], progress=False)
+    sim = lowbit.quantize(
+        nn.Sequential(nn.Linear(77, 19)), config, [torch.randn(8, 77)], progress=False
+    )
     layer = _quiet_convert(sim)[0]
     assert isinstance(layer, IntBinaryLinear) and layer.kernel == kernel
     assert layer(torch.randn(0, 77)).shape == (0, 19)
@@ -123,12 +141,19 @@ def test_bwn_and_ternary_linears_match_the_simulation(native_kernels, config, ke
 
 def test_ternary_int8_inputs_sum_exactly():
     torch.manual_seed(2)
-    sim = lowbit.quantize(nn.Sequential(nn.Linear(45, 7)), presets.ternary("int8"), [torch.randn(4, 45)], progress=False)
+    sim = lowbit.quantize(
+        nn.Sequential(nn.Linear(45, 7)),
+        presets.ternary("int8"),
+        [torch.randn(4, 45)],
+        progress=False,
+    )
     layer = _quiet_convert(sim)[0]
     x = torch.randn(5, 45)
     s = layer.input_scale.double()
     q = torch.clamp(torch.round(x.double() / s), -127, 127)
-    want = (q @ layer.weight_codes().double().t()) * s * layer.weight_scale.double() + layer.module.bias.double()
+    want = (
+        q @ layer.weight_codes().double().t()
+    ) * s * layer.weight_scale.double() + layer.module.bias.double()
     assert _rel(layer(x), want) < 1e-6
 
 
@@ -171,11 +196,15 @@ def _mlp(depth: int) -> nn.Module:
 
 def test_first_and_last_layers_follow_xnor_net_practice():
     calib = [torch.randn(8, 12)]
-    records = lowbit.quantize(_mlp(4), presets.binary(xnor=True), calib, progress=False).lowbit_summary.layers
+    records = lowbit.quantize(
+        _mlp(4), presets.binary(xnor=True), calib, progress=False
+    ).lowbit_summary.layers
     assert "int8" in records[0].detail and "first layer" in records[0].detail
     assert "int8" in records[-1].detail and "last layer" in records[-1].detail
     assert all("binary" in r.detail for r in records[1:-1])
-    floats = lowbit.quantize(_mlp(4), presets.binary(xnor=True, ends="float"), calib, progress=False)
+    floats = lowbit.quantize(
+        _mlp(4), presets.binary(xnor=True, ends="float"), calib, progress=False
+    )
     assert [r.quantized for r in floats.lowbit_summary.layers] == [False, True, True, False]
     two = lowbit.quantize(_mlp(2), presets.binary(xnor=True), calib, progress=False)
     assert all("binary" in r.detail for r in two.lowbit_summary.layers)  # no ends in two layers
@@ -210,7 +239,9 @@ class _TinyXnor(nn.Module):
 
 def test_xnor_net_trained_by_qat_runs_on_bits_with_the_simulations_accuracy(digits):
     torch.manual_seed(0)
-    qat = lowbit.prepare_qat(_TinyXnor(), presets.binary(xnor=True), demo.calibration_batches(digits, 2), progress=False)
+    qat = lowbit.prepare_qat(
+        _TinyXnor(), presets.binary(xnor=True), demo.calibration_batches(digits, 2), progress=False
+    )
     opt = torch.optim.Adam(qat.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     qat.train()
@@ -230,3 +261,18 @@ def test_xnor_net_trained_by_qat_runs_on_bits_with_the_simulations_accuracy(digi
     accuracy = float((bits == digits.y_test).float().mean() * 100)
     assert accuracy > 85.0
     assert float((sim == bits).float().mean()) >= 0.99
+
+
+def test_onnx_export_of_an_xnor_model_runs_in_onnx_runtime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    calib = [torch.randn(4, 3, 9, 11) for _ in range(2)]
+    sim = lowbit.quantize(_conv_net(), XNOR, calib, progress=False)
+    path = tmp_path / "xnor.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.export_onnx(sim, torch.randn(1, 3, 9, 11), path, opset=21)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 9, 11)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(got), sim(x)) < 1e-5

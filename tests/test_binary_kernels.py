@@ -75,7 +75,9 @@ def test_sign_mask_sums_int8_exact_and_float_close(isa, m, k, n):
         assert got.dtype == torch.int32 and torch.equal(got.long(), x8.long() @ w.t())
         x = torch.randn(m, k, generator=g)
         want = x.double() @ w.double().t()
-        assert torch.allclose(binary.sign_mask_sums(x, sign, nonzero, isa).double(), want, atol=1e-4)
+        assert torch.allclose(
+            binary.sign_mask_sums(x, sign, nonzero, isa).double(), want, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("isa", [-1, 0], indirect=True)
@@ -90,5 +92,3 @@ def test_sign_bits_conv_is_the_bit_im2col_with_padding_as_plus_one(isa):
     assert got.shape == (cols.shape[0], 9 * 2)
     unpacked = binary.unpack_bits(got.reshape(-1, 9, 2), 128)[..., :70]
     assert torch.equal(unpacked, cols > 0)
-
-

@@ -341,7 +341,8 @@ def _relu_cnn() -> nn.Module:
 # A plain sign (no centre): binary inputs per channel are not centred (`CenteredSign` is for the
 # per-tensor binary inputs of `presets.binary(xnor=True)`).
 _PLAIN_SIGN = QuantConfig(
-    weight=presets.binary().weight, input=QuantSpec(bits=1, scheme="binary", granularity=PerChannel(1))
+    weight=presets.binary().weight,
+    input=QuantSpec(bits=1, scheme="binary", granularity=PerChannel(1)),
 )
 
 
@@ -377,7 +378,9 @@ def test_xnor_preset_binarizes_relu_outputs_around_their_centres():
     calib = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        qmodel = quantize(_relu_cnn(), presets.binary(xnor=True, ends="same"), calib, progress=False)
+        qmodel = quantize(
+            _relu_cnn(), presets.binary(xnor=True, ends="same"), calib, progress=False
+        )
     assert all("I binary" in r.detail for r in qmodel.lowbit_summary.quantized)
     with torch.no_grad():
         assert float(qmodel(torch.randn(16, 3, 8, 8)).std(0).max()) > 1e-3

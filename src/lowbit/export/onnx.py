@@ -49,6 +49,7 @@ from lowbit.export._trace import (
     signature,
     strip_prefix,
 )
+from lowbit.nn.binary_act import CenteredSign
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.op_points import OpPoints, op_points
 from lowbit.nn.quantizer import TensorQuantizer
@@ -258,7 +259,9 @@ def _collect_sites(
         sites[site.key] = site
     for name, m in quantized.items():
         for role, q in m.quantizers().items():
-            if not _active(q):
+            # a centred binary activation exports as its own float ops (Sub, GreaterOrEqual,
+            # Where): no QuantizeLinear form, every runtime runs them
+            if not _active(q) or isinstance(q, CenteredSign):
                 continue
             if role == "weight":
                 weight = m.module.weight

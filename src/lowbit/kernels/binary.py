@@ -144,9 +144,7 @@ def _popcount_dots_eager(
     return (both - 2 * differ).to(torch.int32)
 
 
-def sign_mask_sums(
-    x: Tensor, sign: Tensor, nonzero: Tensor | None = None, isa: int = 0
-) -> Tensor:
+def sign_mask_sums(x: Tensor, sign: Tensor, nonzero: Tensor | None = None, isa: int = 0) -> Tensor:
     """x [M, K] (float32 or int8) times a binary / ternary weight on bits [N, W]: float32
     [M, N] for float x, int32 (exact) for int8 x."""
     ops = _ops()

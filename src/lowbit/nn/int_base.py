@@ -42,7 +42,15 @@ from lowbit.nn.records import ActMode, describe, spec_from_dict
 from lowbit.spec import QuantSpec
 
 Kernel = Literal[
-    "int_mm", "int8pack", "int4pack", "onednn_qconv", "gather", "dequantize", "xnor", "bwn", "ternary"
+    "int_mm",
+    "int8pack",
+    "int4pack",
+    "onednn_qconv",
+    "gather",
+    "dequantize",
+    "xnor",
+    "bwn",
+    "ternary",
 ]
 
 

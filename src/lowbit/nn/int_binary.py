@@ -43,7 +43,7 @@ def bits_kernel(
         PerChannel(0),
     ):
         return None
-    name: Kernel = "bwn" if weight.scheme == "binary" else "ternary"  # type: ignore[assignment]
+    name: Kernel = "bwn" if weight.scheme == "binary" else "ternary"
     if input_spec is None:
         return name
     if centred:
@@ -68,6 +68,9 @@ def _int8_input(spec: QuantSpec, mode: str | None) -> bool:
 
 class _BitsBase(IntFallback):
     """Shared: centred activations, the weight's bit-planes, the per-output weight scale."""
+
+    input_scale: Tensor
+    input_center: Tensor
 
     def __init__(
         self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
@@ -180,7 +183,9 @@ class IntBinaryLinear(_BitsBase):
         assert spec is not None
         sign, nonzero = cached(packs, "rows", self._rows)
         assert nonzero is not None
-        blocked = cached(packs, "blocked2", lambda: (binary.block_rows(sign), binary.block_rows(nonzero)))
+        blocked = cached(
+            packs, "blocked2", lambda: (binary.block_rows(sign), binary.block_rows(nonzero))
+        )
         alpha, bias = cached(packs, "alpha_bias", lambda: (self._alpha(), self._bias()))
         if rows.shape[0] == 0:
             return bias.expand(0, self.out_features)
@@ -234,7 +239,7 @@ class IntBinaryConv(_BitsBase):
         m = self.module
         assert isinstance(m, nn.Conv2d)
         pairs = (m.kernel_size, m.stride, m.padding, m.dilation)
-        return tuple((int(p[0]), int(p[1])) for p in pairs)  # type: ignore[index]
+        return tuple((int(p[0]), int(p[1])) for p in pairs)
 
     def _xnor(self, x: Tensor) -> Tensor:
         packs = self.current_packs()

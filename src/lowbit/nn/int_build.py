@@ -38,7 +38,7 @@ def int_module_from_record(
     if cls is None:
         raise ValueError(f"unknown integer module kind {record.get('kind')!r}")
     if issubclass(cls, IntFallback):
-        return cls(module, record, tensors)  # type: ignore[call-arg]
+        return cls(module, record, tensors)
     return IntLinear(record, tensors)
 
 

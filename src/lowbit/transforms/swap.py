@@ -123,7 +123,9 @@ def _swap_children(
             wrapped = _wrap(child, layer, make_quantizer) if layer is not None else None
             if wrapped is None:
                 why = f"kept in float by override {decided_by}" if decided_by else "no spec"
-                records.append(LayerRecord(name, kind, False, "kept in float" + end if end else why))
+                records.append(
+                    LayerRecord(name, kind, False, "kept in float" + end if end else why)
+                )
                 continue
             setattr(parent, child_name, wrapped)
             records.append(LayerRecord(name, kind, True, _how(wrapped) + end))

@@ -92,3 +92,17 @@ def test_sign_bits_conv_is_the_bit_im2col_with_padding_as_plus_one(isa):
     assert got.shape == (cols.shape[0], 9 * 2)
     unpacked = binary.unpack_bits(got.reshape(-1, 9, 2), 128)[..., :70]
     assert torch.equal(unpacked, cols > 0)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_popcount_affine_is_the_dots_rescaled_per_row_of_an_image(isa):
+    g = torch.Generator().manual_seed(5)
+    m, k, n, rows_per_image = 12, 150, 37, 4
+    a, w = _codes(m, k, g), _codes(n, k, g)
+    corr = torch.randint(-9, 9, (rows_per_image, n), generator=g, dtype=torch.int32)
+    scale, offset = torch.rand(n, generator=g), torch.randn(rows_per_image, n, generator=g)
+    blocked = binary.block_rows(binary.pack_bits(w > 0))
+    got = binary.popcount_affine(binary.pack_bits(a > 0), blocked, n, k, scale, offset, corr, isa)
+    dots = (a @ w.t()).reshape(-1, rows_per_image, n) - corr
+    want = (dots.double() * scale.double() + offset.double()).reshape(m, n)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-5)

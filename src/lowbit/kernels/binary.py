@@ -125,6 +125,29 @@ def popcount_dots(
     return _popcount_dots_eager(a, w_blocked, n, k, a_nonzero, w_nonzero)
 
 
+def popcount_affine(
+    a: Tensor,
+    w_blocked: Tensor,
+    n: int,
+    k: int,
+    scale: Tensor,
+    offset: Tensor,
+    corr: Tensor | None = None,
+    isa: int = 0,
+) -> Tensor:
+    """An XNOR layer's float32 output in one pass: (dot - corr) * scale + offset, with offset
+    and corr [L, n] repeating over the rows (L rows per image of a convolution, 1 for a
+    Linear), scale [n]."""
+    ops = _ops()
+    if ops is not None and a.is_cpu:
+        c = corr if corr is not None else _EMPTY.to(torch.int32)
+        return ops.popcount_affine(a, w_blocked, n, k, c, scale, offset, isa)
+    dots = popcount_dots(a, w_blocked, n, k).reshape(-1, offset.shape[0], n)
+    if corr is not None:
+        dots = dots - corr
+    return torch.addcmul(offset, dots.float(), scale).reshape(-1, n)
+
+
 def _popcount_dots_eager(
     a: Tensor, w_blocked: Tensor, n: int, k: int, a_nonzero: Tensor | None, w_nonzero: Tensor | None
 ) -> Tensor:

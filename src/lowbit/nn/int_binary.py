@@ -160,14 +160,14 @@ class IntBinaryLinear(_BitsBase):
         weight = cached(packs, "blocked", lambda: binary.block_rows(self._rows()[0]))
         scale, offset = cached(packs, "xnor_affine", self._xnor_affine)
         bits = binary.sign_bits(rows, self.input_center)
-        dots = binary.popcount_dots(bits, weight, self.out_features, self.in_features)
-        return torch.addcmul(offset, dots.float(), scale)
+        n, k = self.out_features, self.in_features
+        return binary.popcount_affine(bits, weight, n, k, scale, offset)
 
     def _xnor_affine(self) -> tuple[Tensor, Tensor]:
         """beta * alpha per output, and the centre's share plus the bias."""
         scale = self.input_scale.float() * self._alpha()
         offset = self.dequantized_weight() @ self.input_center + self._bias()
-        return scale, offset
+        return scale, offset.unsqueeze(0)
 
     def _sign_sums(self, rows: Tensor, packs: Packed) -> Tensor:
         sign, nonzero = cached(packs, "rows", self._rows)
@@ -250,8 +250,7 @@ class IntBinaryConv(_BitsBase):
         scale, offset, corr = cached(packs, f"maps_{h}x{w}", lambda: self._maps(h, w))
         bits = binary.sign_bits_conv(x, self.input_center, kernel, stride, padding, dilation)
         k = c * kernel[0] * kernel[1]
-        dots = binary.popcount_dots(bits, weight, n, k).reshape(x.shape[0], -1, n)
-        y = torch.addcmul(offset, (dots - corr).float(), scale)  # [B, L, N]
+        y = binary.popcount_affine(bits, weight, n, k, scale, offset, corr)  # [B * L, N]
         ho, wo = corr.shape[0] // self._out_width(w), self._out_width(w)
         return y.reshape(x.shape[0], ho, wo, n).permute(0, 3, 1, 2)
 

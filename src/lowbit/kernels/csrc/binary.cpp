@@ -51,6 +51,47 @@ Isa resolve(int64_t isa) {
 
 // --- packing ----------------------------------------------------------------------------------
 
+void sign_row_scalar(const float* x, const float* c, int64_t k, uint64_t* dst) {
+  for (int64_t q = 0; q < (k + 63) / 64; ++q) dst[q] = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const float v = c ? x[i] - c[i] : x[i];
+    dst[i >> 6] |= static_cast<uint64_t>(v >= 0.f) << (i & 63);
+  }
+}
+
+#if LOWBIT_X86
+// 16 comparisons per instruction, their mask stored as 16 bits (little-endian words).
+__attribute__((target("avx512f"))) void sign_row_avx512(const float* x, const float* c,
+                                                        int64_t k, uint64_t* dst) {
+  auto* out = reinterpret_cast<uint16_t*>(dst);
+  const int64_t chunks = (k + 15) / 16, words = (k + 63) / 64;
+  for (int64_t q = 0; q < words * 4; ++q) out[q] = 0;
+  for (int64_t i = 0; i < chunks; ++i) {
+    const __mmask16 keep =
+        i * 16 + 16 <= k ? __mmask16(0xFFFF) : __mmask16((1u << (k - i * 16)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(keep, x + i * 16);
+    if (c) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(keep, c + i * 16));
+    out[i] = _mm512_mask_cmp_ps_mask(keep, v, _mm512_setzero_ps(), _CMP_GE_OQ);
+  }
+}
+#endif
+
+// Bits of (x - c >= 0) for k values (c may be null: 0), into words(k) words; NaN gives 0 (-1).
+void sign_row(bool avx512, const float* x, const float* c, int64_t k, uint64_t* dst) {
+#if LOWBIT_X86
+  if (avx512) return sign_row_avx512(x, c, k, dst);
+#endif
+  sign_row_scalar(x, c, k, dst);
+}
+
+bool has_avx512f() {
+#if LOWBIT_X86
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 // Bits of (x - center >= 0) per row: [M, K] float -> [M, ceil(K / 64)] int64.
 at::Tensor sign_bits(const at::Tensor& x, const at::Tensor& center) {
   check_input(x, -1, "sign_bits");
@@ -59,27 +100,21 @@ at::Tensor sign_bits(const at::Tensor& x, const at::Tensor& center) {
               center.numel(), " values, x ", k, " features");
   auto xc = x.contiguous();
   auto cc = center.contiguous().to(at::kFloat);
-  auto out = at::zeros({m, words}, x.options().dtype(at::kLong));
+  auto out = at::empty({m, words}, x.options().dtype(at::kLong));
   const float* xp = xc.const_data_ptr<float>();
   const float* cp = center.numel() ? cc.const_data_ptr<float>() : nullptr;
   auto* op = reinterpret_cast<uint64_t*>(out.mutable_data_ptr<int64_t>());
+  const bool avx512 = has_avx512f();
   at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* row = xp + r * k;
-      uint64_t* dst = op + r * words;
-      for (int64_t i = 0; i < k; ++i) {
-        const float v = cp ? row[i] - cp[i] : row[i];
-        dst[i >> 6] |= static_cast<uint64_t>(v >= 0.f) << (i & 63);
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) sign_row(avx512, xp + r * k, cp, k, op + r * words);
   });
   return out;
 }
 
-// Bit im2col of a zero-padded 3x3-style convolution input. x [B, C, H, W] float: channel bits
-// (x - center >= 0) per pixel, padded pixels all ones (+1: the caller subtracts what the padding
-// adds), then for every output position the kh * kw taps' channel words in a row:
-// [B * Ho * Wo, kh * kw * ceil(C / 64)] int64, tap-major (the weight's [N, kh, kw, C] order).
+// Bit im2col of a zero-padded convolution input. x [B, C, H, W] float (read channels-last):
+// channel bits (x - center >= 0) per pixel, padded pixels all ones (+1: the caller subtracts
+// what the padding adds), then for every output position the kh * kw taps' channel words in a
+// row: [B * Ho * Wo, kh * kw * ceil(C / 64)] int64, tap-major (the weight's [N, kh, kw, C]).
 at::Tensor sign_bits_conv(const at::Tensor& x, const at::Tensor& center, int64_t kh, int64_t kw,
                           int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
@@ -90,28 +125,25 @@ at::Tensor sign_bits_conv(const at::Tensor& x, const at::Tensor& center, int64_t
   const int64_t cw = (c + 63) / 64, hp = h + 2 * ph, wp = w + 2 * pw;
   const int64_t ho = (hp - dh * (kh - 1) - 1) / sh + 1, wo = (wp - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(ho > 0 && wo > 0, "sign_bits_conv: the input is smaller than the kernel");
-  auto xc = x.contiguous();
+  auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // a view when it already is
   auto cc = center.contiguous().to(at::kFloat);
-  // the padded bit image [B, Hp, Wp, Cw]: padding +1 in the C real channel bits
   auto image = at::empty({b, hp, wp, cw}, x.options().dtype(at::kLong));
   auto* ip = reinterpret_cast<uint64_t*>(image.mutable_data_ptr<int64_t>());
   std::vector<uint64_t> ones(cw, ~uint64_t{0});
   if (c % 64) ones[cw - 1] = (uint64_t{1} << (c % 64)) - 1;
   const float* xp = xc.const_data_ptr<float>();
   const float* cp = cc.const_data_ptr<float>();
+  const bool avx512 = has_avx512f();
   at::parallel_for(0, b * hp, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / hp, y = t % hp - ph;
       uint64_t* row = ip + t * wp * cw;
-      for (int64_t xx = 0; xx < wp; ++xx) std::memcpy(row + xx * cw, ones.data(), cw * 8);
-      if (y < 0 || y >= h) continue;
-      for (int64_t xx = 0; xx < w; ++xx) std::memset(row + (xx + pw) * cw, 0, cw * 8);
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const float* src = xp + ((n * c + ch) * h + y) * w;
-        const uint64_t bit = uint64_t{1} << (ch & 63);
-        uint64_t* dst = row + pw * cw + (ch >> 6);
-        for (int64_t xx = 0; xx < w; ++xx)
-          if (src[xx] - cp[ch] >= 0.f) dst[xx * cw] |= bit;
+      for (int64_t xx = 0; xx < wp; ++xx) {
+        const int64_t col = xx - pw;
+        if (y < 0 || y >= h || col < 0 || col >= w)
+          std::memcpy(row + xx * cw, ones.data(), cw * 8);
+        else
+          sign_row(avx512, xp + ((n * h + y) * w + col) * c, cp, c, row + xx * cw);
       }
     }
   });
@@ -267,11 +299,12 @@ void block_sums(Isa isa, const Operands& o, int64_t r0, int rows, int64_t blk, i
   block_scalar(o, r0, rows, blk, sums);
 }
 
-// int32 [M, n] dot products of bit rows with the blocked weight (see the top of the file); k:
-// the number of real codes in a row (a convolution row pads each tap to whole words).
-// XNOR: k - 2 * sums; ternary (a_nonzero and w_nonzero given): the sums themselves.
-at::Tensor popcount_dots(const at::Tensor& a, const at::Tensor& a_nonzero, const at::Tensor& w,
-                         const at::Tensor& w_nonzero, int64_t n, int64_t k, int64_t isa) {
+// The dot products of bit rows with the blocked weight (see the top of the file), each handed
+// to `store(row, col, dot)`. k: the number of real codes in a row (a convolution row pads each
+// tap to whole words). XNOR: k - 2 * sums; ternary (nonzero planes given): the sums.
+template <typename Store>
+void popcount_gemm(const at::Tensor& a, const at::Tensor& a_nonzero, const at::Tensor& w,
+                   const at::Tensor& w_nonzero, int64_t n, int64_t k, int64_t isa, Store store) {
   TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kLong && w.dim() == 3 &&
                   w.scalar_type() == at::kLong && w.size(2) == kBlock && w.is_contiguous(),
               "popcount_dots: a must be int64 [M, W], w int64 [N / 32, W, 32]");
@@ -280,7 +313,7 @@ at::Tensor popcount_dots(const at::Tensor& a, const at::Tensor& a_nonzero, const
                   n > (blocks - 1) * kBlock,
               "popcount_dots: shapes disagree (a ", a.sizes(), ", w ", w.sizes(), ", n ", n,
               ", k ", k, ")");
-  const bool ternary = a_nonzero.numel() > 0;
+  const bool ternary = a_nonzero.defined() && a_nonzero.numel() > 0;
   TORCH_CHECK(!ternary || (a_nonzero.sizes() == a.sizes() && w_nonzero.sizes() == w.sizes()),
               "popcount_dots: the nonzero planes must match the sign planes");
   const Isa chosen = resolve(isa);
@@ -293,24 +326,59 @@ at::Tensor popcount_dots(const at::Tensor& a, const at::Tensor& a_nonzero, const
       reinterpret_cast<const uint64_t*>(w.const_data_ptr<int64_t>()),
       ternary ? reinterpret_cast<const uint64_t*>(wnc.const_data_ptr<int64_t>()) : nullptr,
       words};
-  auto out = at::empty({m, n}, a.options().dtype(at::kInt));
-  int32_t* op = out.mutable_data_ptr<int32_t>();
   constexpr int64_t kRows = 64;  // rows per pass over one weight block (it stays in L1 / L2)
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t tiles = (m + kRows - 1) / kRows;
+  // tasks: (weight block, 64-row tile) pairs, so a few weight blocks still spread over threads
+  at::parallel_for(0, blocks * tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> sums(kRows * kBlock);
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t / tiles, r0 = (t % tiles) * kRows;
       const int64_t cols = std::min(kBlock, n - blk * kBlock);
-      for (int64_t r0 = 0; r0 < m; r0 += kRows) {
-        const int rows = static_cast<int>(std::min(kRows, m - r0));
-        block_sums(chosen, o, r0, rows, blk, sums.data());
-        for (int r = 0; r < rows; ++r) {
-          int32_t* dst = op + (r0 + r) * n + blk * kBlock;
-          const int64_t* s = sums.data() + r * kBlock;
-          for (int64_t j = 0; j < cols; ++j)
-            dst[j] = static_cast<int32_t>(ternary ? s[j] : k - 2 * s[j]);
-        }
+      const int rows = static_cast<int>(std::min(kRows, m - r0));
+      block_sums(chosen, o, r0, rows, blk, sums.data());
+      for (int r = 0; r < rows; ++r) {
+        const int64_t* s = sums.data() + r * kBlock;
+        for (int64_t j = 0; j < cols; ++j)
+          store(r0 + r, blk * kBlock + j, ternary ? s[j] : k - 2 * s[j]);
       }
     }
+  });
+}
+
+// int32 [M, n]: the dot products themselves.
+at::Tensor popcount_dots(const at::Tensor& a, const at::Tensor& a_nonzero, const at::Tensor& w,
+                         const at::Tensor& w_nonzero, int64_t n, int64_t k, int64_t isa) {
+  auto out = at::empty({a.size(0), n}, a.options().dtype(at::kInt));
+  int32_t* op = out.mutable_data_ptr<int32_t>();
+  popcount_gemm(a, a_nonzero, w, w_nonzero, n, k, isa, [&](int64_t r, int64_t j, int64_t dot) {
+    op[r * n + j] = static_cast<int32_t>(dot);
+  });
+  return out;
+}
+
+// float32 [M, n] = (dot - corr[r % L, j]) * scale[j] + offset[r % L, j]: an XNOR layer's output
+// in one pass (corr: int32 [L, n] or empty; offset: float [L, n]; L divides M).
+at::Tensor popcount_affine(const at::Tensor& a, const at::Tensor& w, int64_t n, int64_t k,
+                           const at::Tensor& corr, const at::Tensor& scale,
+                           const at::Tensor& offset, int64_t isa) {
+  const int64_t m = a.size(0), l = offset.size(0);
+  TORCH_CHECK(offset.dim() == 2 && offset.size(1) == n && l > 0 && m % l == 0 &&
+                  scale.numel() == n && (corr.numel() == 0 || corr.sizes() == offset.sizes()),
+              "popcount_affine: offset must be [L, n] with L dividing the rows, scale [n], corr "
+              "empty or [L, n]");
+  auto oc = offset.contiguous().to(at::kFloat);
+  auto sc = scale.contiguous().to(at::kFloat);
+  auto cc = corr.contiguous().to(at::kInt);
+  const float* offp = oc.const_data_ptr<float>();
+  const float* sp = sc.const_data_ptr<float>();
+  const int32_t* cp = corr.numel() ? cc.const_data_ptr<int32_t>() : nullptr;
+  auto out = at::empty({m, n}, a.options().dtype(at::kFloat));
+  float* op = out.mutable_data_ptr<float>();
+  const auto none = at::empty({0}, a.options());
+  popcount_gemm(a, none, w, none, n, k, isa, [&](int64_t r, int64_t j, int64_t dot) {
+    const int64_t at = (r % l) * n + j;
+    const int64_t d = cp ? dot - cp[at] : dot;
+    op[r * n + j] = static_cast<float>(d) * sp[j] + offp[at];
   });
   return out;
 }
@@ -477,6 +545,10 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
       "popcount_dots(Tensor a, Tensor a_nonzero, Tensor w, Tensor w_nonzero, int n, int k, "
       "int isa) -> Tensor",
       &lowbit::popcount_dots);
+  m.def(
+      "popcount_affine(Tensor a, Tensor w, int n, int k, Tensor corr, Tensor scale, "
+      "Tensor offset, int isa) -> Tensor",
+      &lowbit::popcount_affine);
   m.def("sign_mask_sums(Tensor x, Tensor sign, Tensor nonzero, int isa) -> Tensor",
         &lowbit::sign_mask_sums);
 }

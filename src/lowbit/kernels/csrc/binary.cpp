@@ -299,8 +299,8 @@ void block_sums(Isa isa, const Operands& o, int64_t r0, int rows, int64_t blk, i
   block_scalar(o, r0, rows, blk, sums);
 }
 
-// The dot products of bit rows with the blocked weight (see the top of the file), each handed
-// to `store(row, col, dot)`. k: the number of real codes in a row (a convolution row pads each
+// The dot products of bit rows with the blocked weight (see the top of the file), handed over
+// a row at a time: `store(row, col0, dots, cols)`. k: the number of real codes in a row (a convolution row pads each
 // tap to whole words). XNOR: k - 2 * sums; ternary (nonzero planes given): the sums.
 template <typename Store>
 void popcount_gemm(const at::Tensor& a, const at::Tensor& a_nonzero, const at::Tensor& w,
@@ -337,9 +337,10 @@ void popcount_gemm(const at::Tensor& a, const at::Tensor& a_nonzero, const at::T
       const int rows = static_cast<int>(std::min(kRows, m - r0));
       block_sums(chosen, o, r0, rows, blk, sums.data());
       for (int r = 0; r < rows; ++r) {
-        const int64_t* s = sums.data() + r * kBlock;
-        for (int64_t j = 0; j < cols; ++j)
-          store(r0 + r, blk * kBlock + j, ternary ? s[j] : k - 2 * s[j]);
+        int64_t* s = sums.data() + r * kBlock;
+        if (!ternary)
+          for (int64_t j = 0; j < cols; ++j) s[j] = k - 2 * s[j];
+        store(r0 + r, blk * kBlock, s, cols);
       }
     }
   });
@@ -350,9 +351,11 @@ at::Tensor popcount_dots(const at::Tensor& a, const at::Tensor& a_nonzero, const
                          const at::Tensor& w_nonzero, int64_t n, int64_t k, int64_t isa) {
   auto out = at::empty({a.size(0), n}, a.options().dtype(at::kInt));
   int32_t* op = out.mutable_data_ptr<int32_t>();
-  popcount_gemm(a, a_nonzero, w, w_nonzero, n, k, isa, [&](int64_t r, int64_t j, int64_t dot) {
-    op[r * n + j] = static_cast<int32_t>(dot);
-  });
+  popcount_gemm(a, a_nonzero, w, w_nonzero, n, k, isa,
+                [&](int64_t r, int64_t j0, const int64_t* dots, int64_t cols) {
+                  for (int64_t j = 0; j < cols; ++j)
+                    op[r * n + j0 + j] = static_cast<int32_t>(dots[j]);
+                });
   return out;
 }
 
@@ -375,11 +378,15 @@ at::Tensor popcount_affine(const at::Tensor& a, const at::Tensor& w, int64_t n, 
   auto out = at::empty({m, n}, a.options().dtype(at::kFloat));
   float* op = out.mutable_data_ptr<float>();
   const auto none = at::empty({0}, a.options());
-  popcount_gemm(a, none, w, none, n, k, isa, [&](int64_t r, int64_t j, int64_t dot) {
-    const int64_t at = (r % l) * n + j;
-    const int64_t d = cp ? dot - cp[at] : dot;
-    op[r * n + j] = static_cast<float>(d) * sp[j] + offp[at];
-  });
+  popcount_gemm(a, none, w, none, n, k, isa,
+                [&](int64_t r, int64_t j0, const int64_t* dots, int64_t cols) {
+                  const int64_t at = (r % l) * n + j0;
+                  float* dst = op + r * n + j0;
+                  for (int64_t j = 0; j < cols; ++j) {
+                    const int64_t d = cp ? dots[j] - cp[at + j] : dots[j];
+                    dst[j] = static_cast<float>(d) * sp[j0 + j] + offp[at + j];
+                  }
+                });
   return out;
 }
 

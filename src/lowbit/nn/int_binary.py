@@ -7,10 +7,13 @@ Kernels (`module.kernel`):
   (c + beta * sign(x - c)) @ (alpha * sign(w)) with its integer part computed on bits. A Conv2d
   (zero padding, one group) runs a bit im2col: padded taps count as +1 and their share is taken
   back out, so zero padding of the centred input is exact as well.
-- "bwn": binary weights x float inputs (or int8 ones: exact int32 sums): the inputs added with
-  the weight's sign, from the weight's bits.
+- "bwn": binary weights x float inputs (or int8 ones: exact int32 sums), by whichever measured
+  faster here: lowbit's int8 kernels on the unpacked signs (the weight-only VNNI kernel for
+  float inputs, `torch._int_mm` for int8 ones; an int8 copy of the codes is cached in memory,
+  the file keeps 1 bit) or, where those do not run, the inputs added with the weight's sign
+  straight from its bits (`kernels.binary.sign_mask_sums`).
 - "ternary": ternary weights on two bit-planes (sign, nonzero) x float or int8 inputs as "bwn";
-  x dynamic ternary inputs by popcounts.
+  x dynamic ternary inputs by popcounts on the planes.
 - "dequantize": anything else (other devices, grouped or strided-padding convolutions), with the
   same centred binarization in float.
 """
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit import numerics
-from lowbit.kernels import binary
+from lowbit.kernels import binary, dynamic, weight_only
 from lowbit.nn.binary_act import CenteredSign, channel_axis
 from lowbit.nn.int_base import IntFallback, Kernel, need
 from lowbit.nn.packs import cached
@@ -170,13 +173,25 @@ class IntBinaryLinear(_BitsBase):
         return scale, offset.unsqueeze(0)
 
     def _sign_sums(self, rows: Tensor, packs: Packed) -> Tensor:
+        """Float or int8 inputs: lowbit's int8 kernels on the unpacked codes where they run
+        (measured faster than the sign-mask sums on bits at 1 and 64 rows, docs/kernels.md),
+        else the sign-mask sums."""
         sign, nonzero = cached(packs, "rows", self._rows)
         alpha, bias = cached(packs, "alpha_bias", lambda: (self._alpha(), self._bias()))
+        codes8 = cached(packs, "codes8", lambda: self.weight_codes().to(torch.int8))
         if self.input_spec is None:
+            if weight_only.applies(rows):
+                vnni = cached(packs, "vnni", lambda: weight_only.vnni_pack(codes8))
+                if vnni:
+                    return weight_only.linear_int8(rows.contiguous(), codes8, alpha, bias, vnni)
             return torch.addcmul(bias, binary.sign_mask_sums(rows, sign, nonzero), alpha)
         codes, scale = self._int8_codes(rows)
-        sums = binary.sign_mask_sums(codes, sign, nonzero).float()
-        return torch.addcmul(bias, sums, alpha * scale)
+        try:
+            operand = cached(packs, "int_mm", lambda: dynamic.int_mm_operand(codes8))
+            sums = dynamic.int_mm(codes, operand, self.out_features)
+        except RuntimeError:  # a shape torch._int_mm refuses: the exact sums on bits
+            sums = binary.sign_mask_sums(codes, sign, nonzero)
+        return torch.addcmul(bias, sums.float(), alpha * scale)
 
     def _ternary_inputs(self, rows: Tensor, packs: Packed) -> Tensor:
         spec = self.input_spec

@@ -113,6 +113,8 @@ def test_onnxruntime_target_runs_every_conv_as_qlinearconv(residual_int8, tmp_pa
     ops = _optimized_ops(path, tmp_path)
     assert ops.count("QLinearConv") == 4
     assert not {"Conv", "FusedConv", "NchwcConv"} & set(ops)
+    # the classifier (float logits): its bias moved after it, so ORT runs it as QGemm too
+    assert ops.count("QGemm") == 1 and "Gemm" not in ops
     out = _session(path).run(None, {"input": x.numpy()})[0]
     ref = _simulate(qmodel, x)
     # QLinearConv requantizes with its own integer rounding: a few output steps at most

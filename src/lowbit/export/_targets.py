@@ -8,6 +8,10 @@
 - ONNX Runtime fuses `DQ -> Conv -> Q` into QLinearConv only when nothing sits between the Conv
   and its Q. A Relu / Clip there (ReLU6 before a symmetric quantizer) is moved after the Q as a
   Clip of the integer codes: Q is monotone, so Q(clip(x, lo, hi)) = clamp(Q(x), Q(lo), Q(hi)).
+- ONNX Runtime fuses a Gemm whose inputs are dequantized into its integer QGemm, with a float
+  output where no Q follows (a classifier's logits), only when every input is dequantized: a
+  float bias (lowbit keeps biases float) leaves the weight dequantized at every run and the
+  product in float. Such a Gemm's bias moves into an Add after it: the same sum, in float.
 - TensorRT accepts only int8 Q/DQ with zero point 0: the file stays as traced, as for OpenVINO,
   and an affine (uint8) activation is a ValueError rather than a file TensorRT refuses.
 """
@@ -40,6 +44,7 @@ def retarget(graph: Any, target: str) -> None:
     if target == "onnxruntime":
         activations_as_uint8(graph)
         clip_codes_after_quantize(graph)
+        bias_after_float_gemm(graph)
         _warn_float_convs(graph)
     elif target == "tensorrt":
         check_int8_zero_point(graph)
@@ -119,6 +124,44 @@ def activations_as_uint8(graph: Any) -> int:
             )
             moved += 1
     return moved
+
+
+def bias_after_float_gemm(graph: Any) -> int:
+    """`DQ, DQ, bias -> Gemm` with a float output becomes `Gemm(DQ, DQ) -> Add(bias)`.
+
+    Only a Gemm with both operands dequantized, a bias that is not, beta 1 and an output no
+    QuantizeLinear reads (ORT fuses that case with its float bias as it is). Returns how many.
+    """
+    from onnx import helper
+
+    producers = {o: n for n in graph.node for o in n.output}
+    users = consumers(graph)
+    moved = 0
+    nodes: list[Any] = []
+    for node in graph.node:
+        nodes.append(node)
+        if not _dequantized_float_gemm(node, producers, users):
+            continue
+        bias, product = node.input[2], f"{node.output[0]}_without_bias"
+        del node.input[2]
+        output, node.output[0] = node.output[0], product
+        nodes.append(helper.make_node("Add", [product, bias], [output], name=f"{node.name}/bias"))
+        moved += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return moved
+
+
+def _dequantized_float_gemm(
+    node: Any, producers: dict[str, Any], users: dict[str, list[Any]]
+) -> bool:
+    if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
+        return False
+    kinds = [getattr(producers.get(name), "op_type", None) for name in node.input]
+    beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+    quantized = any(u.op_type == "QuantizeLinear" for u in users.get(node.output[0], []))
+    dequantized = kinds[0] == kinds[1] == "DequantizeLinear"
+    return dequantized and kinds[2] != "DequantizeLinear" and beta == 1.0 and not quantized
 
 
 def clip_codes_after_quantize(graph: Any) -> int:

@@ -9,7 +9,7 @@ from lowbit.distributed import DistributedError
 from lowbit.evaluate import analyze
 from lowbit.evaluate.mixed_precision import auto_quantize
 from lowbit.exceptions import LowbitWarning, OpPointMismatch
-from lowbit.export import export_onnx
+from lowbit.export import export_onnx, export_openvino
 from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
@@ -35,6 +35,7 @@ __all__ = [
     "calibrate",
     "convert",
     "export_onnx",
+    "export_openvino",
     "load",
     "prepare_qat",
     "presets",

@@ -1,5 +1,5 @@
-"""`lowbit quantize` (write an .onnx QDQ or .lowbit file) and `lowbit eval` (accuracy of one
-model): the commands about a single model."""
+"""`lowbit quantize` (write an .onnx QDQ, OpenVINO .xml or .lowbit file) and `lowbit eval`
+(accuracy of one model): the commands about a single model."""
 
 from __future__ import annotations
 
@@ -18,15 +18,19 @@ TARGET_CHOICES = ("onnxruntime", "openvino", "tensorrt")  # lowbit.export's targ
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The `quantize` and `eval` subcommands."""
-    q = commands.add_parser("quantize", help="quantize a model, write .onnx (QDQ) or .lowbit")
+    q = commands.add_parser(
+        "quantize", help="quantize a model, write .onnx (QDQ), .xml (OpenVINO IR) or .lowbit"
+    )
     common.add_model(q)
     common.add_calib_options(q)
     q.add_argument("--preset", default="int8", choices=PRESETS, help="default: int8")
     q.add_argument("--calibrator", default="minmax", choices=FROM_HISTOGRAM)
-    q.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.onnx or OUT.lowbit")
+    q.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="OUT.onnx, OUT.xml or OUT.lowbit"
+    )
     q.add_argument(
         "--target",
-        default="onnxruntime",
+        default=None,
         choices=TARGET_CHOICES,
         help="the runtime an OUT.onnx is for (default: onnxruntime; see docs/export.md)",
     )
@@ -45,12 +49,14 @@ def _quantize(args: argparse.Namespace) -> int:
     from lowbit.evaluate import model_bytes
     from lowbit.evaluate.compare import deployable
 
-    out = common.check_output(args.output, (".onnx", ".lowbit"))
-    if out.suffix == ".onnx" and args.preset == "dynamic":
+    out = common.check_output(args.output, (".onnx", ".lowbit", ".xml"))
+    if out.suffix in (".onnx", ".xml") and args.preset == "dynamic":
         raise UsageError(
             "--preset dynamic quantizes activations at run time, which ONNX QDQ cannot express: "
             "write a .lowbit file, or use --preset int8 for ONNX"
         )
+    if out.suffix == ".xml" and args.target is not None:
+        raise UsageError("an OUT.xml is OpenVINO IR, always in OpenVINO's form: drop --target")
     loaded = common.load(args)
     if loaded.kind == "lowbit":
         raise UsageError(
@@ -67,8 +73,8 @@ def _quantize(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         progress=not args.json,
     )
-    if out.suffix == ".onnx":
-        _export_onnx(variant.model, calib.example(), out, args.target)
+    if out.suffix in (".onnx", ".xml"):
+        _export(variant.model, calib.example(), out, args.target or "onnxruntime")
     else:
         from lowbit.cli.models import save_lowbit
 
@@ -102,14 +108,19 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_onnx(model: Any, example: Any, out: Path, target: str) -> None:
+def _export(model: Any, example: Any, out: Path, target: str) -> None:
+    """OUT.onnx for `target`, or OUT.xml (OpenVINO IR)."""
     try:
-        from lowbit.export import export_onnx
+        from lowbit.export import export_onnx, export_openvino
+
+        if out.suffix == ".xml":
+            export_openvino(model, example, out)
+        else:
+            export_onnx(model, example, out, target=target)
     except ImportError as error:
         raise UsageError(
-            f"ONNX export is not available in this lowbit ({error}); write a .lowbit file"
+            f"{out.suffix} export is not available ({error}); write a .lowbit file"
         ) from None
-    export_onnx(model, example, out, target=target)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
-"""Deployment: ONNX QDQ export for ONNX Runtime, OpenVINO and TensorRT (see docs/export.md).
+"""Deployment: ONNX QDQ export for ONNX Runtime, OpenVINO and TensorRT, and OpenVINO IR (see
+docs/export.md).
 
-onnx loads only when `export_onnx` runs, so `import lowbit` stays light.
+onnx and openvino load only when an export runs, so `import lowbit` stays light.
 """
 
 from lowbit.export.onnx import export_onnx, reduce_range_config
+from lowbit.export.openvino import export_openvino
 
-__all__ = ["export_onnx", "reduce_range_config"]
+__all__ = ["export_onnx", "export_openvino", "reduce_range_config"]

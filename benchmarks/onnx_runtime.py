@@ -31,6 +31,7 @@ name and VNNI / AMX flags) is printed with the table.
 
     .venv/bin/python benchmarks/onnx_runtime.py [--data DIR] [--rounds N] [--eval-limit N]
                                                 [--agree] [--float64-control] [--no-openvino]
+                                                [--presets NAME ...] [--ort-static NAME ...]
 
 Prints markdown tables and writes benchmarks/results/onnx_runtime.json.
 """
@@ -296,14 +297,21 @@ def table(rows: list[Row]) -> str:
 
 
 def export_lowbit(
-    fp32: nn.Module, calib: Tensor, evals: Tensor | None, tmp: Path, log: Callable[[str], None]
-) -> tuple[dict[str, Path], dict[str, Tensor], nn.Module]:
-    """Quantize with each config, export each (config, target): the files, keyed by row name,
-    each config's simulated logits on `evals` (if given), and the int8_asymmetric() model."""
+    fp32: nn.Module,
+    calib: Tensor,
+    evals: Tensor | None,
+    tmp: Path,
+    log: Callable[[str], None],
+    configs: list[str],
+) -> tuple[dict[str, Path], dict[str, Tensor], nn.Module | None]:
+    """Quantize with each of `configs`, export each (config, target): the files, keyed by row
+    name, each config's simulated logits on `evals` (if given), and the int8_asymmetric() model
+    (None if not among them)."""
     paths: dict[str, Path] = {}
     sims: dict[str, Tensor] = {}
     asym: nn.Module | None = None
-    for config_name, make in CONFIGS.items():
+    for config_name in configs:
+        make = CONFIGS[config_name]
         qmodel = quantize(fp32, make(), list(calib.split(BATCH)), progress=False)
         if evals is not None:
             sims[config_name] = simulate(qmodel, evals)
@@ -313,7 +321,6 @@ def export_lowbit(
                 qmodel, calib[:1], tmp / f"{len(paths)}_{i}.onnx", target=target
             )
         log(f"quantized and exported {config_name}")
-    assert asym is not None
     return paths, sims, asym
 
 
@@ -332,6 +339,7 @@ def measure(
     """Top-1, agreement and interleaved timings of the files `runtime` runs."""
     names = ["fp32"] + [row_name(c, t) for c, t, rt in EXPORTS if runtime in rt]
     names += [f"ort quantize_static {m}" for m in ORT_STATIC]
+    names = [n for n in names if n in paths]  # the rows --presets / --ort-static left out
     runners: dict[str, Runner] = {}
     rows: list[Row] = []
     for name in names:
@@ -375,8 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agree", action="store_true", help="agreement with the simulation")
     parser.add_argument("--float64-control", action="store_true", help="see the docstring")
     parser.add_argument("--no-openvino", action="store_true", help="ONNX Runtime only")
+    parser.add_argument("--presets", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument(
+        "--ort-static", nargs="+", choices=list(ORT_STATIC), default=list(ORT_STATIC)
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.float64_control and "int8_asymmetric()" not in args.presets:
+        parser.error("--float64-control needs int8_asymmetric() among --presets")
     data_dir = find_data_dir(args.data, "onnx_runtime benchmark")
     if data_dir is None:
         return 0
@@ -398,12 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         agree = args.agree or args.float64_control
-        paths, sims, asym = export_lowbit(fp32, calib, split.evals if agree else None, tmp, log)
-        if args.float64_control:
+        evals = split.evals if agree else None
+        paths, sims, asym = export_lowbit(fp32, calib, evals, tmp, log, args.presets)
+        if args.float64_control and asym is not None:
             control = float64_control(asym, split.evals, sims["int8_asymmetric()"])
         paths["fp32"] = tmp / "fp32.onnx"
         export_fp32(fp32, calib[:1], paths["fp32"])
-        for name, (method, symmetric) in ORT_STATIC.items():
+        for name in args.ort_static:
+            method, symmetric = ORT_STATIC[name]
             path = tmp / f"ort_static_{name.replace(' ', '_')}.onnx"
             paths[f"ort quantize_static {name}"] = path
             ort_quantize_static(paths["fp32"], calib, path, method, symmetric)

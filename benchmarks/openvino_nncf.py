@@ -130,11 +130,10 @@ def int8_ops(compiled: Any) -> str:
     kinds, n_int = 0, 0
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
-        layer = str(info["layerType"]) if "layerType" in info else ""
-        if layer not in ("Convolution", "FullyConnected", "MatMul", "GroupConvolution"):
+        if info["layerType"].astype(str) not in ("Convolution", "FullyConnected", "MatMul"):
             continue
         kinds += 1
-        n_int += str(info["runtimePrecision"]).upper() in INT8_PRECISIONS
+        n_int += info["runtimePrecision"].astype(str).upper() in INT8_PRECISIONS
     return f"{n_int}/{kinds}"
 
 

@@ -12,9 +12,10 @@ a layer's or a block's output error) plus lambda * sum(1 - |2 h(V) - 1|^beta): a
 drives every h(V) to 0 or 1. The final codes are floor(W/s) + [V >= 0], each at most one step
 from rounding to nearest.
 
-Stopping early: once every h(V) sits at exactly 0 or 1, the clip passes no gradient and further
-steps cannot change the rounding; the loop then stops (checked every `check_every` steps). Extra
-parameters (BRECQ's activation step sizes) may be optimised alongside with their own rate.
+Stopping early: once h(V) sits at exactly 0 or 1 the clip passes no gradient and further steps
+cannot change that weight's rounding; the loop stops when all but a share `undecided` (0.1%) of
+the weights got there (checked every `check_every` steps). Extra
+parameters (BRECQ's activation step sizes) may be optimised alongside, each at its own rate.
 """
 
 from __future__ import annotations
@@ -130,8 +131,10 @@ class RoundingSchedule:
     iterations: int
     lr: float
     reg_weight: float
-    extra_lr: float = 0.0  # for the extra parameters (activation step sizes)
-    check_every: int = 50
+    check_every: int = 25
+    # Stop once at most this share of the weights is undecided (their final rounding by the sign
+    # of V is then already as good as settled).
+    undecided: float = 1e-3
 
     def beta(self, step: int) -> float | None:
         """The regulariser's beta at `step`, None during the warm start."""
@@ -146,18 +149,16 @@ def optimize_rounding(
     roundings: Sequence[SoftRounding],
     loss_fn: Callable[[], Tensor],
     schedule: RoundingSchedule,
-    extra: Sequence[Tensor] = (),
+    extra: Sequence[tuple[Tensor, float]] = (),
     after_step: Callable[[], None] | None = None,
 ) -> int:
-    """Adam on every V of `roundings` (and `extra`, at `schedule.extra_lr`) against
-    `loss_fn()` + the rounding regulariser; returns the number of steps run (fewer than
+    """Adam on every V of `roundings` (and each `extra` tensor, at its own learning rate)
+    against `loss_fn()` + the rounding regulariser; returns the number of steps run (fewer than
     `schedule.iterations` when every rounding decided early)."""
-    groups: list[dict[str, object]] = [
-        {"params": [r.v for r in roundings], "lr": schedule.lr},
-    ]
-    if extra:
-        groups.append({"params": list(extra), "lr": schedule.extra_lr})
+    groups: list[dict[str, object]] = [{"params": [r.v for r in roundings], "lr": schedule.lr}]
+    groups += [{"params": [t], "lr": lr} for t, lr in extra]
     optimizer = torch.optim.Adam(groups)  # type: ignore[arg-type]
+    total = sum(r.v.numel() for r in roundings)
     with torch.enable_grad():
         for step in range(schedule.iterations):
             loss = loss_fn()
@@ -177,7 +178,28 @@ def optimize_rounding(
             if (
                 beta is not None
                 and (step + 1) % schedule.check_every == 0
-                and all(r.undecided() == 0 for r in roundings)
+                and sum(r.undecided() for r in roundings) <= schedule.undecided * total
             ):
                 return step + 1
     return schedule.iterations
+
+
+def search_weight_scale(quantizer: TensorQuantizer, weight: Tensor, steps: int = 20) -> None:
+    """Shrink each unit's weight scale to the clipping with the least squared weight error,
+    scale * a for a in 0.5 .. 1 (`steps` + 1 values), as BRECQ and QDrop initialise their weight
+    quantizers: at 4 bits the min-max range wastes levels on a few outliers. Symmetric
+    quantizers only (an affine one keeps its range)."""
+    spec = quantizer.spec
+    if not spec.symmetric:
+        return
+    w = weight.detach().float()
+    s0, zero = quantizer.scale.detach().float(), quantizer.zero_point
+    best, best_err = s0, torch.full_like(s0, math.inf)
+    with torch.no_grad():
+        for a in torch.linspace(0.5, 1.0, steps + 1).tolist():
+            scale = s0 * a
+            err = (numerics.fake_quantize(w, scale, zero, spec) - w).pow(2)
+            e = numerics.reduce_by(err, spec.granularity, lambda r: r.sum(1)).reshape(s0.shape)
+            better = e < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, e, best_err)
+    quantizer.set_qparams(best, zero)

@@ -63,6 +63,7 @@ from lowbit.nn.modules import QuantModule
 
 __all__ = ["AdaRoundLayer", "AdaRoundReport", "adaround"]
 
+
 @dataclass(frozen=True)
 class AdaRoundLayer:
     """One layer: output MSE on its sampled rows with nearest rounding and with AdaRound."""

@@ -140,10 +140,11 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_qdrop_with_vanishing_probability_is_brecq_and_a_seed_reproduces_a_run():
     model = _net()
+    cases = [("brecq", 0.0, 0), ("p0", 1e-12, 0), ("qdrop", 0.5, 0), ("again", 0.5, 0)]
+    cases.append(("seed1", 0.5, 1))
     runs = {
         key: _state(block_reconstruction(_rtn(model), _calib(), qdrop=p, seed=s, **QUICK))
-        for key, p, s in [("brecq", 0.0, 0), ("p0", 1e-12, 0), ("qdrop", 0.5, 0), ("again", 0.5, 0)]
-        + [("seed1", 0.5, 1)]
+        for key, p, s in cases
     }
     assert _equal(runs["brecq"], runs["p0"])  # the QDrop path with no drop is BRECQ
     assert not _equal(runs["brecq"], runs["qdrop"])

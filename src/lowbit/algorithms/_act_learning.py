@@ -35,7 +35,7 @@ def fused(q: TensorQuantizer) -> bool:
 
 class _LsqDrop(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         scale: Tensor,
@@ -53,7 +53,7 @@ class _LsqDrop(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         v, scale, keep = ctx.saved_tensors
         zero, (qmin, qmax) = ctx.zero, ctx.bounds
         r = torch.round(v).add_(zero)

@@ -157,7 +157,7 @@ def optimize_rounding(
     `schedule.iterations` when every rounding decided early)."""
     groups: list[dict[str, object]] = [{"params": [r.v for r in roundings], "lr": schedule.lr}]
     groups += [{"params": [t], "lr": lr} for t, lr in extra]
-    optimizer = torch.optim.Adam(groups)  # type: ignore[arg-type]
+    optimizer = torch.optim.Adam(groups)
     total = sum(r.v.numel() for r in roundings)
     with torch.enable_grad():
         for step in range(schedule.iterations):

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.algorithms.brecq import block_reconstruction
+from lowbit.algorithms.brecq import BrecqReport, block_reconstruction
 from lowbit.algorithms.capture import execution_order
 from lowbit.batches import Forward
 from lowbit.config import LayerQuant, QuantConfig
@@ -80,8 +80,9 @@ def brecq(
         progress=progress,
         group=group,
     )
-    report = qmodel.lowbit_brecq  # type: ignore[union-attr]
-    qmodel.lowbit_brecq = replace(report, high_precision=kept)  # type: ignore[assignment]
+    report = qmodel.lowbit_brecq
+    assert isinstance(report, BrecqReport)
+    qmodel.lowbit_brecq = replace(report, high_precision=kept)
     return qmodel
 
 

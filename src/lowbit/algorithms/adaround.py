@@ -74,6 +74,7 @@ class AdaRoundLayer:
     mse_adaround: float
     flipped: float  # fraction of weights whose code differs from rounding to nearest
     seconds: float
+    steps: int = 0  # Adam steps run (fewer than `iterations` when the rounding decided early)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class AdaRoundReport:
         head = f"lowbit: AdaRound of {len(self.layers)} layer(s) in {self.seconds:.0f}s"
         rows = [
             f"{r.name}: output MSE {r.mse_nearest:.3g} -> {r.mse_adaround:.3g} "
-            f"({100 * r.flipped:.1f}% of codes changed, {r.seconds:.1f}s)"
+            f"({100 * r.flipped:.1f}% of codes changed, {r.steps} steps, {r.seconds:.1f}s)"
             for r in self.layers
         ]
         return summary_text(head, rows, self.skipped)
@@ -226,8 +227,11 @@ class _Run:
         xq, xf = rows_at(call, pick), rows_at(ref_call, pick)
         del call, ref_call, f_args
         self.lockstep.release()
-        result = _optimize(qm, xq, xf, self.settings, self.generator)
-        self.done.append(AdaRoundLayer(name, xq.shape[0], *result, time.perf_counter() - t0))
+        nearest, learned, flipped, steps = _optimize(qm, xq, xf, self.settings, self.generator)
+        seconds = time.perf_counter() - t0
+        self.done.append(
+            AdaRoundLayer(name, xq.shape[0], nearest, learned, flipped, seconds, steps)
+        )
         self.advance(name)
 
 
@@ -294,15 +298,16 @@ class _Rows:
 
 def _optimize(
     qm: QuantModule, xq: Tensor, xf: Tensor, settings: _Settings, generator: torch.Generator
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, int]:
     """Optimize one layer's rounding so that W~ xq matches W xf on rows [R, groups, K]; write
-    back the codes. Returns output MSE with nearest rounding, with AdaRound, fraction changed."""
+    back the codes. Returns output MSE with nearest rounding, with AdaRound, fraction changed,
+    steps run."""
     rounding = SoftRounding(qm)
     rows = _Rows(rounding, xq, xf)
     recon = rows.loss(settings.batch_rows, generator)
-    optimize_rounding([rounding], lambda: recon(rounding.soft()), settings.schedule)
+    steps = optimize_rounding([rounding], lambda: recon(rounding.soft()), settings.schedule)
     nearest, learned = rounding.nearest(), rounding.learned()
     mse_nearest, mse_ada = rows.mse(nearest), rows.mse(learned)
     if mse_ada > mse_nearest:  # too few iterations to beat nearest: keep nearest
         learned, mse_ada = nearest, mse_nearest
-    return mse_nearest, mse_ada, rounding.write(learned)
+    return mse_nearest, mse_ada, rounding.write(learned), steps

@@ -80,7 +80,8 @@ def activation_hook(
         x = args[0]
         keep = None
         if p > 0 and torch.is_grad_enabled():
-            keep = torch.rand(x.shape, generator=generator) < p
+            # In x's memory layout, so that the output keeps it (channels-last, see brecq).
+            keep = torch.empty_like(x).uniform_(generator=generator) < p
         if not fused(q):
             return out if keep is None else torch.where(keep, x, out)
         spec = q.spec

@@ -271,6 +271,8 @@ class _BlockData:
     kwargs: dict[str, Any]
 
     def run(self, block: nn.Module, x: Tensor, idx: Tensor | None) -> Tensor:
+        if x.dim() == 4:  # PyTorch's CPU backward of 5x5 depthwise convolutions is ~70x faster
+            x = x.contiguous(memory_format=torch.channels_last)
         rest = tuple(self._take(a, idx) for a in self.rest)
         kwargs = {k: self._take(v, idx) for k, v in self.kwargs.items()}
         return _output(block(x, *rest, **kwargs))
@@ -368,7 +370,7 @@ def _sampler(
         idx = order.pop(0)
         x = data.x[idx]
         if qdrop > 0:
-            keep = torch.rand(x.shape, generator=generators.drop) < qdrop
+            keep = torch.empty_like(x).uniform_(generator=generators.drop) < qdrop
             x = torch.where(keep, data.xf[idx], x)
         return data.run(block, x, idx), data.target[idx]
 

@@ -311,6 +311,7 @@ def _activation_quantizers(block: nn.Module) -> list[TensorQuantizer]:
         and q.mode == "quantize"
         and q.has_qparams
         and not q.dynamic
+        and not q.learnable
         and q.spec.scheme == "uniform"
     ]
 

@@ -5,11 +5,15 @@ Calibrates on the first 128 images (sorted file order) and measures top-1 on the
 - W4 (4-bit per-channel weights, float activations, first and last layer at 8 bits):
   rounding to nearest vs AdaRound;
 - W4A8 (the same weights, int8 per-tensor inputs): nearest vs AdaRound;
+- W4, W4A8 and W4A4 (uint4 affine per-tensor inputs, MSE-calibrated) with block reconstruction
+  (`lowbit.brecq`: BRECQ, QDrop p=0.5 where activations are quantized; given the plain config,
+  it keeps the first and last layer at 8 bits by default);
 - W8A8 (`presets.int8()`): plain, with CLE, with bias correction, with both;
 - W8A8 with per-tensor weight scales: plain, with CLE, with CLE and bias correction;
 - `auto_quantize(max_drop=1.0)` at W4A8.
 
     .venv/bin/python benchmarks/efficientnet_algorithms.py [--data DIR] [--only NAME ...]
+        [--iterations N] [--brecq-iterations N] [--brecq-batch N]
 
 Prints a markdown table and writes benchmarks/results/efficientnet_algorithms.json, with each
 algorithm's run time (2 threads, as the issue's "2 cores").
@@ -28,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lowbit import presets
+from lowbit import brecq, presets
 from lowbit.algorithms.adaround import adaround
 from lowbit.algorithms.bias_correction import bias_correction
 from lowbit.algorithms.cle import equalize
@@ -50,6 +54,9 @@ FIRST_LAST = ("_conv_stem", "_fc")
 BASELINE = {
     "w4-adaround": "w4-nearest",
     "w4a8-adaround": "w4a8-nearest",
+    "w4-brecq": "w4-nearest",
+    "w4a8-qdrop": "w4a8-nearest",
+    "w4a4-qdrop": "w4a4-nearest",
     "w8a8-cle": "w8a8",
     "w8a8-bc": "w8a8",
     "w8a8-cle-bc": "w8a8",
@@ -92,14 +99,22 @@ def compare(pred: Tensor, base: Tensor, labels: Tensor) -> dict[str, int]:
     }
 
 
-def w4_config(activations: bool) -> QuantConfig:
-    """4-bit per-channel weights; first and last layer at 8 bits; int8 inputs if asked."""
-    act = QuantSpec(bits=8, narrow_range=True) if activations else None
+A8 = QuantSpec(bits=8, narrow_range=True)
+A4 = QuantSpec(bits=4, signed=False, symmetric=False)
+
+
+def w4_config(act: QuantSpec | None, first_last: bool = True) -> QuantConfig:
+    """4-bit per-channel weights and `act` inputs (None: float); the first and last layer at 8
+    bits (weights and inputs) if `first_last`. 4-bit inputs take MSE-calibrated ranges."""
     w8 = QuantSpec(bits=8, narrow_range=True, granularity=PerChannel(0))
+    a8 = None if act is None else A8
     return QuantConfig(
         weight=QuantSpec(bits=4, granularity=PerChannel(0)),
         input=act,
-        overrides={name: LayerQuant(weight=w8, input=act) for name in FIRST_LAST},
+        calibrator="mse" if act is not None and act.bits < 8 else "minmax",
+        overrides={name: LayerQuant(weight=w8, input=a8) for name in FIRST_LAST}
+        if first_last
+        else {},
     )
 
 
@@ -110,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--eval-limit", type=int, default=None, help="smoke runs: fewer images")
     parser.add_argument("--iterations", type=int, default=None, help="AdaRound iterations")
+    parser.add_argument("--brecq-iterations", type=int, default=None, help="BRECQ steps/block")
+    parser.add_argument("--brecq-batch", type=int, default=None, help="BRECQ samples per step")
     args = parser.parse_args(argv)
 
     data_dir = find_data_dir(args.data, "efficientnet_algorithms benchmark")
@@ -132,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(fp32_row)
     print(f"fp32: {fp32_row.top1:.2f}%", flush=True)
     ada_kwargs = {} if args.iterations is None else {"iterations": args.iterations}
+    brecq_kwargs = {
+        k: v
+        for k, v in (("iterations", args.brecq_iterations), ("batch_size", args.brecq_batch))
+        if v is not None
+    }
 
     def timed(row: Row, what: str, fn: Callable[[], nn.Module]) -> nn.Module:
         t0 = time.perf_counter()
@@ -139,18 +161,36 @@ def main(argv: list[str] | None = None) -> int:
         row.seconds[what] = round(time.perf_counter() - t0, 1)
         return out
 
-    def w4(row: Row, activations: bool, ada: bool) -> nn.Module:
-        q = timed(
-            row, "quantize", lambda: quantize(fp32, w4_config(activations), calib, progress=False)
-        )
+    def w4(row: Row, act: QuantSpec | None, ada: bool) -> nn.Module:
+        q = timed(row, "quantize", lambda: quantize(fp32, w4_config(act), calib, progress=False))
         if ada:
             q = timed(row, "adaround", lambda: adaround(q, calib, progress=False, **ada_kwargs))
             report = q.lowbit_adaround  # type: ignore[union-attr]
             better = sum(r.mse_adaround < r.mse_nearest for r in report.layers)
             row.notes.append(
-                f"AdaRound {len(report.layers)} layers in {report.seconds:.0f}s; output MSE "
+                f"AdaRound {len(report.layers)} layers in {report.seconds:.0f}s "
+                f"({sum(r.steps for r in report.layers)} steps); output MSE "
                 f"lower than nearest in {better}"
             )
+        return q
+
+    def reconstructed(row: Row, act: QuantSpec | None) -> nn.Module:
+        """`lowbit.brecq` on the plain config: first / last layer at 8 bits by its default."""
+        config = w4_config(act, first_last=False)
+        qdrop = 0.0 if act is None else 0.5
+        q = timed(
+            row,
+            "brecq",
+            lambda: brecq(fp32, config, calib, qdrop=qdrop, progress=True, **brecq_kwargs),
+        )
+        report = q.lowbit_brecq  # type: ignore[union-attr]
+        lower = sum(b.mse_reconstructed < b.mse_nearest for b in report.blocks)
+        steps = sum(b.steps for b in report.blocks)
+        row.notes.append(
+            f"{len(report.blocks)} blocks in {report.seconds:.0f}s ({steps} steps), output MSE "
+            f"lower than nearest in {lower}; 8-bit: {', '.join(report.high_precision)}; "
+            "s/block: " + ", ".join(f"{b.seconds:.0f}" for b in report.blocks)
+        )
         return q
 
     def w8a8(row: Row, per_tensor: bool, cle: bool, bc: bool) -> nn.Module:
@@ -183,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             "auto_quantize",
             lambda: auto_quantize(
                 fp32,
-                w4_config(True),
+                w4_config(A8),
                 calib,
                 eval_fn,
                 max_drop=1.0,
@@ -202,15 +242,23 @@ def main(argv: list[str] | None = None) -> int:
         (
             "w4-nearest",
             "W4 per-channel, float act, first/last W8: nearest",
-            lambda r: w4(r, False, False),
+            lambda r: w4(r, None, False),
         ),
-        ("w4-adaround", "same, AdaRound", lambda r: w4(r, False, True)),
+        ("w4-adaround", "same, AdaRound", lambda r: w4(r, None, True)),
+        ("w4-brecq", "same, BRECQ (lowbit.brecq, qdrop=0)", lambda r: reconstructed(r, None)),
         (
             "w4a8-nearest",
             "W4 per-channel + A8 per-tensor, first/last W8A8: nearest",
-            lambda r: w4(r, True, False),
+            lambda r: w4(r, A8, False),
         ),
-        ("w4a8-adaround", "same, AdaRound", lambda r: w4(r, True, True)),
+        ("w4a8-adaround", "same, AdaRound", lambda r: w4(r, A8, True)),
+        ("w4a8-qdrop", "same, QDrop (lowbit.brecq, qdrop=0.5)", lambda r: reconstructed(r, A8)),
+        (
+            "w4a4-nearest",
+            "W4 per-channel + A4 (uint4 affine, MSE ranges), first/last W8A8: nearest",
+            lambda r: w4(r, A4, False),
+        ),
+        ("w4a4-qdrop", "same, QDrop (lowbit.brecq, qdrop=0.5)", lambda r: reconstructed(r, A4)),
         *(
             (
                 "w8a8" + "-pt" * pt + "-cle" * cle + "-bc" * bc,

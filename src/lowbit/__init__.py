@@ -14,6 +14,7 @@ from lowbit.io import load, save
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.workflows.quantization import QuantSummary, calibrate, prepare_qat, quantize
+from lowbit.workflows.reconstruction import brecq
 from lowbit.workflows.sharded import sync_ranges
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "analyze",
     "auto_quantize",
+    "brecq",
     "calibrate",
     "convert",
     "export_onnx",

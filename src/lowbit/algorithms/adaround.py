@@ -31,40 +31,37 @@ model, its export and `lowbit.convert` need nothing new.
 
 from __future__ import annotations
 
-import copy
-import queue
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lowbit import numerics
+from lowbit.algorithms._lockstep import Lockstep, float_copy
+from lowbit.algorithms._rounding import (
+    RoundingSchedule,
+    SoftRounding,
+    optimize_rounding,
+    rounding_unsupported,
+)
 from lowbit.algorithms._sequential import (
     check_qmodel,
     concat_batches,
     conv_call,
-    full_param,
     layer_progress,
     pick_rows,
     rows_at,
     summary_text,
 )
-from lowbit.batches import Forward, run_batch, run_hooked
+from lowbit.batches import Forward, run_hooked
 from lowbit.distributed import active_group
 from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule
-from lowbit.nn.quantizer import TensorQuantizer
 
 __all__ = ["AdaRoundLayer", "AdaRoundReport", "adaround"]
-
-ZETA, GAMMA = 1.1, -0.1
-WARM_START = 0.2
-BETA_RANGE = (20.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -77,6 +74,7 @@ class AdaRoundLayer:
     mse_adaround: float
     flipped: float  # fraction of weights whose code differs from rounding to nearest
     seconds: float
+    steps: int = 0  # Adam steps run (fewer than `iterations` when the rounding decided early)
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class AdaRoundReport:
         head = f"lowbit: AdaRound of {len(self.layers)} layer(s) in {self.seconds:.0f}s"
         rows = [
             f"{r.name}: output MSE {r.mse_nearest:.3g} -> {r.mse_adaround:.3g} "
-            f"({100 * r.flipped:.1f}% of codes changed, {r.seconds:.1f}s)"
+            f"({100 * r.flipped:.1f}% of codes changed, {r.steps} steps, {r.seconds:.1f}s)"
             for r in self.layers
         ]
         return summary_text(head, rows, self.skipped)
@@ -134,12 +132,12 @@ def adaround(
     batch = concat_batches(calib_data, max_samples, active_group(group))
     start = time.perf_counter()
     qmodel.eval()
-    reference = _float_copy(qmodel)
+    reference = float_copy(qmodel)
     ref_layers = {n: _quant_module(reference, n) for n in targets}
-    settings = _Settings(iterations, lr, reg_weight, rows, batch_rows)
+    settings = _Settings(RoundingSchedule(iterations, lr, reg_weight), rows, batch_rows)
     with (
         layer_progress("AdaRound", len(targets), progress) as advance,
-        _Lockstep(reference, ref_layers, batch, forward) as lockstep,
+        Lockstep(reference, ref_layers, batch, forward, "AdaRound") as lockstep,
     ):
         run = _Run(settings, torch.Generator().manual_seed(seed), lockstep, ref_layers, advance)
         handles = [qm.register_forward_pre_hook(run.hook(n)) for n, qm in targets.items()]
@@ -170,7 +168,7 @@ def _targets(
     targets: dict[str, QuantModule] = {}
     skipped: list[tuple[str, str]] = []
     for name, qm in layers.items():
-        why = _unsupported(qm)
+        why = rounding_unsupported(qm)
         if why is None:
             targets[name] = qm
         elif qm.weight_quantizer is not None:
@@ -185,9 +183,7 @@ def _targets(
 
 @dataclass(frozen=True)
 class _Settings:
-    iterations: int
-    lr: float
-    reg_weight: float
+    schedule: RoundingSchedule
     rows: int
     batch_rows: int
 
@@ -199,7 +195,7 @@ class _Run:
 
     settings: _Settings
     generator: torch.Generator
-    lockstep: _Lockstep
+    lockstep: Lockstep
     ref_layers: dict[str, QuantModule]
     advance: Callable[[str], None]
     seen: set[str] = field(default_factory=set)
@@ -215,11 +211,13 @@ class _Run:
         return pre_hook
 
     def layer(self, name: str, qm: QuantModule, x: Tensor) -> None:
-        x_float = self.lockstep.take(name)
+        f_args, _ = self.lockstep.take(name)
         try:
+            if not f_args or not isinstance(f_args[0], Tensor):
+                raise TypeError(f"layer {name!r}: first input is not a tensor")
             x = x if qm.input_quantizer is None else qm.input_quantizer(x)
             call = conv_call(qm.module, x)
-            ref_call = conv_call(self.ref_layers[name].module, x_float)
+            ref_call = conv_call(self.ref_layers[name].module, f_args[0])
         except TypeError as error:
             self.lockstep.release()
             self.skipped.append((name, str(error)))
@@ -227,11 +225,13 @@ class _Run:
         t0 = time.perf_counter()
         pick = pick_rows(call, _rows_for(qm, self.settings.rows), self.generator)
         xq, xf = rows_at(call, pick), rows_at(ref_call, pick)
-        del call, ref_call, x_float
+        del call, ref_call, f_args
         self.lockstep.release()
-        with torch.enable_grad():
-            result = _optimize(qm, xq, xf, self.settings, self.generator)
-        self.done.append(AdaRoundLayer(name, xq.shape[0], *result, time.perf_counter() - t0))
+        nearest, learned, flipped, steps = _optimize(qm, xq, xf, self.settings, self.generator)
+        seconds = time.perf_counter() - t0
+        self.done.append(
+            AdaRoundLayer(name, xq.shape[0], nearest, learned, flipped, seconds, steps)
+        )
         self.advance(name)
 
 
@@ -239,93 +239,6 @@ def _quant_module(model: nn.Module, name: str) -> QuantModule:
     module = model.get_submodule(name)
     assert isinstance(module, QuantModule)
     return module
-
-
-def _float_copy(qmodel: nn.Module) -> nn.Module:
-    """The float model behind `qmodel`: a copy with every quantizer off (BN already folded)."""
-    reference = copy.deepcopy(qmodel)
-    for m in reference.modules():
-        if isinstance(m, TensorQuantizer):
-            m.set_mode("off")
-    return reference.eval()
-
-
-class _Lockstep:
-    """Runs the float model in a thread that pauses at each target layer's first call, so the
-    quantized model's hook can read the float input of the same layer."""
-
-    _END = "__end__"
-
-    def __init__(
-        self, model: nn.Module, layers: Mapping[str, nn.Module], batch: Any, forward: Forward | None
-    ) -> None:
-        self.inputs: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.resume = threading.Semaphore(0)
-        self.stopped = False
-        seen: set[str] = set()
-
-        def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-            def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-                if name in seen or self.stopped:
-                    return
-                seen.add(name)
-                self.inputs.put((name, args[0] if args else None))
-                self.resume.acquire()
-
-            return hook
-
-        self.handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
-
-        def run() -> None:
-            try:
-                with torch.no_grad():
-                    run_batch(model, batch, forward)
-                self.inputs.put((self._END, None))
-            except BaseException as error:  # handed to the main thread
-                self.inputs.put((self._END, error))
-
-        self.thread = threading.Thread(target=run, daemon=True)
-
-    def __enter__(self) -> _Lockstep:
-        self.thread.start()
-        return self
-
-    def take(self, name: str) -> Tensor:
-        got, value = self.inputs.get()
-        if got != name:
-            if isinstance(value, BaseException):
-                raise RuntimeError(f"the float reference failed: {value}") from value
-            raise RuntimeError(
-                f"AdaRound: the float model reached layer {got!r} where the quantized model ran "
-                f"{name!r}; their layers must run in the same order"
-            )
-        if not isinstance(value, Tensor):
-            raise TypeError(f"layer {name!r}: first input is not a tensor")
-        return value
-
-    def release(self) -> None:
-        self.resume.release()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped = True
-        for h in self.handles:
-            h.remove()
-        for _ in range(len(self.handles) + 1):
-            self.resume.release()
-        self.thread.join(timeout=60)
-
-
-def _unsupported(qm: QuantModule) -> str | None:
-    q = qm.weight_quantizer
-    if q is None:
-        return "no weight quantizer"
-    if q.spec.scheme != "uniform":
-        return f"scheme {q.spec.scheme!r} (AdaRound needs a uniform grid)"
-    if q.dynamic or q.learnable or not q.has_qparams:
-        return "weight quantizer is dynamic or learnable (a QAT model?)"
-    if not isinstance(qm.module, nn.Linear | nn.Conv1d | nn.Conv2d):
-        return f"{type(qm.module).__name__} is not supported (Linear, Conv1d, Conv2d)"
-    return None
 
 
 def _rows_for(qm: QuantModule, rows: int) -> int:
@@ -336,41 +249,18 @@ def _rows_for(qm: QuantModule, rows: int) -> int:
     return max(256, min(rows, (32 * 2**20) // max(per_row, 1)))
 
 
-def rectified_sigmoid(v: Tensor) -> Tensor:
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+class _Rows:
+    """One layer's rows [R, groups, K] of its quantized-model input `xq` and float-model input
+    `xf`, and the output error of a candidate weight on them."""
 
-
-class _Layer:
-    """One layer's rounding problem: its weight on the quantizer's grid, and the rows [R,
-    groups, K] of its quantized-model input `xq` and float-model input `xf`."""
-
-    def __init__(self, qm: QuantModule, xq: Tensor, xf: Tensor) -> None:
-        quantizer = qm.weight_quantizer
-        assert quantizer is not None
-        self.quantizer, self.spec = quantizer, quantizer.spec
-        self.weight: Tensor = qm.module.weight
-        w = self.weight.detach().float()
-        self.w = w
-        self.scale = full_param(quantizer.scale.detach().float(), w, self.spec.granularity)
-        self.zero = full_param(quantizer.zero_point.float(), w, self.spec.granularity)
+    def __init__(self, rounding: SoftRounding, xq: Tensor, xf: Tensor) -> None:
         self.xq, self.xf = xq, xf
         self.n_rows, self.groups, self.k = xq.shape
-        self.w_g = self.grouped(w)
-        self.floor = torch.floor(w / self.scale)
+        self.w_g = self.grouped(rounding.w)
 
     def grouped(self, t: Tensor) -> Tensor:
         """Weight layout -> [groups, out per group, K]."""
         return t.reshape(self.groups, t.shape[0] // self.groups, -1)
-
-    def start(self) -> Tensor:
-        """V where h(V) equals each weight's fraction above its floor."""
-        frac = (self.w / self.scale - self.floor).clamp(0.0, 1.0)
-        v = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
-        return v.clamp(-10.0, 10.0).requires_grad_(True)
-
-    def dequant(self, h: Tensor) -> Tensor:
-        q = torch.clamp(self.floor + h + self.zero, self.spec.qmin, self.spec.qmax)
-        return (q - self.zero) * self.scale
 
     def mse(self, w_new: Tensor) -> float:
         """Output MSE of `w_new` on the quantized inputs against the float layer, in float64."""
@@ -382,72 +272,42 @@ class _Layer:
                 total += float((out - ref).pow(2).sum())
             return total / self.n_rows
 
-    def nearest(self) -> Tensor:
-        q = self.quantizer
-        codes = numerics.quantize(self.w, q.scale, q.zero_point, self.spec)
-        return numerics.dequantize(codes, q.scale, q.zero_point, self.spec)
+    def loss(self, batch_rows: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
+        """The loss ||W~ xq - W xf||^2 / R of a candidate weight W~: exact from second moments
+        where the patches or the rows are few, else on `batch_rows` rows drawn per step."""
+        xq, xf, w_g, n_rows = self.xq, self.xf, self.w_g, self.n_rows
+        if self.k <= batch_rows or n_rows <= batch_rows:
+            # sum W~ Hqq W~^T - 2 W~ Hqf W^T + const: exact over all rows.
+            hqq = torch.einsum("rgk,rgl->gkl", xq, xq) / n_rows
+            cross = torch.einsum("rgk,rgl,gol->gok", xq, xf, w_g) / n_rows
 
-    def learned(self, v: Tensor) -> Tensor:
-        hard = (v >= 0).float()
-        spec = self.spec
-        codes = torch.clamp(self.floor + hard + self.zero, spec.qmin, spec.qmax)
-        q = self.quantizer
-        return numerics.dequantize(codes.to(spec.storage_dtype), q.scale, q.zero_point, spec)
+            def exact(w_new: Tensor) -> Tensor:
+                wn = self.grouped(w_new)
+                return (torch.einsum("gok,gkl->gol", wn, hqq) * wn).sum() - 2 * (cross * wn).sum()
 
+            return exact
+        target = torch.einsum("rgk,gok->rgo", xf, w_g)
 
-def _reconstruction(
-    layer: _Layer, batch_rows: int, generator: torch.Generator
-) -> Callable[[Tensor], Tensor]:
-    """The loss ||W~ xq - W xf||^2 / R of a candidate weight W~: exact from second moments
-    where the patches or the rows are few, else on `batch_rows` rows drawn per step."""
-    xq, xf, w_g, n_rows = layer.xq, layer.xf, layer.w_g, layer.n_rows
-    if layer.k <= batch_rows or n_rows <= batch_rows:
-        # sum W~ Hqq W~^T - 2 W~ Hqf W^T + const: exact over all rows.
-        hqq = torch.einsum("rgk,rgl->gkl", xq, xq) / n_rows
-        cross = torch.einsum("rgk,rgl,gol->gok", xq, xf, w_g) / n_rows
+        def sampled(w_new: Tensor) -> Tensor:
+            idx = torch.randint(n_rows, (batch_rows,), generator=generator)
+            out = torch.einsum("rgk,gok->rgo", xq[idx], self.grouped(w_new))
+            return (out - target[idx]).pow(2).sum() / batch_rows
 
-        def exact(w_new: Tensor) -> Tensor:
-            wn = layer.grouped(w_new)
-            return (torch.einsum("gok,gkl->gol", wn, hqq) * wn).sum() - 2 * (cross * wn).sum()
-
-        return exact
-    target = torch.einsum("rgk,gok->rgo", xf, w_g)
-
-    def sampled(w_new: Tensor) -> Tensor:
-        idx = torch.randint(n_rows, (batch_rows,), generator=generator)
-        out = torch.einsum("rgk,gok->rgo", xq[idx], layer.grouped(w_new))
-        return (out - target[idx]).pow(2).sum() / batch_rows
-
-    return sampled
+        return sampled
 
 
 def _optimize(
     qm: QuantModule, xq: Tensor, xf: Tensor, settings: _Settings, generator: torch.Generator
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, int]:
     """Optimize one layer's rounding so that W~ xq matches W xf on rows [R, groups, K]; write
-    back the codes. Returns output MSE with nearest rounding, with AdaRound, fraction changed."""
-    layer = _Layer(qm, xq, xf)
-    v = layer.start()
-    recon = _reconstruction(layer, settings.batch_rows, generator)
-    nearest = layer.nearest()
-    optimizer = torch.optim.Adam([v], lr=settings.lr)
-    iterations, reg_weight = settings.iterations, settings.reg_weight
-    warm = int(WARM_START * iterations)
-    for step in range(iterations):
-        h = rectified_sigmoid(v)
-        loss = recon(layer.dequant(h))
-        if step >= warm and reg_weight > 0:
-            progress = (step - warm) / max(1, iterations - warm)
-            beta = BETA_RANGE[1] + (BETA_RANGE[0] - BETA_RANGE[1]) * (1.0 - progress)
-            loss = loss + reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        learned = layer.learned(v)
-        mse_nearest, mse_ada = layer.mse(nearest), layer.mse(learned)
-        if mse_ada > mse_nearest:  # too few iterations to beat nearest: keep nearest
-            learned, mse_ada = nearest, mse_nearest
-        flipped = float((learned != nearest).float().mean())
-        layer.weight.copy_(learned.to(layer.weight.dtype))
-    return mse_nearest, mse_ada, flipped
+    back the codes. Returns output MSE with nearest rounding, with AdaRound, fraction changed,
+    steps run."""
+    rounding = SoftRounding(qm)
+    rows = _Rows(rounding, xq, xf)
+    recon = rows.loss(settings.batch_rows, generator)
+    steps = optimize_rounding([rounding], lambda: recon(rounding.soft()), settings.schedule)
+    nearest, learned = rounding.nearest(), rounding.learned()
+    mse_nearest, mse_ada = rows.mse(nearest), rows.mse(learned)
+    if mse_ada > mse_nearest:  # too few iterations to beat nearest: keep nearest
+        learned, mse_ada = nearest, mse_nearest
+    return mse_nearest, mse_ada, rounding.write(learned), steps

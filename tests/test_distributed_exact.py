@@ -1,9 +1,11 @@
-"""Exactness at 4 processes: GPTQ's Hessian sum and its divided solves give the integer weights of
-one process (gloo, 4 CPU workers of 1 thread each)."""
+"""Exact reductions beyond calibration: GPTQ's Hessian sum and divided solves at 4 processes give
+the integer weights of one process; auto_quantize at 2 sums its counts and errors so that every
+rank picks the same layers (gloo, CPU workers of 1 thread each)."""
 
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,14 @@ import torch
 import torch.distributed as dist
 from ranks import run_ranks
 from test_distributed import Fork, gptq_and_save, mlp_batches
+from torch import nn
 
 import lowbit
 from lowbit import presets
 from lowbit.algorithms._hessian import GramSum
+from lowbit.config import QuantConfig
+from lowbit.distributed import DistributedError
+from lowbit.spec import PerChannel, QuantSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore::lowbit.LowbitWarning")
 
@@ -90,4 +96,68 @@ def test_four_ranks_give_the_gptq_weights_of_one(tmp_path: Path) -> None:
                 assert (tmp_path / f"gptq.{act_order}.rank{r}.lowbit").read_bytes() == one
     finally:
         torch.set_num_threads(threads)
+    assert seconds < 60
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)]
+    return nn.Sequential(*layers).eval()
+
+
+def _eval_set() -> tuple[torch.Tensor, torch.Tensor]:
+    """61 samples labelled by the float model (61 is prime: a percentage of the 30 or 31
+    samples of one rank is not one of 61 unless it is 0 or 100)."""
+    x = torch.randn(61, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return x, _mlp()(x).argmax(1)
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int((model(x).argmax(1) == y).sum())
+
+
+def _auto(rank: int, out: Path) -> None:
+    x, y = _eval_set()
+    mine = slice(0, 30) if rank == 0 else slice(30, 61)
+    calib = [torch.randn(8, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    config = QuantConfig(weight=QuantSpec(bits=2, granularity=PerChannel(0)))
+    seen: dict[str, Any] = {}
+    for sensitivity in ("output", "local"):
+        mixed = lowbit.auto_quantize(
+            _mlp(),
+            config,
+            calib[2 * rank : 2 * rank + 2],
+            lambda m: (_correct(m, x[mine], y[mine]), len(y[mine])),
+            max_drop=5.0,
+            sensitivity=sensitivity,
+            progress=False,
+        )
+        summary = mixed.lowbit_auto
+        seen[sensitivity] = {
+            "summary": str(summary),
+            "ranking": summary.sensitivity,
+            "accuracies": [s.accuracy for s in summary.steps],
+            "final": summary.accuracy,
+            "final_on_all": 100.0 * _correct(mixed, x, y) / len(y),
+        }
+    try:
+        lowbit.auto_quantize(_mlp(), config, calib, lambda m: 90.0 + rank, progress=False)
+        seen["percent"] = "no error"
+    except DistributedError as error:
+        seen["percent"] = str(error)
+    (out / f"auto.rank{rank}.json").write_text(json.dumps(seen))
+
+
+def test_auto_quantize_ranks_pick_the_same_layers(tmp_path: Path) -> None:
+    seconds = run_ranks(_auto, tmp_path)
+    seen = [json.loads((tmp_path / f"auto.rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1]
+    for sensitivity in ("output", "local"):
+        result = seen[0][sensitivity]
+        assert result["final"] == result["final_on_all"]  # the counts of both ranks, summed
+        assert any(0 < a < 100 for a in result["accuracies"])
+        assert all(abs(a * 61 / 100 - round(a * 61 / 100)) < 1e-9 for a in result["accuracies"])
+    assert "different accuracies" in seen[0]["percent"]
     assert seconds < 60

@@ -37,6 +37,7 @@ __all__ = [
     "on_rank_zero",
     "rank",
     "step",
+    "sum_over_ranks",
 ]
 
 
@@ -99,6 +100,13 @@ def gather_shards(
         if next(iter(calib_data), None) is not None:
             mine = compute()
     return [r for r in gather_objects(mine, group) if r is not None]
+
+
+def sum_over_ranks(values: list[float], group: Any) -> list[float]:
+    """Each of `values` summed over the ranks of `group`, in rank order: the same bits on every
+    rank (exact for integers). Every rank passes a list of the same length."""
+    shards = gather_objects(list(values), group)
+    return [sum((shard[i] for shard in shards[1:]), shards[0][i]) for i in range(len(values))]
 
 
 @contextmanager

@@ -74,11 +74,28 @@ def test_gram_sum_does_not_depend_on_the_split_where_float_sums_do() -> None:
             gram.add(torch.ones(1, 1, dtype=torch.float64), 1)
 
 
+class InPlace(nn.Module):
+    """b takes the tensor a took, but changed in place by a's output: not siblings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.clone()
+        h += self.a(h)
+        return self.b(h)
+
+
+def _groups(model: nn.Module) -> list[int]:
+    qmodel = lowbit.quantize(model.eval(), presets.weight_only(4, 8), mlp_batches()[:1])
+    layers = [qm for _, qm in gptq_module._eligible(qmodel, "GPTQ")]
+    return [len(g) for g in gptq_module._sibling_groups(qmodel, layers, mlp_batches()[0], None)]
+
+
 def test_siblings_form_one_gptq_group() -> None:
-    model = lowbit.quantize(Fork().eval(), presets.weight_only(4, 8), mlp_batches()[:1])
-    layers = [qm for _, qm in gptq_module._eligible(model, "GPTQ")]
-    groups = gptq_module._sibling_groups(model, layers, mlp_batches()[0], None)
-    assert [len(g) for g in groups] == [3, 1]
+    assert _groups(Fork()) == [3, 1]
+    assert _groups(InPlace()) == [1, 1]
 
 
 def test_four_ranks_give_the_gptq_weights_of_one(tmp_path: Path) -> None:

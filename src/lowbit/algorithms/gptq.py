@@ -116,29 +116,31 @@ def _sibling_groups(
     qmodel: nn.Module, layers: Sequence[QuantModule], example: Any, forward: Forward | None
 ) -> list[list[QuantModule]]:
     """`layers` in the order of their first call on `example`, consecutive layers that take the
-    same input tensor (the same object: computed before any of them ran, so none of them
-    changes another's input) in one group; layers that never run are left out."""
-    calls: list[tuple[QuantModule, Any]] = []
+    same input tensor (the same object, not changed in place in between: computed before any of
+    them ran, so none of them changes another's input) in one group; layers that never run are
+    left out."""
+    calls: list[tuple[QuantModule, Any, int | None]] = []
     seen: set[int] = set()
 
     def make_hook(qm: QuantModule) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             if id(qm) not in seen:
                 seen.add(id(qm))
-                calls.append((qm, args[0] if args else None))  # kept alive: ids stay unique
+                x = args[0] if args else None  # kept alive: ids stay unique
+                calls.append((qm, x, x._version if isinstance(x, Tensor) else None))
 
         return hook
 
     handles = [qm.register_forward_pre_hook(make_hook(qm)) for qm in layers]
     run_hooked(qmodel, example, forward, handles, "calib_data batch 0")
     groups: list[list[QuantModule]] = []
-    previous: Any = None
-    for qm, x in calls:
-        if groups and isinstance(x, Tensor) and x is previous:
+    previous: tuple[Any, int | None] = (None, None)
+    for qm, x, version in calls:
+        if groups and isinstance(x, Tensor) and x is previous[0] and version == previous[1]:
             groups[-1].append(qm)
         else:
             groups.append([qm])
-        previous = x
+        previous = (x, version)
     return groups
 
 

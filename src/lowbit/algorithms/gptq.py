@@ -74,7 +74,8 @@ def gptq(
     no eligible layer; ineligible quantized layers are listed in a warning and left as they are.
 
     Inside torch.distributed (or with `group=`), `calib_data` is this rank's shard: each layer's
-    Hessian and row count are summed over the ranks, and every rank solves the same problem.
+    Hessian is summed exactly over the ranks, the solves are divided among them, and every rank
+    ends with the weights one process computes (see docs/distributed.md).
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be an nn.Module, got {type(qmodel).__name__}")
@@ -94,7 +95,7 @@ def gptq(
     switched: list[tuple[TensorQuantizer, Mode]] = []
     solve = _Solve(block_size, damp, act_order, group)
     try:
-        for members in progress_bar(groups, "GPTQ", enabled=progress):
+        for members in progress_bar(groups, "GPTQ", enabled=progress and rank(group) == 0):
             for qm in members:
                 # A layer's own weight is not used while its inputs are captured: skip its fake
                 # quantization (the forward stops before the last member computes). Once solved,

@@ -7,7 +7,9 @@ checked byte-identical.
   sentences, `convert` -> `save`.
 
 Each rank takes a contiguous shard of the batches. Times are from a barrier after loading to
-the end of the workflow (the slowest rank), plus each rank's CPU seconds.
+the end of the workflow (the slowest rank), plus each rank's CPU seconds (on a loaded machine
+the wall times say little; the CPU seconds of the slowest rank are the better guide). Run it
+on an otherwise idle machine with at least 2 cores:
 
     .venv/bin/python benchmarks/distributed.py [--data DIR] [--only calibration|gptq]
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import run_ranks
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -78,30 +77,8 @@ def _quantize_and_write(batches: list[Any], out: Path, tag: str, calibrator: str
 
 
 def _run(scenario: str, out: Path) -> float:
-    """Spawn WORLD workers running `scenario`; the slowest rank's seconds in it.
-
-    Process start-up and imports are left out: they take what the machine's load makes them
-    take, which says nothing of a rank waiting for another.
-    """
-    mp.spawn(_worker, args=(scenario, str(out)), nprocs=WORLD, join=True)
-    return max(float((out / f"seconds.rank{r}").read_text()) for r in range(WORLD))
-
-
-def _worker(rank: int, scenario: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out}/store",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=TIMEOUT_S),
-    )
-    start = time.perf_counter()
-    try:
-        _SCENARIOS[scenario](rank, Path(out))
-    finally:
-        dist.destroy_process_group()
-    (Path(out) / f"seconds.rank{rank}").write_text(str(time.perf_counter() - start))
+    """Spawn WORLD workers running `scenario`; the slowest rank's seconds in it."""
+    return run_ranks(_SCENARIOS[scenario], out, WORLD, TIMEOUT_S)
 
 
 def _same_files(rank: int, out: Path) -> None:
@@ -184,19 +161,30 @@ def _qat(rank: int, out: Path) -> None:
     (out / f"qat.rank{rank}.json").write_text(json.dumps(accuracy))
 
 
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+class Fork(nn.Module):
+    """Three layers on one input (as an attention block's query, key and value: one GPTQ group
+    whose solves the ranks divide), then one on their result (solved alone: its rows divided)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(16, 32)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.a(x)) * self.b(x) + self.c(x))
 
 
-def _gptq_and_save(batches: list[Any], path: Path, every_rank: bool = False) -> None:
+def gptq_and_save(
+    batches: list[Any], path: Path, every_rank: bool = False, act_order: bool = False
+) -> None:
     """W4 per-group weights (groups of 8) by GPTQ over `batches`, saved converted."""
-    model = lowbit.quantize(_mlp(), presets.weight_only(4, 8), batches, progress=False)
-    gptq(model, batches, progress=False)
+    model = lowbit.quantize(Fork().eval(), presets.weight_only(4, 8), batches, progress=False)
+    gptq(model, batches, act_order=act_order, progress=False)
     lowbit.save(lowbit.convert(model), path, every_rank=every_rank)
 
 
-def _mlp_batches() -> list[torch.Tensor]:
+def mlp_batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     return [torch.randn(8, 16, generator=g) * (1 + torch.arange(16.0)) for _ in range(6)]
 
@@ -241,10 +229,10 @@ def _algorithms(rank: int, out: Path) -> None:
         shard = _shard(_batches(), rank, (4, 2))
         _cnn_algorithm(name, shard, out / f"{name}.rank{rank}.lowbit", every_rank=True)
     torch.save(_equalized(_shard(_batches(), rank, (4, 2))), out / f"cle.rank{rank}.pt")
-    batches = _mlp_batches()
+    batches = mlp_batches()
     torch.save(_awq_state(_shard(batches, rank, (4, 2))), out / f"awq.rank{rank}.pt")
-    _gptq_and_save(_shard(batches, rank, (4, 2)), out / "gptq.w2.lowbit")
-    _gptq_and_save(_shard(batches, rank, (4, 2)), out / f"gptq.rank{rank}.lowbit", True)
+    gptq_and_save(_shard(batches, rank, (4, 2)), out / "gptq.w2.lowbit")
+    gptq_and_save(_shard(batches, rank, (4, 2)), out / f"gptq.rank{rank}.lowbit", True)
     torch.save(_smoothed(_shard(batches, rank, (0, 6))), out / f"smooth.rank{rank}.pt")
 
 
@@ -392,11 +380,11 @@ def test_algorithms_reduce_over_ranks(tmp_path: Path, one_thread: None) -> None:
         one = (tmp_path / f"{name}.w1.lowbit").read_bytes()
         for rank in (0, 1):
             assert (tmp_path / f"{name}.rank{rank}.lowbit").read_bytes() == one, name
-    _gptq_and_save(_mlp_batches(), tmp_path / "gptq.w1.lowbit")
+    gptq_and_save(mlp_batches(), tmp_path / "gptq.w1.lowbit")
     files = [(tmp_path / f"gptq.rank{r}.lowbit").read_bytes() for r in (0, 1)]
     assert files[0] == files[1] == (tmp_path / "gptq.w2.lowbit").read_bytes()
     assert files[0] == (tmp_path / "gptq.w1.lowbit").read_bytes()
-    smoothed, scaled = _smoothed(_mlp_batches()), _awq_state(_mlp_batches())
+    smoothed, scaled = _smoothed(mlp_batches()), _awq_state(mlp_batches())
     assert not torch.equal(smoothed["1.weight"], _ln_mlp()[1].weight)  # smoothing changed it
     assert not torch.equal(scaled["0.weight"], _ln_mlp()[0].weight)  # AWQ folded into the norm
     equalized = _equalized(_batches())

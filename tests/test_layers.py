@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("io", "export"),  # lowbit files, ONNX import, ONNX QDQ export
     ("evaluate",),  # SQNR, accuracy, latency, size, comparison, mixed precision
     ("report",),  # markdown / HTML reports
-    ("cli",),  # the lowbit command
+    ("cli", "__main__"),  # the lowbit command; python -m lowbit
     ("lowbit",),  # the public facade
 )
 LEVEL: dict[str, int] = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

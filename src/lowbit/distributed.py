@@ -37,6 +37,7 @@ __all__ = [
     "on_rank_zero",
     "rank",
     "step",
+    "sum_over_ranks",
 ]
 
 
@@ -81,12 +82,29 @@ def all_reduce(tensor: Tensor, group: Any, op: Any = dist.ReduceOp.SUM) -> Tenso
 
 
 def gather_objects(obj: Any, group: Any) -> list[Any]:
-    """`obj` from every rank of `group`, in rank order (a list of one when alone)."""
+    """`obj` from every rank of `group`, in rank order (a list of one when alone).
+
+    Tensors travel pickled, and a CUDA tensor unpickles onto the device it left from (another
+    rank's GPU): those inside dicts, lists and tuples are moved to this rank's current CUDA
+    device, where each rank keeps its model and data under nccl."""
     if group is None:
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, obj, group=group)
-    return gathered
+    return [_on_this_gpu(o) for o in gathered]
+
+
+def _on_this_gpu(obj: Any) -> Any:
+    """`obj` with the CUDA tensors in it (through dicts, lists, tuples) on the current device."""
+    if isinstance(obj, Tensor):
+        if obj.is_cuda and obj.device.index != torch.cuda.current_device():
+            return obj.to(torch.device("cuda", torch.cuda.current_device()))
+        return obj
+    if isinstance(obj, dict):
+        return {k: _on_this_gpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):  # not a named tuple
+        return type(obj)(_on_this_gpu(v) for v in obj)
+    return obj
 
 
 def gather_shards(
@@ -99,6 +117,13 @@ def gather_shards(
         if next(iter(calib_data), None) is not None:
             mine = compute()
     return [r for r in gather_objects(mine, group) if r is not None]
+
+
+def sum_over_ranks(values: list[float], group: Any) -> list[float]:
+    """Each of `values` summed over the ranks of `group`, in rank order: the same bits on every
+    rank (exact for integers). Every rank passes a list of the same length."""
+    shards = gather_objects(list(values), group)
+    return [sum((shard[i] for shard in shards[1:]), shards[0][i]) for i in range(len(values))]
 
 
 @contextmanager
@@ -169,5 +194,5 @@ def example_batch(calib_data: Any, group: Any) -> Any:
     if len(holders) < dist.get_world_size(group):  # every rank joins the broadcast
         box = [example]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, holders[0]), group=group)
-        example = box[0] if example is None else example
+        example = _on_this_gpu(box[0]) if example is None else example
     return example

@@ -30,6 +30,7 @@ __all__ = [
     "capture_batches",
     "capture_inputs",
     "execution_order",
+    "iter_group_inputs",
     "iter_layer_inputs",
 ]
 
@@ -50,32 +51,61 @@ def iter_layer_inputs(
     only one batch's worth of this layer's inputs is alive at a time. Runs under `no_grad`.
     Raises ValueError for empty `batches` or a layer that never runs.
     """
+    for args in iter_group_inputs(model, [layer], batches, forward):
+        yield args[0]
+
+
+def iter_group_inputs(
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    batches: Iterable[Any],
+    forward: Forward | None = None,
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Yield, per calibration batch, the positional arguments each of `layers` receives (in
+    the order of `layers`): one pass serves layers that take the same input.
+
+    Each forward pass stops once every layer has been entered (the last one's own forward does
+    not run). Runs under `no_grad`. Raises ValueError for empty `batches` or a layer that does
+    not run.
+    """
     first_batch(batches)  # a clear error for an empty or non-iterable data set
-    captured: list[tuple[Any, ...]] = []
+    captured: dict[int, tuple[Any, ...]] = {}
 
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        captured.append(tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
-        raise _StopForward
+    def make_hook(index: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if index in captured:  # a shared module: its first call counts
+                return
+            captured[index] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            if len(captured) == len(layers):
+                raise _StopForward
 
-    handle = layer.register_forward_pre_hook(hook)
+        return hook
+
+    def register() -> list[Any]:
+        return [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(layers)]
+
+    handles = register()
     try:
         for i, batch in enumerate(batches):
             check_batch(batch)
             captured.clear()
             with torch.no_grad(), contextlib.suppress(_StopForward):
                 run_batch(model, batch, forward)
-            if not captured:
+            missing = [m for j, m in enumerate(layers) if j not in captured]
+            if missing:
                 raise ValueError(
-                    f"layer {type(layer).__name__} did not run on calibration batch {i}: "
+                    f"layer {type(missing[0]).__name__} did not run on calibration batch {i}: "
                     "is it part of this model's forward pass?"
                 )
-            args = captured.pop()
-            # Release the hook while the caller works, so the caller may run the model itself.
-            handle.remove()
+            args = [captured.pop(j) for j in range(len(layers))]
+            # Release the hooks while the caller works, so the caller may run the model itself.
+            for handle in handles:
+                handle.remove()
             yield args
-            handle = layer.register_forward_pre_hook(hook)
+            handles = register()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def capture_batches(

@@ -5,7 +5,15 @@ in execution order, gets its weight quantized one input column at a time; the ro
 each column is spread over the columns not yet quantized through the inverse Hessian of the layer's
 squared output error, H = 2 X^T X / n, where X are the layer's inputs on the calibration data (as
 the model computes them, with the layers before it already quantized: the sequential variant of
-the paper). Memory holds one layer's Hessian and one batch of its inputs at a time.
+the paper). Layers that take the same input tensor (the query, key and value projections of an
+attention block) do not depend on each other: one capture pass serves them all. Memory holds
+those layers' Hessians and one batch of their inputs at a time.
+
+Inside a process group each rank captures its shard; the Hessians are summed exactly (integer
+grids, `lowbit.algorithms._hessian`), so they are the same bits for any split of the batches.
+The solves are divided among the ranks: the layers of a group of siblings go to different
+ranks, and a layer solved alone has its output rows divided (rows are independent given H).
+Every rank then takes every result from the rank that solved it.
 
 The result is written back into the float layer as the dequantized GPTQ values, with the layer's
 weight quantizer parameters set to the ones GPTQ used, so that the existing weight quantizer (and
@@ -16,50 +24,26 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit import numerics
-from lowbit.algorithms.capture import execution_order, iter_layer_inputs
-from lowbit.batches import Forward
-from lowbit.distributed import (
-    active_group,
-    all_reduce,
-    check_same,
-    example_batch,
-    gather_objects,
-    step,
-)
+from lowbit.algorithms._gptq_solve import GPTQResult, gptq_quantize_weight, layer_params
+from lowbit.algorithms._hessian import GramSum
+from lowbit.algorithms.capture import iter_group_inputs
+from lowbit.batches import Forward, run_hooked
+from lowbit.distributed import active_group, check_same, example_batch, gather_objects, rank, step
 from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import Mode, TensorQuantizer
 from lowbit.progress import progress_bar
-from lowbit.spec import PerChannel, PerGroup, QuantSpec
 
 __all__ = ["GPTQResult", "gptq", "gptq_quantize_weight"]
-
-
-@dataclass(frozen=True)
-class GPTQResult:
-    """The output of `gptq_quantize_weight` for one 2-D weight [out, columns].
-
-    weight: the dequantized GPTQ weight (float32, in the original column order).
-    codes: its integer codes (int32).
-    scale, zero_point: elementwise parameters of `weight`'s shape that produced the codes.
-    group_params: for groups along the columns found on the fly, the list of (scale, zero point)
-        per group in column order ([out] each); empty otherwise.
-    """
-
-    weight: Tensor
-    codes: Tensor
-    scale: Tensor
-    zero_point: Tensor
-    group_params: list[tuple[Tensor, Tensor]]
 
 
 def gptq(
@@ -90,7 +74,8 @@ def gptq(
     no eligible layer; ineligible quantized layers are listed in a warning and left as they are.
 
     Inside torch.distributed (or with `group=`), `calib_data` is this rank's shard: each layer's
-    Hessian and row count are summed over the ranks, and every rank solves the same problem.
+    Hessian is summed exactly over the ranks, the solves are divided among them, and every rank
+    ends with the weights one process computes (see docs/distributed.md).
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be an nn.Module, got {type(qmodel).__name__}")
@@ -101,30 +86,63 @@ def gptq(
     group = active_group(group)
     example = example_batch(calib_data, group)
     layers = _eligible(qmodel, "GPTQ")
-    order = execution_order(qmodel, [qm for _, qm in layers], [example], forward)
+    groups = _sibling_groups(qmodel, [qm for _, qm in layers], example, forward)
     names = {id(qm): n for n, qm in layers}
-    check_same("\n".join(names[id(qm)] for qm in order), group, "the GPTQ layers")
+    plan = "\n".join(" ".join(names[id(qm)] for qm in members) for members in groups)
+    check_same(plan, group, "the GPTQ layers")
     was_training = qmodel.training
     qmodel.eval()
     switched: list[tuple[TensorQuantizer, Mode]] = []
+    solve = _Solve(block_size, damp, act_order, group)
     try:
-        for qm in progress_bar(order, "GPTQ", enabled=progress):
-            assert isinstance(qm, QuantModule) and qm.weight_quantizer is not None
-            # The layer's own weight is not used while its inputs are captured: skip its
-            # fake quantization (the forward stops before the layer computes).
-            wq = qm.weight_quantizer
-            switched.append((wq, wq.mode))
-            wq.set_mode("off")
-            h = _hessian(qmodel, qm, calib_data, forward, group)
-            _gptq_layer(qm, h, block_size, damp, act_order, names[id(qm)])
-            # Its weight now lies on the grid: fake quantization would return it unchanged, so
-            # the capture passes of the layers after it can skip that work too.
-            wq.set_mode("off")
+        for members in progress_bar(groups, "GPTQ", enabled=progress and rank(group) == 0):
+            for qm in members:
+                # A layer's own weight is not used while its inputs are captured: skip its fake
+                # quantization (the forward stops before the last member computes). Once solved,
+                # its weight lies on the grid: fake quantization would return it unchanged, so
+                # the capture passes of the layers after it skip that work too.
+                assert qm.weight_quantizer is not None
+                switched.append((qm.weight_quantizer, qm.weight_quantizer.mode))
+                qm.weight_quantizer.set_mode("off")
+            hessians = _hessians(qmodel, members, calib_data, forward, group)
+            solve.run([(names[id(qm)], qm, h) for qm, h in zip(members, hessians, strict=True)])
     finally:
         for wq, _mode in switched:
             wq.set_mode("quantize" if wq.has_qparams else _mode)
         qmodel.train(was_training)
     return qmodel
+
+
+def _sibling_groups(
+    qmodel: nn.Module, layers: Sequence[QuantModule], example: Any, forward: Forward | None
+) -> list[list[QuantModule]]:
+    """`layers` in the order of their first call on `example`, consecutive layers that take the
+    same input tensor (the same object, not changed in place in between: computed before any of
+    them ran, so none of them changes another's input) in one group; layers that never run are
+    left out."""
+    calls: list[tuple[QuantModule, Any, int | None]] = []
+    seen: set[int] = set()
+
+    def make_hook(qm: QuantModule) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if id(qm) not in seen:
+                seen.add(id(qm))
+                x = args[0] if args else None  # kept alive: ids stay unique
+                calls.append((qm, x, x._version if isinstance(x, Tensor) else None))
+
+        return hook
+
+    handles = [qm.register_forward_pre_hook(make_hook(qm)) for qm in layers]
+    run_hooked(qmodel, example, forward, handles, "calib_data batch 0")
+    groups: list[list[QuantModule]] = []
+    previous: tuple[Any, int | None] = (None, None)
+    for qm, x, version in calls:
+        if groups and isinstance(x, Tensor) and x is previous[0] and version == previous[1]:
+            groups[-1].append(qm)
+        else:
+            groups.append([qm])
+        previous = (x, version)
+    return groups
 
 
 def _eligible(qmodel: nn.Module, algorithm: str) -> list[tuple[str, QuantModule]]:
@@ -201,259 +219,145 @@ def _conv_rows(m: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _hessian(
+def _hessians(
     qmodel: nn.Module,
-    qm: QuantModule,
+    members: list[QuantModule],
     calib_data: Iterable[Any],
     forward: Forward | None,
     group: Any,
-) -> Tensor:
-    """H = 2 X^T X / n over every calibration row, accumulated batch by batch in float64; in a
-    group, X^T X and n are summed over the ranks (n exactly, as an integer)."""
-    m = qm.module
-    weight: Tensor = m.weight
-    cols = weight[0].numel()
-    h = torch.zeros(cols, cols, dtype=torch.float64, device=weight.device)
-    n = 0
-    # Hook the inner float layer: its input is what the weight multiplies (after any input
-    # quantizer of the QuantModule).
+) -> list[Tensor]:
+    """H = 2 X^T X / n of each member over every calibration row: X^T X exactly summed over the
+    batches and the ranks (`GramSum`), n an exact integer. Members handed the same tensor
+    share the product X^T X of each batch."""
+    sums = [GramSum(qm.module.weight[0].numel(), qm.module.weight.device) for qm in members]
     with step(group, "GPTQ's capture of layer inputs"):
-        for args in iter_layer_inputs(qmodel, m, calib_data, forward):
-            x = args[0]
-            if isinstance(m, nn.Linear):
-                rows = x.reshape(-1, x.shape[-1])
-            else:
-                assert isinstance(m, nn.Conv1d | nn.Conv2d)
-                rows = _conv_rows(m, x)
-            rows = rows.to(torch.float64)
-            h += rows.T @ rows
-            n += rows.shape[0]
-    if group is not None:
-        h = all_reduce(h, group)
-        n = sum(gather_objects(n, group))
-    if n == 0:
-        raise ValueError("calibration data gave no input rows to the layer")
-    return h * (2.0 / n)
+        if group is None or next(iter(calib_data), None) is not None:  # a shard may be empty
+            _accumulate(qmodel, [qm.module for qm in members], sums, calib_data, forward)
+    hessians = []
+    for gram in sums:
+        h, n = gram.total(group)
+        if n == 0:
+            raise ValueError("calibration data gave no input rows to the layer")
+        hessians.append(h * (2.0 / n))
+    return hessians
 
 
-def _gptq_layer(
-    qm: QuantModule,
-    h: Tensor,
-    block_size: int,
-    damp: float,
-    act_order: bool,
-    name: str,
+def _accumulate(
+    qmodel: nn.Module,
+    inner: list[nn.Module],
+    sums: list[GramSum],
+    calib_data: Iterable[Any],
+    forward: Forward | None,
 ) -> None:
-    m = qm.module
+    """Add each batch's X^T X of every layer in `inner` (the QuantModules' float layers: their
+    input is what the weight multiplies, after any input quantizer) to its sum in `sums`."""
+    for inputs in iter_group_inputs(qmodel, inner, calib_data, forward):
+        products: dict[int, tuple[Tensor, int]] = {}
+        for m, gram, args in zip(inner, sums, inputs, strict=True):
+            x = args[0]
+            key = id(x) if isinstance(m, nn.Linear) else id(m)  # conv rows: per layer
+            if key not in products:
+                rows = _rows(m, x).to(torch.float64)
+                products[key] = (rows.T @ rows, rows.shape[0])
+            gram.add(*products[key])
+
+
+def _rows(m: nn.Module, x: Tensor) -> Tensor:
+    """The rows the layer's weight multiplies: [rows, in_features] (Linear), unfolded (conv)."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    assert isinstance(m, nn.Conv1d | nn.Conv2d)
+    return _conv_rows(m, x)
+
+
+class _Solve:
+    """The GPTQ solves of each group of layers, divided among the ranks of `group`.
+
+    With at least as many layers in the group as ranks, layer i goes to rank i mod world;
+    otherwise each layer's output rows are cut into one contiguous block per rank. The
+    results travel to every rank (rank order), which writes every layer alike.
+    """
+
+    def __init__(self, block_size: int, damp: float, act_order: bool, group: Any) -> None:
+        self.block_size, self.damp, self.act_order, self.group = block_size, damp, act_order, group
+        self.world = 1 if group is None else dist.get_world_size(group)
+        self.rank = rank(group)
+
+    def run(self, layers: list[tuple[str, QuantModule, Tensor]]) -> None:
+        """Solve `layers` (name, layer, Hessian) and write the results into the layers."""
+        by_layer = len(layers) >= self.world
+        mine: dict[int, _Part] = {}
+        with step(self.group, "GPTQ's solves"):
+            for i, (name, qm, h) in enumerate(layers):
+                if by_layer and i % self.world != self.rank:
+                    continue
+                rows = None if by_layer else self._rows(qm.module.weight.shape[0])
+                mine[i] = self._solve(name, qm, h, rows)
+        shards = gather_objects(mine, self.group)
+        for i, (_name, qm, _h) in enumerate(layers):
+            parts = [shard[i] for shard in shards if i in shard]
+            _write(qm, parts, self.act_order)
+
+    def _rows(self, out: int) -> tuple[int, int]:
+        per = -(-out // self.world)
+        return min(self.rank * per, out), min((self.rank + 1) * per, out)
+
+    def _solve(self, name: str, qm: QuantModule, h: Tensor, rows: tuple[int, int] | None) -> _Part:
+        """GPTQ on the layer's weight, or on its rows [start, stop)."""
+        weight: Tensor = qm.module.weight
+        assert qm.weight_quantizer is not None
+        spec = qm.weight_quantizer.spec
+        group_cols, scale, zp, _params = layer_params(weight, spec, self.act_order)
+        w = weight.detach().reshape(weight.shape[0], -1)
+        start, stop = (0, w.shape[0]) if rows is None else rows
+        if start == stop:
+            return _Part(w[:0].cpu(), [])
+        try:
+            result = gptq_quantize_weight(
+                w[start:stop],
+                h,
+                spec,
+                scale=None if scale is None else scale[start:stop],
+                zero_point=None if zp is None else zp[start:stop],
+                group_columns=group_cols,
+                group_shape=tuple(weight.shape[2:]) if weight.dim() > 2 else (),
+                block_size=self.block_size,
+                damp=self.damp,
+                act_order=self.act_order,
+            )
+        except ValueError as e:
+            raise ValueError(f"GPTQ failed on layer {name!r}: {e}") from e
+        params = [(s.cpu(), z.cpu()) for s, z in result.group_params]
+        return _Part(result.weight.cpu(), params)
+
+
+@dataclass
+class _Part:
+    """A solved weight, or a block of its rows, with its per-group parameters (on the CPU, to
+    travel between ranks)."""
+
+    weight: Tensor
+    group_params: list[tuple[Tensor, Tensor]]
+
+
+def _write(qm: QuantModule, parts: list[_Part], act_order: bool) -> None:
+    """Write the solved weight (its row blocks in rank order) and the parameters GPTQ used."""
     wq = qm.weight_quantizer
     assert wq is not None
-    weight: Tensor = m.weight
-    spec = wq.spec
-    group_cols, static_scale, static_zp, params = _layer_params(weight, spec, act_order)
-    try:
-        result = gptq_quantize_weight(
-            weight.detach().reshape(weight.shape[0], -1),
-            h,
-            spec,
-            scale=static_scale,
-            zero_point=static_zp,
-            group_columns=group_cols,
-            group_shape=tuple(weight.shape[2:]) if weight.dim() > 2 else (),
-            block_size=block_size,
-            damp=damp,
-            act_order=act_order,
-        )
-    except ValueError as e:
-        raise ValueError(f"GPTQ failed on layer {name!r}: {e}") from e
+    weight: Tensor = qm.module.weight
+    _cols, _scale, _zp, params = layer_params(weight, wq.spec, act_order)
+    solved = torch.cat([p.weight for p in parts]).to(weight.device)
     with torch.no_grad():
-        weight.copy_(result.weight.reshape(weight.shape).to(weight.dtype))
+        weight.copy_(solved.reshape(weight.shape).to(weight.dtype))
     if params is not None:
         wq.set_qparams(*params)
-    else:
-        scales = torch.stack([s for s, _ in result.group_params], 1)
-        zps = torch.stack([z for _, z in result.group_params], 1)
-        if weight.dim() > 2:  # [out, groups, *kernel]
-            k = weight.shape[2:]
-            scales = scales.reshape(weight.shape[0], -1, *k)
-            zps = zps.reshape(weight.shape[0], -1, *k)
-        wq.set_qparams(scales.float(), zps.to(torch.int32))
-
-
-def _layer_params(
-    weight: Tensor, spec: QuantSpec, act_order: bool
-) -> tuple[int | None, Tensor | None, Tensor | None, tuple[Tensor, Tensor] | None]:
-    """Columns per on-the-fly group (None: static parameters); else the static elementwise scale
-    and zero point of the 2-D view [out, columns] and the parameters in the spec's shape."""
-    g = spec.granularity
-    dyn_cols: int | None = None
-    if isinstance(g, PerGroup):
-        axis = g.axis % weight.dim()
-        if axis == 1:
-            kernel = math.prod(weight.shape[2:])
-            dyn_cols = g.size * kernel
-    elif isinstance(g, PerChannel) and g.axis % weight.dim() != 0:
-        raise ValueError(f"a weight spec per channel along axis {g.axis} is not supported by GPTQ")
-    if dyn_cols is not None and not act_order:
-        if weight[0].numel() % dyn_cols:
-            raise ValueError(
-                f"PerGroup size {g.size} does not divide the layer's input dimension"  # type: ignore[union-attr]
-            )
-        return dyn_cols, None, None, None
-    scale, zp = numerics.tensor_qparams(weight.detach(), spec)
-    es, ez = _elementwise(scale, zp, weight, spec)
-    rows = weight.shape[0]
-    return None, es.reshape(rows, -1), ez.reshape(rows, -1), (scale, zp)
-
-
-def _elementwise(scale: Tensor, zp: Tensor, w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """Scale and zero point broadcast to `w`'s shape."""
-    g = spec.granularity
-    if isinstance(g, PerGroup):
-        wg = numerics.to_groups(w, g)
-        s = numerics.expand_param(scale, wg, g).expand(wg.shape).reshape(w.shape)
-        z = numerics.expand_param(zp, wg, g).expand(wg.shape).reshape(w.shape)
-        return s, z
-    s = numerics.expand_param(scale, w, g).expand(w.shape)
-    z = numerics.expand_param(zp, w, g).expand(w.shape)
-    return s, z
-
-
-def _inverse_hessian_cholesky(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping."""
-    mean_diag = float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    lam = damp * mean_diag if mean_diag > 0 else 1.0
-    for _ in range(6):
-        hd = h + lam * eye
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return u
-        lam = max(lam * 10, 1e-8)
-    raise ValueError(
-        "the layer's Hessian is not positive definite even with extra damping; "
-        "pass more calibration data or a larger damp"
-    )
-
-
-def _quantize_column(w: Tensor, s: Tensor, z: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """Codes and dequantized values of one column (elementwise scale / zero point)."""
-    q = torch.clamp(torch.round(w / s) + z, spec.qmin, spec.qmax)
-    return q, (q - z) * s
-
-
-def gptq_quantize_weight(
-    weight: Tensor,
-    hessian: Tensor,
-    spec: QuantSpec,
-    *,
-    scale: Tensor | None = None,
-    zero_point: Tensor | None = None,
-    group_columns: int | None = None,
-    group_shape: tuple[int, ...] = (),
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = False,
-) -> GPTQResult:
-    """GPTQ on one 2-D weight [out, columns] with the Hessian [columns, columns] of its inputs.
-
-    Either `scale` / `zero_point` are elementwise [out, columns] (static parameters), or
-    `group_columns` gives groups of that many consecutive columns whose parameters are computed
-    (with `spec`'s rule, per row) from the current weights when the group's first column is
-    reached. `group_shape` (a conv kernel's shape) makes each group's parameters per row and per
-    kernel position, as PerGroup along a conv weight's input channels does.
-    """
-    if (scale is None) == (group_columns is None):
-        raise ValueError("pass either static scale / zero_point or group_columns")
-    if act_order and group_columns is not None:
-        raise ValueError("act_order needs static parameters (static groups)")
-    w, h, es, ez, perm = _prepared(weight, hessian, scale, zero_point, act_order)
-    cols = w.shape[1]
-    u = _inverse_hessian_cholesky(h, damp)
-    bs = block_size
-    if group_columns is not None:  # keep every group inside one block
-        bs = max(group_columns, (block_size // group_columns) * group_columns)
-    q_all = torch.zeros_like(w)
-    codes = torch.zeros_like(w)
-    group_params: list[tuple[Tensor, Tensor]] = []
-    per_row_spec = spec.with_(granularity=PerChannel(0))
-    for i1 in range(0, cols, bs):
-        i2 = min(i1 + bs, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if group_columns is not None and col % group_columns == 0:
-                block = w1[:, i : i + group_columns].float()
-                s, z, params = _group_qparams(block, per_row_spec, group_shape)
-                es[:, col : col + group_columns] = s.to(w.dtype)
-                ez[:, col : col + group_columns] = z.to(w.dtype)
-                group_params += params
-            wc = w1[:, i]
-            qc, deq = _quantize_column(wc, es[:, col], ez[:, col], spec)
-            codes[:, col] = qc
-            q_all[:, col] = deq
-            e = (wc - deq) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) @ u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    if perm is not None:
-        inv = torch.argsort(perm)
-        q_all, codes, es, ez = q_all[:, inv], codes[:, inv], es[:, inv], ez[:, inv]
-    return GPTQResult(
-        weight=q_all.float(),
-        codes=codes.to(torch.int32),
-        scale=es.float(),
-        zero_point=ez.to(torch.int32),
-        group_params=group_params,
-    )
-
-
-def _prepared(
-    weight: Tensor,
-    hessian: Tensor,
-    scale: Tensor | None,
-    zero_point: Tensor | None,
-    act_order: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Working copies (float64 on CPU) of the weight, Hessian and elementwise parameters, dead
-    inputs (zero Hessian diagonal) zeroed, columns in act order (and that order) if asked."""
-    numerics.check_finite(weight.detach(), "weight")
-    numerics.check_finite(hessian, "Hessian")
-    dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
-    w = weight.detach().to(dtype).clone()
-    h = hessian.to(dtype).clone()
-    cols = w.shape[1]
-    if h.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match {cols} weight columns")
-    es = scale.to(dtype).clone() if scale is not None else torch.ones_like(w)
-    ez = zero_point.to(dtype).clone() if zero_point is not None else torch.zeros_like(w)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    if not act_order:
-        return w, h, es, ez, None
-    perm = torch.argsort(torch.diag(h), descending=True)
-    return w[:, perm], h[perm][:, perm], es[:, perm], ez[:, perm], perm
-
-
-def _group_qparams(
-    block: Tensor, per_row_spec: QuantSpec, group_shape: tuple[int, ...]
-) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
-    """A group's parameters from its current weights `block` [out, group columns]: elementwise
-    over the block, and as the (scale, zero point) per row of each kernel position (one pair
-    without `group_shape`)."""
-    n_out, size = block.shape
-    if not group_shape:
-        s, z = numerics.tensor_qparams(block, per_row_spec)
-        return s.unsqueeze(1).expand(n_out, size), z.unsqueeze(1).expand(n_out, size), [(s, z)]
-    k = math.prod(group_shape)
-    # [out, size, k] -> per (row, kernel position) over the group's channels
-    sub = block.reshape(n_out, -1, k).transpose(1, 2).reshape(n_out * k, -1)
-    s, z = numerics.tensor_qparams(sub, per_row_spec)
-    s, z = s.reshape(n_out, k), z.reshape(n_out, k)
-    params = [(s[:, j], z[:, j]) for j in range(k)]
-    return s.repeat(1, size // k), z.repeat(1, size // k), params
+        return
+    parts = [p for p in parts if p.group_params]  # a rank may have had no rows
+    per_group = list(zip(*(p.group_params for p in parts), strict=True))
+    scales = torch.stack([torch.cat([s for s, _ in g]) for g in per_group], 1).to(weight.device)
+    zps = torch.stack([torch.cat([z for _, z in g]) for g in per_group], 1).to(weight.device)
+    if weight.dim() > 2:  # [out, groups, *kernel]
+        k = weight.shape[2:]
+        scales = scales.reshape(weight.shape[0], -1, *k)
+        zps = zps.reshape(weight.shape[0], -1, *k)
+    wq.set_qparams(scales.float(), zps.to(torch.int32))

@@ -231,6 +231,18 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_nproc(p: argparse.ArgumentParser) -> None:
+    """--nproc: run on N processes (torchrun), each calibrating on its shard of the data."""
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run on N processes started by torchrun, each calibrating on 1/N of the data; the "
+        "output is the same file as with one (default: 1; see docs/distributed.md)",
+    )
+
+
 def add_verbose(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--verbose: other libraries' deprecation warnings too."""
     p.add_argument(

@@ -85,7 +85,8 @@ def _threads(n: int | None) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     """Run the `lowbit` command line on `argv`; the exit status (0, 2, or 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    for option in ("batch_size", "num_calib", "limit", "size", "threads"):
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc hands to torchrun
+    for option in ("batch_size", "num_calib", "limit", "size", "threads", "nproc"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
             print(f"lowbit: error: --{option.replace('_', '-')} must be positive", file=sys.stderr)

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from lowbit.calib import FROM_HISTOGRAM
 from lowbit.cli import args as common
+from lowbit.cli import ranks
 from lowbit.cli.args import UsageError
 from lowbit.cli.variants import PRESETS, make_variant
 
@@ -35,6 +37,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="the runtime an OUT.onnx is for (default: onnxruntime; see docs/export.md)",
     )
     common.add_data_options(q)
+    common.add_nproc(q)
     q.set_defaults(run=_quantize)
 
     e = commands.add_parser("eval", help="top-1 / top-5 accuracy on a labelled image folder")
@@ -45,10 +48,8 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    """Quantize the float model with a preset and write it; print what was quantized."""
-    from lowbit.evaluate import model_bytes
-    from lowbit.evaluate.compare import deployable
-
+    """Quantize the float model with a preset and write it; print what was quantized. Under
+    torchrun each rank calibrates on its shard, and rank 0 writes and prints."""
     out = common.check_output(args.output, (".onnx", ".lowbit", ".xml"))
     if out.suffix in (".onnx", ".xml") and args.preset == "dynamic":
         raise UsageError(
@@ -57,6 +58,17 @@ def _quantize(args: argparse.Namespace) -> int:
         )
     if out.suffix == ".xml" and args.target is not None:
         raise UsageError("an OUT.xml is OpenVINO IR, always in OpenVINO's form: drop --target")
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return ranks.launch(args.nproc, args.argv)
+    with ranks.process_group() as (rank, world):
+        return _quantize_shard(args, out, rank, world)
+
+
+def _quantize_shard(args: argparse.Namespace, out: Path, rank: int, world: int) -> int:
+    """`_quantize` on rank `rank` of `world`: calibrate on this rank's shard."""
+    from lowbit.evaluate import model_bytes
+    from lowbit.evaluate.compare import deployable
+
     loaded = common.load(args)
     if loaded.kind == "lowbit":
         raise UsageError(
@@ -67,7 +79,7 @@ def _quantize(args: argparse.Namespace) -> int:
     variant = make_variant(
         loaded.model,
         args.preset,
-        calib,
+        calib if world == 1 else ranks.ShardBatches(calib, rank, world),
         calibrator=args.calibrator,
         per_tensor=args.per_tensor,
         exclude=args.exclude,
@@ -79,6 +91,8 @@ def _quantize(args: argparse.Namespace) -> int:
         from lowbit.cli.models import save_lowbit
 
         save_lowbit(deployable(variant), out, loaded.recipe)
+    if rank != 0:
+        return 0
     summary = getattr(variant.model, "lowbit_summary", None)
     float_bytes, q_bytes = model_bytes(loaded.model), model_bytes(variant.model)
     if args.json:

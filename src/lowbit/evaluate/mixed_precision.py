@@ -25,23 +25,30 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lowbit.batches import Forward, first_batch, run_batch, tensors_of
+from lowbit.batches import Forward
 from lowbit.config import LayerQuant, QuantConfig
+from lowbit.distributed import (
+    DistributedError,
+    active_group,
+    example_batch,
+    gather_objects,
+    rank,
+    step,
+    sum_over_ranks,
+)
+from lowbit.evaluate.sensitivity import Sensitivity, SensitivityRun, rank_layers
 from lowbit.exceptions import LowbitWarning
-from lowbit.nn.modules import QuantModule, quant_modules
+from lowbit.nn.modules import quant_modules
 from lowbit.nn.records import describe
-from lowbit.progress import progress_bar, progress_line
+from lowbit.progress import progress_line
 from lowbit.spec import PerChannel, QuantSpec
-from lowbit.workflows.quantization import quantize
 
 __all__ = ["AutoQuantSummary", "AutoStep", "auto_quantize"]
 
-Sensitivity = Literal["output", "eval", "local"]
 _SENSITIVITIES = ("output", "eval", "local")
 
 
@@ -105,7 +112,7 @@ def auto_quantize(
     model: nn.Module,
     config: QuantConfig,
     calib_data: Iterable[Any],
-    eval_fn: Callable[[nn.Module], float],
+    eval_fn: Callable[[nn.Module], float | tuple[int, int]],
     max_drop: float = 1.0,
     *,
     candidates: Sequence[LayerQuant | None] | None = None,
@@ -113,11 +120,13 @@ def auto_quantize(
     sensitivity_samples: int = 16,
     forward: Forward | None = None,
     progress: bool = True,
+    group: Any = None,
 ) -> nn.Module:
     """Quantize with `config`, keeping the fewest layers in higher precision that hold the
     accuracy drop (`eval_fn(float) - eval_fn(quantized)`, in points) within `max_drop`.
 
-    eval_fn: model -> accuracy in percent (higher is better), e.g. top-1 on a held-out split.
+    eval_fn: model -> accuracy in percent (higher is better), e.g. top-1 on a held-out split;
+        or -> (correct, total) sample counts, the accuracy being 100 * correct / total.
     candidates: the higher precisions to try, in order: a `LayerQuant` per kept layer, or None
         for float. Default: 8-bit per-channel weights with the config's activations, then float.
         Each candidate is tried with every layer kept before falling back to the next.
@@ -127,12 +136,19 @@ def auto_quantize(
     Returns the mixed-precision model; `model.lowbit_auto` says which layers were kept, the
     sensitivity ranking and the accuracy at every step. If no candidate meets the budget, the
     best model found is returned with a warning.
+
+    Inside torch.distributed (or with `group=`), `calib_data` is this rank's shard (calibration
+    as in `quantize`), and every measurement is summed over the ranks in rank order, so every
+    rank picks the same layers: `eval_fn` returns this rank's (correct, total) counts, summed
+    exactly (a percentage must then be the same on every rank), and the sensitivities add up
+    each rank's output errors over its first `sensitivity_samples` samples.
     """
     _check_arguments(model, config, eval_fn, max_drop, sensitivity, sensitivity_samples)
     chosen = default_candidates(config) if candidates is None else tuple(candidates)
     _check_candidates(chosen)
-    first_batch(calib_data)
-    run = _Run(
+    group = active_group(group)
+    example_batch(calib_data, group)  # the usual error when no rank has a batch
+    run = SensitivityRun(
         copy.deepcopy(model).eval(),
         config,
         calib_data,
@@ -140,9 +156,10 @@ def auto_quantize(
         chosen,
         sensitivity,
         sensitivity_samples,
-        progress,
+        progress and rank(group) == 0,
+        group,
     )
-    log = _Evaluations(eval_fn, max_drop, progress)
+    log = _Evaluations(eval_fn, max_drop, run.progress, group)
     log.float_accuracy = log.accuracy(run.model)
     low = run.quantize(config)
     names = tuple(quant_modules(low))
@@ -176,6 +193,14 @@ def _check_arguments(
         raise ValueError(f"sensitivity_samples must be a positive int, got {sensitivity_samples!r}")
 
 
+def _counts(value: tuple[Any, ...]) -> tuple[int, int]:
+    """(correct, total) from eval_fn, checked: two integers, 0 <= correct <= total."""
+    ok = len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or not 0 <= value[0] <= value[1]:
+        raise ValueError(f"eval_fn's counts must be (correct, total) ints, got {value!r}")
+    return value[0], value[1]
+
+
 def _check_candidates(candidates: tuple[object, ...]) -> None:
     if not candidates:
         raise ValueError("candidates is empty: give at least one higher precision (or None)")
@@ -184,41 +209,48 @@ def _check_candidates(candidates: tuple[object, ...]) -> None:
             raise TypeError(f"candidates must hold LayerQuant or None, got {type(c).__name__}")
 
 
-@dataclass(frozen=True)
-class _Run:
-    """What every step of one `auto_quantize` call shares: the float model (a private copy), its
-    data and the caller's choices."""
-
-    model: nn.Module
-    config: QuantConfig
-    calib_data: Iterable[Any]
-    forward: Forward | None
-    candidates: tuple[LayerQuant | None, ...]
-    sensitivity: Sensitivity
-    sensitivity_samples: int
-    progress: bool
-
-    def quantize(self, config: QuantConfig) -> nn.Module:
-        """A quantized copy of the float model (the float model itself is never changed)."""
-        return quantize(self.model, config, self.calib_data, forward=self.forward, progress=False)
-
-
 @dataclass
 class _Evaluations:
     """Calls `eval_fn`, checks what it returns, and keeps every step of the search in order."""
 
-    eval_fn: Callable[[nn.Module], float]
+    eval_fn: Callable[[nn.Module], float | tuple[int, int]]
     max_drop: float
     progress: bool
+    group: Any = None
     float_accuracy: float = math.nan
     steps: list[AutoStep] = field(default_factory=list)
 
     def accuracy(self, model: nn.Module) -> float:
-        """`eval_fn(model)`, checked: a NaN or Inf would make every drop meaningless."""
-        value = self.eval_fn(model)
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"eval_fn must return a finite accuracy in percent, got {value!r}")
-        return float(value)
+        """`eval_fn(model)`, checked (a NaN or Inf would make every drop meaningless), as a
+        percentage; counts summed over the ranks of the group."""
+        with step(self.group, "auto_quantize's eval_fn"):
+            value = self.eval_fn(model)
+            if isinstance(value, tuple):
+                counts = _counts(value)
+            elif isinstance(value, int | float) and math.isfinite(value):
+                percent = float(value)
+            else:
+                raise ValueError(
+                    "eval_fn must return a finite accuracy in percent or (correct, total) "
+                    f"counts, got {value!r}"
+                )
+        if isinstance(value, tuple):
+            correct, total = sum_over_ranks(list(counts), self.group)
+            if total <= 0:
+                raise ValueError("eval_fn counted no samples (total 0 on every rank)")
+            return 100.0 * correct / total
+        seen = gather_objects(percent, self.group)
+        if any(p != seen[0] for p in seen):
+            raise DistributedError(
+                f"eval_fn returned different accuracies on the ranks ({seen}): return "
+                "(correct, total) counts so that they can be summed, or evaluate the same data "
+                "on every rank"
+            )
+        return percent
+
+    def drop(self, model: nn.Module) -> float:
+        """Points lost by `model` against the float model."""
+        return self.float_accuracy - self.accuracy(model)
 
     def record(self, kept: tuple[str, ...], candidate: str, model: nn.Module) -> AutoStep:
         """Evaluate `model`, in which the layers `kept` are at precision `candidate`."""
@@ -269,14 +301,16 @@ class _Mix:
         return _Choice(step, self.build(len(step.kept)), kept)
 
 
-def _search(run: _Run, low: nn.Module, names: tuple[str, ...], log: _Evaluations) -> nn.Module:
+def _search(
+    run: SensitivityRun, low: nn.Module, names: tuple[str, ...], log: _Evaluations
+) -> nn.Module:
     """Try each candidate precision in turn; the first that meets the budget with some number
     of kept layers wins. Otherwise the best model seen, with a warning."""
     ranking: tuple[tuple[str, float], ...] = ()
     best = _Choice(log.steps[0], low, {})
     for candidate in run.candidates:
         high = run.quantize(_keep_all(run.config, names, candidate))
-        ranking = ranking or _rank(run, low, high, names, log)
+        ranking = ranking or rank_layers(run, low, high, names, log.drop)
         mix = _Mix(
             low,
             {n: high.get_submodule(n) for n in names},
@@ -369,91 +403,3 @@ def _finish(
     )
     choice.model.lowbit_auto = summary  # type: ignore[assignment]
     return choice.model
-
-
-# ---------------------------------------------------------------------------------------------
-# Sensitivity
-
-
-def _samples(calib_data: Iterable[Any], n: int) -> list[Any]:
-    """The first batches of `calib_data` that hold at least `n` samples between them."""
-    out, count = [], 0
-    for batch in calib_data:
-        out.append(batch)
-        first = next((t for t in tensors_of(batch) if t.dim() > 0), None)
-        count += 1 if first is None else int(first.shape[0])
-        if count >= n:
-            break
-    return out
-
-
-def _outputs(model: nn.Module, batches: list[Any], forward: Forward | None) -> list[Tensor]:
-    with torch.no_grad():
-        return [
-            torch.cat(
-                [t.detach().double().flatten() for t in tensors_of(run_batch(model, b, forward))]
-            )
-            for b in batches
-        ]
-
-
-def _rank(
-    run: _Run,
-    low: nn.Module,
-    high: nn.Module,
-    names: tuple[str, ...],
-    log: _Evaluations,
-) -> tuple[tuple[str, float], ...]:
-    """Layers with their sensitivity, most sensitive first: each layer alone at low precision in
-    the `high` model ("output", "eval"), or each layer's own error in `low` ("local")."""
-    batches = _samples(run.calib_data, run.sensitivity_samples)
-    if run.sensitivity == "local":
-        scores = _local_noise(low, names, batches, run.forward)
-    else:
-        scores = {}
-        reference = _outputs(run.model, batches, run.forward) if run.sensitivity == "output" else []
-        for name in progress_bar(names, "auto_quantize: sensitivity", enabled=run.progress):
-            kept = high.get_submodule(name)
-            high.set_submodule(name, low.get_submodule(name))
-            try:
-                if run.sensitivity == "eval":
-                    scores[name] = log.float_accuracy - log.accuracy(high)
-                else:
-                    scores[name] = _output_error(_outputs(high, batches, run.forward), reference)
-            finally:
-                high.set_submodule(name, kept)
-    return tuple(sorted(scores.items(), key=lambda kv: -kv[1]))
-
-
-def _output_error(outputs: list[Tensor], reference: list[Tensor]) -> float:
-    """Mean squared error of the outputs against the float model's, averaged over batches."""
-    total = sum(((a - b) ** 2).mean() for a, b in zip(outputs, reference, strict=True))
-    return float(total) / len(outputs)
-
-
-def _local_noise(
-    low: nn.Module, names: tuple[str, ...], batches: list[Any], forward: Forward | None
-) -> dict[str, float]:
-    """Noise-to-signal ratio of each layer's output against its float layer on the same input."""
-    signal = dict.fromkeys(names, 0.0)
-    noise = dict.fromkeys(names, 0.0)
-
-    def make_hook(name: str) -> Callable[[QuantModule, tuple[Any, ...], Any], None]:
-        def hook(qm: QuantModule, args: tuple[Any, ...], out: Any) -> None:
-            if not isinstance(out, Tensor):
-                return
-            ref = qm.module(*args)
-            signal[name] += float(ref.double().pow(2).sum())
-            noise[name] += float((ref.double() - out.double()).pow(2).sum())
-
-        return hook
-
-    handles = [low.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                run_batch(low, b, forward)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: noise[n] / max(signal[n], 1e-30) for n in names}

@@ -16,11 +16,11 @@ constant and `quantize` raises instead of returning it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.batches import model_input, tensors_of
 from lowbit.exceptions import LowbitWarning
@@ -36,18 +36,26 @@ _SIGN_FIX = (
 )
 
 
-def finish_calibration(model: nn.Module, quantizers: list[TensorQuantizer], batches: int) -> None:
+def finish_calibration(
+    model: nn.Module,
+    quantizers: list[TensorQuantizer],
+    batches: int,
+    ranges: Sequence[tuple[Tensor, Tensor] | None] | None = None,
+) -> None:
     """Fix the parameters of each quantizer from its calibrator; those that saw no data or only
-    zeros are switched off (float) and named in a warning."""
+    zeros are switched off (float) and named in a warning. `ranges`: each quantizer's range
+    when already computed (a sharded calibration divides the range searches among ranks)."""
     names = {id(m): n for n, m in model.named_modules()}
     unused, zeros = [], []
-    for q in quantizers:
+    for i, q in enumerate(quantizers):
         assert q.calibrator is not None
         if not q.calibrator.has_data:
             unused.append(names[id(q)])
             q.set_mode("off")
             continue
-        lo, hi = q.calibrator.compute_range(q.spec)  # once: the entropy / MSE searches cost
+        known = None if ranges is None else ranges[i]
+        # once: the entropy / MSE searches cost
+        lo, hi = q.calibrator.compute_range(q.spec) if known is None else known
         if bool((torch.maximum(lo.abs(), hi.abs()) <= torch.finfo(torch.float32).tiny).all()):
             if isinstance(q, CenteredSign):  # a constant input: no sign around its centre
                 _warn(

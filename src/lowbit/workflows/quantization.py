@@ -28,7 +28,7 @@ from lowbit.transforms.swap import (
     swap_modules,
 )
 from lowbit.workflows.calibration_checks import SignWatch, finish_calibration
-from lowbit.workflows.sharded import sync_calibration
+from lowbit.workflows.sharded import divided_ranges, sync_calibration
 
 
 @dataclass(frozen=True)
@@ -203,11 +203,14 @@ def _observe(
 def _finish(model: nn.Module, observed: _Observed, group: Any) -> None:
     """Reduce what the ranks observed (in a group), then fix every quantizer's range."""
     quantizers, watch, n_batches = observed.quantizers, observed.watch, observed.batches
+    ranges = None
     if group is not None:
         n_batches = sync_calibration(model, quantizers, watch, n_batches, group)
+        if n_batches > 0:
+            ranges = divided_ranges(quantizers, group)
     if n_batches == 0:
         raise ValueError("calib_data is empty: calibration needs at least one batch")
-    finish_calibration(model, quantizers, n_batches)
+    finish_calibration(model, quantizers, n_batches, ranges)
     watch.check()
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
-from lowbit.distributed import active_group, check_same, gather_objects
+from lowbit.distributed import active_group, check_same, gather_objects, rank, step
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.workflows.calibration_checks import SignWatch
 
-__all__ = ["fingerprint", "sync_calibration", "sync_ranges"]
+__all__ = ["divided_ranges", "fingerprint", "sync_calibration", "sync_ranges"]
 
 
 def fingerprint(model: nn.Module, quantizers: list[TensorQuantizer]) -> str:
@@ -61,6 +61,26 @@ def sync_calibration(
     watch.batches_with_distinct_inputs = sum(s[2] for s in seen)
     watch.output_varied = any(s[3] for s in seen)
     return sum(s[0] for s in seen)
+
+
+def divided_ranges(
+    quantizers: list[TensorQuantizer], group: Any
+) -> list[tuple[Tensor, Tensor] | None]:
+    """Each quantizer's range, the searches (entropy, MSE, percentile) divided among the ranks.
+
+    Call after `sync_calibration`: every rank holds the same statistics, so rank r computes
+    the ranges of the quantizers with data whose index is r modulo the world size, and every
+    rank takes each range from the rank that computed it. None for a quantizer without data.
+    """
+    world = dist.get_world_size(group)
+    mine: dict[int, tuple[Tensor, Tensor]] = {}
+    with step(group, "the range searches"):
+        for i, q in enumerate(quantizers):
+            assert q.calibrator is not None
+            if i % world == rank(group) and q.calibrator.has_data:
+                mine[i] = q.calibrator.compute_range(q.spec)
+    found = {i: r for shard in gather_objects(mine, group) for i, r in shard.items()}
+    return [found.get(i) for i in range(len(quantizers))]
 
 
 def sync_ranges(model: nn.Module, group: Any = None) -> None:

@@ -1,0 +1,218 @@
+"""The GPTQ solve of one weight (Frantar et al. 2022): columns quantized one at a time, each
+column's rounding error spread over the columns not yet quantized through the inverse Hessian.
+
+`lowbit.algorithms.gptq` gathers each layer's Hessian and calls `gptq_quantize_weight`; the solve
+works row by row (every output row of the weight is independent given the Hessian), so a process
+group may divide a layer's rows among its ranks and get the rows one process would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit import numerics
+from lowbit.spec import PerChannel, PerGroup, QuantSpec
+
+__all__ = ["GPTQResult", "gptq_quantize_weight", "layer_params"]
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """The output of `gptq_quantize_weight` for one 2-D weight [out, columns].
+
+    weight: the dequantized GPTQ weight (float32, in the original column order).
+    codes: its integer codes (int32).
+    scale, zero_point: elementwise parameters of `weight`'s shape that produced the codes.
+    group_params: for groups along the columns found on the fly, the list of (scale, zero point)
+        per group in column order ([out] each); empty otherwise.
+    """
+
+    weight: Tensor
+    codes: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    group_params: list[tuple[Tensor, Tensor]]
+
+
+def layer_params(
+    weight: Tensor, spec: QuantSpec, act_order: bool
+) -> tuple[int | None, Tensor | None, Tensor | None, tuple[Tensor, Tensor] | None]:
+    """Columns per on-the-fly group (None: static parameters); else the static elementwise scale
+    and zero point of the 2-D view [out, columns] and the parameters in the spec's shape."""
+    g = spec.granularity
+    dyn_cols: int | None = None
+    if isinstance(g, PerGroup):
+        axis = g.axis % weight.dim()
+        if axis == 1:
+            kernel = math.prod(weight.shape[2:])
+            dyn_cols = g.size * kernel
+    elif isinstance(g, PerChannel) and g.axis % weight.dim() != 0:
+        raise ValueError(f"a weight spec per channel along axis {g.axis} is not supported by GPTQ")
+    if dyn_cols is not None and not act_order:
+        if weight[0].numel() % dyn_cols:
+            raise ValueError(
+                f"PerGroup size {g.size} does not divide the layer's input dimension"  # type: ignore[union-attr]
+            )
+        return dyn_cols, None, None, None
+    scale, zp = numerics.tensor_qparams(weight.detach(), spec)
+    es, ez = _elementwise(scale, zp, weight, spec)
+    rows = weight.shape[0]
+    return None, es.reshape(rows, -1), ez.reshape(rows, -1), (scale, zp)
+
+
+def _elementwise(scale: Tensor, zp: Tensor, w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale and zero point broadcast to `w`'s shape."""
+    g = spec.granularity
+    if isinstance(g, PerGroup):
+        wg = numerics.to_groups(w, g)
+        s = numerics.expand_param(scale, wg, g).expand(wg.shape).reshape(w.shape)
+        z = numerics.expand_param(zp, wg, g).expand(wg.shape).reshape(w.shape)
+        return s, z
+    s = numerics.expand_param(scale, w, g).expand(w.shape)
+    z = numerics.expand_param(zp, w, g).expand(w.shape)
+    return s, z
+
+
+def _inverse_hessian_cholesky(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping."""
+    mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    lam = damp * mean_diag if mean_diag > 0 else 1.0
+    for _ in range(6):
+        hd = h + lam * eye
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return u
+        lam = max(lam * 10, 1e-8)
+    raise ValueError(
+        "the layer's Hessian is not positive definite even with extra damping; "
+        "pass more calibration data or a larger damp"
+    )
+
+
+def _quantize_column(w: Tensor, s: Tensor, z: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Codes and dequantized values of one column (elementwise scale / zero point)."""
+    q = torch.clamp(torch.round(w / s) + z, spec.qmin, spec.qmax)
+    return q, (q - z) * s
+
+
+def gptq_quantize_weight(
+    weight: Tensor,
+    hessian: Tensor,
+    spec: QuantSpec,
+    *,
+    scale: Tensor | None = None,
+    zero_point: Tensor | None = None,
+    group_columns: int | None = None,
+    group_shape: tuple[int, ...] = (),
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> GPTQResult:
+    """GPTQ on one 2-D weight [out, columns] with the Hessian [columns, columns] of its inputs.
+
+    Either `scale` / `zero_point` are elementwise [out, columns] (static parameters), or
+    `group_columns` gives groups of that many consecutive columns whose parameters are computed
+    (with `spec`'s rule, per row) from the current weights when the group's first column is
+    reached. `group_shape` (a conv kernel's shape) makes each group's parameters per row and per
+    kernel position, as PerGroup along a conv weight's input channels does.
+    """
+    if (scale is None) == (group_columns is None):
+        raise ValueError("pass either static scale / zero_point or group_columns")
+    if act_order and group_columns is not None:
+        raise ValueError("act_order needs static parameters (static groups)")
+    w, h, es, ez, perm = _prepared(weight, hessian, scale, zero_point, act_order)
+    cols = w.shape[1]
+    u = _inverse_hessian_cholesky(h, damp)
+    bs = block_size
+    if group_columns is not None:  # keep every group inside one block
+        bs = max(group_columns, (block_size // group_columns) * group_columns)
+    q_all = torch.zeros_like(w)
+    codes = torch.zeros_like(w)
+    group_params: list[tuple[Tensor, Tensor]] = []
+    per_row_spec = spec.with_(granularity=PerChannel(0))
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_columns is not None and col % group_columns == 0:
+                block = w1[:, i : i + group_columns].float()
+                s, z, params = _group_qparams(block, per_row_spec, group_shape)
+                es[:, col : col + group_columns] = s.to(w.dtype)
+                ez[:, col : col + group_columns] = z.to(w.dtype)
+                group_params += params
+            wc = w1[:, i]
+            qc, deq = _quantize_column(wc, es[:, col], ez[:, col], spec)
+            codes[:, col] = qc
+            q_all[:, col] = deq
+            e = (wc - deq) / u1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ u1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    if perm is not None:
+        inv = torch.argsort(perm)
+        q_all, codes, es, ez = q_all[:, inv], codes[:, inv], es[:, inv], ez[:, inv]
+    return GPTQResult(
+        weight=q_all.float(),
+        codes=codes.to(torch.int32),
+        scale=es.float(),
+        zero_point=ez.to(torch.int32),
+        group_params=group_params,
+    )
+
+
+def _prepared(
+    weight: Tensor,
+    hessian: Tensor,
+    scale: Tensor | None,
+    zero_point: Tensor | None,
+    act_order: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Working copies (float64 on CPU) of the weight, Hessian and elementwise parameters, dead
+    inputs (zero Hessian diagonal) zeroed, columns in act order (and that order) if asked."""
+    numerics.check_finite(weight.detach(), "weight")
+    numerics.check_finite(hessian, "Hessian")
+    dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
+    w = weight.detach().to(dtype).clone()
+    h = hessian.to(dtype).clone()
+    cols = w.shape[1]
+    if h.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match {cols} weight columns")
+    es = scale.to(dtype).clone() if scale is not None else torch.ones_like(w)
+    ez = zero_point.to(dtype).clone() if zero_point is not None else torch.zeros_like(w)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    if not act_order:
+        return w, h, es, ez, None
+    perm = torch.argsort(torch.diag(h), descending=True)
+    return w[:, perm], h[perm][:, perm], es[:, perm], ez[:, perm], perm
+
+
+def _group_qparams(
+    block: Tensor, per_row_spec: QuantSpec, group_shape: tuple[int, ...]
+) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+    """A group's parameters from its current weights `block` [out, group columns]: elementwise
+    over the block, and as the (scale, zero point) per row of each kernel position (one pair
+    without `group_shape`)."""
+    n_out, size = block.shape
+    if not group_shape:
+        s, z = numerics.tensor_qparams(block, per_row_spec)
+        return s.unsqueeze(1).expand(n_out, size), z.unsqueeze(1).expand(n_out, size), [(s, z)]
+    k = math.prod(group_shape)
+    # [out, size, k] -> per (row, kernel position) over the group's channels
+    sub = block.reshape(n_out, -1, k).transpose(1, 2).reshape(n_out * k, -1)
+    s, z = numerics.tensor_qparams(sub, per_row_spec)
+    s, z = s.reshape(n_out, k), z.reshape(n_out, k)
+    params = [(s[:, j], z[:, j]) for j in range(k)]
+    return s.repeat(1, size // k), z.repeat(1, size // k), params

@@ -1,0 +1,162 @@
+"""How much each layer's quantization costs, for `auto_quantize` (lowbit.evaluate.mixed_precision).
+
+"output": the mean squared error of the model's outputs against the float model's, with only
+that layer at the low precision, on the first calibration samples; "eval": the accuracy points
+lost that way (one `eval_fn` call per layer); "local": each layer's own output noise-to-signal
+ratio in the fully quantized model (one pass). In a process group every rank measures on its
+shard and the errors and their weights are summed over the ranks in rank order, so every rank
+ranks the layers alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.batches import Forward, run_batch, tensors_of
+from lowbit.config import LayerQuant, QuantConfig
+from lowbit.distributed import step, sum_over_ranks
+from lowbit.nn.modules import QuantModule
+from lowbit.progress import progress_bar
+from lowbit.workflows.quantization import quantize
+
+__all__ = ["Sensitivity", "SensitivityRun", "rank_layers"]
+
+Sensitivity = Literal["output", "eval", "local"]
+
+
+@dataclass(frozen=True)
+class SensitivityRun:
+    """What every step of one `auto_quantize` call shares: the float model (a private copy), its
+    data and the caller's choices."""
+
+    model: nn.Module
+    config: QuantConfig
+    calib_data: Iterable[Any]
+    forward: Forward | None
+    candidates: tuple[LayerQuant | None, ...]
+    sensitivity: Sensitivity
+    sensitivity_samples: int
+    progress: bool
+    group: Any
+
+    def quantize(self, config: QuantConfig) -> nn.Module:
+        """A quantized copy of the float model (the float model itself is never changed)."""
+        return quantize(
+            self.model,
+            config,
+            self.calib_data,
+            forward=self.forward,
+            progress=False,
+            group=self.group,
+        )
+
+
+def _samples(calib_data: Iterable[Any], n: int) -> list[Any]:
+    """The first batches of `calib_data` that hold at least `n` samples between them."""
+    out, count = [], 0
+    for batch in calib_data:
+        out.append(batch)
+        first = next((t for t in tensors_of(batch) if t.dim() > 0), None)
+        count += 1 if first is None else int(first.shape[0])
+        if count >= n:
+            break
+    return out
+
+
+def _outputs(model: nn.Module, batches: list[Any], forward: Forward | None) -> list[Tensor]:
+    with torch.no_grad():
+        return [
+            torch.cat(
+                [t.detach().double().flatten() for t in tensors_of(run_batch(model, b, forward))]
+            )
+            for b in batches
+        ]
+
+
+def rank_layers(
+    run: SensitivityRun,
+    low: nn.Module,
+    high: nn.Module,
+    names: tuple[str, ...],
+    drop: Callable[[nn.Module], float],
+) -> tuple[tuple[str, float], ...]:
+    """Layers with their sensitivity, most sensitive first: each layer alone at low precision in
+    the `high` model ("output", "eval"), or each layer's own error in `low` ("local"). In a
+    group, the errors and their weights are summed over the ranks (in rank order)."""
+    if run.sensitivity == "eval":
+        scores = {}
+        for name in progress_bar(names, "auto_quantize: sensitivity", enabled=run.progress):
+            with _alone_at_low(high, low, name):
+                scores[name] = drop(high)
+    else:
+        batches = _samples(run.calib_data, run.sensitivity_samples)
+        with step(run.group, "auto_quantize's sensitivity"):
+            if run.sensitivity == "local":
+                noise, signal = _local_noise(low, names, batches, run.forward)
+            else:
+                noise, signal = _output_errors(run, low, high, names, batches)
+        totals = sum_over_ranks([*noise, *signal], run.group)
+        noise, signal = totals[: len(names)], totals[len(names) :]
+        scores = {n: e / max(w, 1e-30) for n, e, w in zip(names, noise, signal, strict=True)}
+    return tuple(sorted(scores.items(), key=lambda kv: -kv[1]))
+
+
+@contextmanager
+def _alone_at_low(high: nn.Module, low: nn.Module, name: str) -> Iterator[None]:
+    """`high` with its layer `name` swapped for `low`'s, for the body only."""
+    kept = high.get_submodule(name)
+    high.set_submodule(name, low.get_submodule(name))
+    try:
+        yield
+    finally:
+        high.set_submodule(name, kept)
+
+
+def _output_errors(
+    run: SensitivityRun, low: nn.Module, high: nn.Module, names: tuple[str, ...], batches: list[Any]
+) -> tuple[list[float], list[float]]:
+    """Per layer alone at low precision: the summed mean squared error of the outputs against
+    the float model's over `batches`, and the number of batches."""
+    reference = _outputs(run.model, batches, run.forward)
+    errors = []
+    for name in progress_bar(names, "auto_quantize: sensitivity", enabled=run.progress):
+        with _alone_at_low(high, low, name):
+            outputs = _outputs(high, batches, run.forward)
+        pairs = zip(outputs, reference, strict=True)
+        errors.append(float(sum(((a - b) ** 2).mean() for a, b in pairs)))
+    return errors, [float(len(batches))] * len(names)
+
+
+def _local_noise(
+    low: nn.Module, names: tuple[str, ...], batches: list[Any], forward: Forward | None
+) -> tuple[list[float], list[float]]:
+    """Per layer: the energy of its output's error against its float layer on the same input,
+    and of the float output (their ratio is the noise-to-signal ratio)."""
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+
+    def make_hook(name: str) -> Callable[[QuantModule, tuple[Any, ...], Any], None]:
+        def hook(qm: QuantModule, args: tuple[Any, ...], out: Any) -> None:
+            if not isinstance(out, Tensor):
+                return
+            ref = qm.module(*args)
+            signal[name] += float(ref.double().pow(2).sum())
+            noise[name] += float((ref.double() - out.double()).pow(2).sum())
+
+        return hook
+
+    handles = [low.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                run_batch(low, b, forward)
+    finally:
+        for h in handles:
+            h.remove()
+    return [noise[n] for n in names], [signal[n] for n in names]

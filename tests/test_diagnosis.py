@@ -95,6 +95,36 @@ def test_names_the_mask_add_and_measures_a_metric():
     assert fixed.op_overrides == {"add_0": None}
 
 
+class Blocks(nn.Module):
+    """Three masked blocks in a row: three copies of one culprit, one pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Masked() for _ in range(3))
+        for block in self.blocks:
+            block.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_by_pattern_keeps_a_repeated_culprit_with_one_override():
+    model, calib, data = Blocks(), _data(4, 4), _data(2, 5)
+    config = dataclasses.replace(presets.int8(), ops={"add": presets.int8().input})
+    d = diagnose(model, config, calib, data, by="pattern", keep=1, progress=False)
+    assert d.keep_float == ("blocks.*.add_0",)
+    assert d.recovered(d.steps[-1][1]) >= 0.8
+    assert {p.name for p in d.points} == {"blocks.*.add_0", "blocks.*.proj", "blocks.*.out"}
+    fixed = d.keep_float_config(config)
+    assert fixed.op_overrides == {"blocks.*.add_0": None}
+    summary = quantize(model, fixed, calib, progress=False).lowbit_summary
+    assert [r.name for r in summary.ops if not r.quantized] == [
+        f"blocks.{i}.add_0" for i in range(3)
+    ]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -103,6 +133,7 @@ def test_names_the_mask_add_and_measures_a_metric():
         ({"sweep": "metric"}, ValueError, "needs a metric"),
         ({"sweep": "all"}, ValueError, "sweep"),
         ({"keep": 0}, ValueError, "keep"),
+        ({"by": "layer"}, ValueError, "by"),
         ({"recover": 1.5}, ValueError, "recover"),
         ({"eval_data": []}, ValueError, "eval_data"),
     ],

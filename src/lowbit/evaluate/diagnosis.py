@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ __all__ = ["Diagnosis", "PointDiagnosis", "diagnose", "quantizer_points"]
 
 Metric = Callable[[nn.Module], float]
 Sweep = Literal["sqnr", "metric"]
+By = Literal["point", "pattern"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,25 @@ def quantizer_points(qmodel: nn.Module) -> list[QuantizerPoint]:
     return points
 
 
+def by_pattern(points: Sequence[QuantizerPoint]) -> list[QuantizerPoint]:
+    """The points merged by name pattern, each number between dots a `*`: the twelve blocks'
+    `encoder.layer.3.output.add_0` become one `encoder.layer.*.output.add_0`, a unit that can
+    be kept in float by one override (transformers repeat their culprits in every block)."""
+    groups: dict[str, list[QuantizerPoint]] = {}
+    for p in points:
+        groups.setdefault(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", p.name), []).append(p)
+    return [
+        QuantizerPoint(
+            pattern,
+            members[0].kind,
+            members[0].is_op,
+            tuple(q for m in members for q in m.quantizers),
+            tuple(q for m in members for q in m.weights),
+        )
+        for pattern, members in groups.items()
+    ]
+
+
 @contextmanager
 def only(points: Sequence[QuantizerPoint], keep: Iterable[TensorQuantizer]) -> Iterator[None]:
     """Every quantizer of `points` off meanwhile but those in `keep` (their modes come back)."""
@@ -108,6 +129,7 @@ class Diagnosis:
 
     measure: str
     sweep_measure: str
+    by: By
     float_value: float
     quantized: float
     weights_only: float
@@ -129,8 +151,9 @@ class Diagnosis:
         """`config` with the first `count` (default: all) of `keep_float` kept in float."""
         names = self.keep_float[:count]
         ops = {p.name for p in self.points if p.is_op}
-        layers = {escape(n): None for n in names if n not in ops}
-        op_keys = {escape(n): None for n in names if n in ops}
+        glob = (lambda n: n) if self.by == "pattern" else escape
+        layers = {glob(n): None for n in names if n not in ops}
+        op_keys = {glob(n): None for n in names if n in ops}
         return dataclasses.replace(
             config,
             overrides={**config.overrides, **layers},
@@ -227,6 +250,7 @@ def diagnose(
     *,
     forward: Forward | None = None,
     sweep: Sweep = "sqnr",
+    by: By = "point",
     sweep_samples: int = 32,
     keep: int = 3,
     recover: float = 0.8,
@@ -241,13 +265,18 @@ def diagnose(
     sweep: "sqnr" (default) measures each point by the output SQNR on the first `sweep_samples`
         samples of `eval_data` (2 short passes per point); "metric" calls `metric` instead
         (2 full evaluations per point: slow on large models).
+    by: "point" (each layer and op point) or "pattern": the points that differ only in block
+        numbers as one (`by_pattern`), for models that repeat a block.
     """
     _check(float_model, config, metric, sweep, sweep_samples, keep, recover)
+    if by not in ("point", "pattern"):
+        raise ValueError(f"by must be 'point' or 'pattern', got {by!r}")
     start = time.perf_counter()
     first_batch(eval_data, "eval_data")
     float_model = copy.deepcopy(float_model).eval()
     qmodel = quantize(float_model, config, calib_data, forward=forward, progress=False)
     points = quantizer_points(qmodel)
+    points = by_pattern(points) if by == "pattern" else points
     if not points:
         raise ValueError("config quantizes nothing in float_model: nothing to diagnose")
     batches = list(eval_data) if metric is None else []
@@ -266,6 +295,7 @@ def diagnose(
     return Diagnosis(
         measure="output SQNR dB vs float" if metric is None else "metric",
         sweep_measure="metric" if sweep == "metric" else f"output SQNR dB, {sweep_samples} samples",
+        by=by,
         float_value=summary["float"],
         quantized=summary["quantized"],
         weights_only=summary["weights"],

@@ -262,7 +262,7 @@ class _Scope(TorchFunctionMode):
         def quantize(kind: str, result: Tensor) -> Tensor:
             expected, index = next(order)
             assert kind == expected, "attention_ops calls its ops in ATTENTION_KINDS order"
-            return self.points.quantize(kind, index, result)  # type: ignore[no-any-return]
+            return self.points.quantize(kind, index, result)
 
         return attention_ops(quantize, *args, **kwargs)
 

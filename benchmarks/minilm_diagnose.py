@@ -7,6 +7,9 @@ Diagnosis by name pattern (the six blocks' copies of a point as one), each patte
 output SQNR on --sweep sentences; the metric is the STS-B dev Spearman x100 on --pairs pairs,
 calibration on STS-B train (as benchmarks/minilm_static.py).
 
+--eager runs the model with eager attention (its attention-mask add is then a point too);
+--preset-only diagnoses `presets.int8_transformer()` itself (what loss is left).
+
     python benchmarks/minilm_diagnose.py   # prints the diagnosis; results/minilm_diagnose.json
 """
 
@@ -43,12 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences")
     parser.add_argument("--pairs", type=int, default=1500, help="dev pairs scored (all: 1500)")
     parser.add_argument("--sweep", type=int, default=32, help="sentences of the SQNR sweep")
+    parser.add_argument("--eager", action="store_true", help="eager attention (default sdpa)")
+    parser.add_argument("--preset-only", action="store_true", help="int8_transformer() as is")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(describe_line())
     folder = args.stsb or Path(os.environ.get("LOWBIT_STSB", REPO_ROOT.parent / "shared/data/stsb"))
     bert, tokenizer = load()
+    if args.eager:
+        bert.set_attn_implementation("eager")
     model = SentenceEncoder(bert).eval()
     train = [s for row in stsb(folder, "train") for s in row[:2]][: args.calib]
     dev = stsb(folder, "dev")[: args.pairs]
@@ -60,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         [float(r[2]) for r in dev],
     )
     transformer = lowbit.presets.int8_transformer()
-    config = dataclasses.replace(transformer, ops={**transformer.ops, "add": transformer.input})
+    config = transformer
+    if not args.preset_only:
+        config = dataclasses.replace(transformer, ops={**transformer.ops, "add": transformer.input})
     diagnosis = lowbit.diagnose(
         model,
         config,
@@ -75,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     print(diagnosis)
     RESULTS.parent.mkdir(exist_ok=True)
     payload = {**describe(), "threads": args.threads, "calib": len(train), "pairs": len(dev)}
-    RESULTS.write_text(json.dumps({**payload, **dataclasses.asdict(diagnosis)}, indent=2))
+    payload.update(eager=args.eager, preset_only=args.preset_only)
+    name = "minilm_diagnose" + "_eager" * args.eager + "_preset" * args.preset_only
+    results = RESULTS.with_name(f"{name}.json")
+    results.write_text(json.dumps({**payload, **dataclasses.asdict(diagnosis)}, indent=2))
     return 0
 
 

@@ -148,3 +148,25 @@ def test_bad_input(kwargs, error, match):
     }
     with pytest.raises(error, match=match):
         diagnose(**arguments, progress=False)
+
+
+def test_command_line(tmp_path, capsys):
+    import sys
+
+    from test_cli import FACTORY, make_workspace, run_json
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        ws = make_workspace(tmp_path)
+        result = run_json(
+            capsys, "diagnose", FACTORY, "--calib", str(ws.calib_npy), "--data",
+            str(ws.labelled_npz), "--preset", "int8", "--per-tensor", "--keep", "2",
+        )  # fmt: skip
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("lowbit_cli_tinynet", None)
+    assert result["command"] == "diagnose" and result["measure"] == "metric"
+    assert result["float_value"] == 100.0  # the labels are the float model's predictions
+    names = {p["name"] for p in result["points"]}
+    assert result["keep_float"] and set(result["keep_float"]) <= names
+    assert all(set(p) == {"name", "kind", "is_op", "alone", "without"} for p in result["points"])

@@ -170,3 +170,17 @@ def test_command_line(tmp_path, capsys):
     names = {p["name"] for p in result["points"]}
     assert result["keep_float"] and set(result["keep_float"]) <= names
     assert all(set(p) == {"name", "kind", "is_op", "alone", "without"} for p in result["points"])
+
+
+def test_the_report_measures_with_the_same_mechanism():
+    from lowbit.report import analysis
+
+    model, calib, data = Outlier(), _data(4, 0), _data(2, 1)
+    config = dataclasses.replace(presets.int8(), fusable_outputs=False, ops={})
+    d = diagnose(model, config, calib, data, progress=False)
+    qmodel = quantize(model, config, calib, progress=False)
+    reference = analysis.model_outputs(model, data)
+    split = analysis.weights_vs_activations(qmodel, data, reference)
+    assert split == pytest.approx((d.weights_only, d.activations_only))
+    effects = {e.layer: e.output_sqnr_db for e in analysis.layer_effects(qmodel, data, reference)}
+    assert effects == pytest.approx({p.name: p.alone for p in d.points})

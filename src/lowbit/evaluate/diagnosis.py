@@ -99,6 +99,15 @@ def by_pattern(points: Sequence[QuantizerPoint]) -> list[QuantizerPoint]:
     ]
 
 
+def by_role(
+    points: Sequence[QuantizerPoint],
+) -> tuple[list[TensorQuantizer], list[TensorQuantizer]]:
+    """The quantizers of `points` that quantize weights, and those that quantize activations."""
+    weights = [q for p in points for q in p.weights]
+    ids = {id(q) for q in weights}
+    return weights, [q for p in points for q in p.quantizers if id(q) not in ids]
+
+
 @contextmanager
 def only(points: Sequence[QuantizerPoint], keep: Iterable[TensorQuantizer]) -> Iterator[None]:
     """Every quantizer of `points` off meanwhile but those in `keep` (their modes come back)."""
@@ -339,9 +348,7 @@ def _summary_values(
     float_model: nn.Module, qmodel: nn.Module, points: list[QuantizerPoint], measure: _Measure
 ) -> dict[str, float]:
     """The measure of the float model, the quantized one, weights only, activations only."""
-    weights = [q for p in points for q in p.weights]
-    weight_ids = {id(q) for q in weights}
-    activations = [q for p in points for q in p.quantizers if id(q) not in weight_ids]
+    weights, activations = by_role(points)
     values = {"float": measure(float_model), "quantized": measure(qmodel)}
     with only(points, weights):
         values["weights"] = measure(qmodel)

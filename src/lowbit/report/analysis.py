@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from lowbit.batches import run_batch
 from lowbit.calib import FROM_HISTOGRAM, Histogram, from_histogram
 from lowbit.evaluate.accuracy import top1_agreement
-from lowbit.evaluate.diagnosis import only, quantizer_points
+from lowbit.evaluate.diagnosis import by_role, only, quantizer_points
 from lowbit.evaluate.sqnr import energy_ratio_db, output_sqnr
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer, switched_off
@@ -214,6 +214,19 @@ def layer_effects(
             )
         )
     return sorted(effects, key=lambda e: e.output_sqnr_db)
+
+
+def weights_vs_activations(
+    qmodel: nn.Module, batches: Sequence[Any], reference: Sequence[Tensor]
+) -> tuple[float, float]:
+    """The model's output SQNR with only the weights quantized, and with only the activations
+    (as `lowbit.diagnose` measures them): which of the two loses the accuracy."""
+    points = quantizer_points(qmodel)
+    values = []
+    for kept in by_role(points):
+        with only(points, kept):
+            values.append(output_sqnr(reference, model_outputs(qmodel, batches)))
+    return values[0], values[1]
 
 
 def suggest_fixes(

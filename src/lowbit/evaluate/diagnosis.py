@@ -310,7 +310,7 @@ def diagnose(
         weights_only=summary["weights"],
         activations_only=summary["activations"],
         points=tuple(ranked),
-        keep_float=tuple(kept for kept, _ in steps)[-1] if steps else (),
+        keep_float=steps[-1][0] if steps else (),
         steps=tuple(steps),
         seconds=time.perf_counter() - start,
     )

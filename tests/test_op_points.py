@@ -323,3 +323,38 @@ def test_the_dynamo_exporter_writes_the_points_too(asym, tmp_path, monkeypatch):
     path = export_onnx(asym, x[:1], tmp_path / "d.onnx")
     assert {"b1.add_0.output_scale", "b2.inner.add_0.output_scale"} <= _output_scales(path)
     _check_against_ort(path, asym, x)
+
+
+class Softmaxes(nn.Module):
+    """Three spellings of softmax and one sdpa call (its matmul, softmax, matmul)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.nn.functional.softmax(x, dim=-1)
+        b = torch.softmax(x, dim=-1) + a.softmax(-1)
+        q = b.reshape(2, 1, -1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).reshape(x.shape)
+
+
+def test_softmax_points_and_sdpa_counted_as_its_ops():
+    x = torch.randn(2, 6, 4)
+    names = [s.name for s in find_op_sites(Softmaxes(), x)]
+    assert names == [
+        "softmax_0",
+        "softmax_1",
+        "softmax_2",
+        "add_0",
+        "matmul_0",
+        "softmax_3",
+        "matmul_1",
+    ]
+    spec = QuantSpec(bits=8, signed=False, granularity=PerTensor())
+    config = QuantConfig(ops={"softmax": spec}, op_overrides={"softmax_[012]": None})
+    qmodel = quantize(Softmaxes(), config, [x], progress=False)
+    assert set(op_points(qmodel)[""].quantizers()) == {"softmax_3"}  # the one inside sdpa
+    q = op_points(qmodel)[""]["softmax_3"]
+    with torch.no_grad():
+        b = torch.softmax(x, dim=-1) + torch.softmax(torch.softmax(x, -1), -1)
+        v = b.reshape(2, 1, -1, 4)
+        p = q(torch.softmax(v @ v.transpose(-2, -1) / 2.0, dim=-1))
+        torch.testing.assert_close(qmodel(x), (p @ v).reshape(x.shape))
+        assert not torch.allclose(qmodel(x), Softmaxes()(x))

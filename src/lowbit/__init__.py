@@ -7,6 +7,7 @@ from lowbit import presets
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.distributed import DistributedError
 from lowbit.evaluate import analyze
+from lowbit.evaluate.diagnosis import diagnose
 from lowbit.evaluate.mixed_precision import auto_quantize
 from lowbit.exceptions import LowbitWarning, OpPointMismatch
 from lowbit.export import export_onnx, export_openvino
@@ -36,6 +37,7 @@ __all__ = [
     "brecq",
     "calibrate",
     "convert",
+    "diagnose",
     "export_onnx",
     "export_openvino",
     "load",

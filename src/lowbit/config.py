@@ -41,7 +41,7 @@ def _check_spec(value: object, where: str) -> None:
 
 
 # Functional ops that can carry an output quantizer (`lowbit.nn.op_points`).
-OP_KINDS = ("add", "matmul", "cat")
+OP_KINDS = ("add", "matmul", "cat", "softmax")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,9 @@ class QuantConfig:
         run a conv / matmul in integer only when its output is quantized; without this such
         layers stay float in the runtime (see docs/export.md). Layers with an output spec keep it.
     ops: the output spec of each functional op kind ("add": tensor + tensor, "matmul",
-        "cat"), found in one forward pass like fusable outputs; kinds not listed stay float.
+        "cat", "softmax"), found in one forward pass like fusable outputs; kinds not listed
+        stay float. A `scaled_dot_product_attention` call counts as its three ops (matmul,
+        softmax, matmul) and runs as them when one of its points is configured.
     op_overrides: keys are globs on an op's point name (`"blocks.3.add_0"`: the calling
         module, the op kind, its index among that kind in one call of that module's own
         forward) or on the calling module's name (`"blocks.*"`); values a spec, or `None` to

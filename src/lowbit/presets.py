@@ -49,6 +49,34 @@ def int8_asymmetric(calibrator: str = "minmax", fusable_outputs: bool = True) ->
     )
 
 
+# Attention probabilities lie in [0, 1]: unsigned codes give them all 256 levels.
+_UINT8_PROBS = QuantSpec(bits=8, signed=False, granularity=PerTensor())
+
+
+def int8_transformer(calibrator: str = "minmax") -> QuantConfig:
+    """Static W8A8 for transformer encoders and decoders: every Linear (int8 per-channel weights,
+    int8 per-tensor inputs) and both attention matmuls, Q @ K^T and P @ V.
+
+    Both operands of each matmul are quantized: Q, K and V as the outputs of their Linear layers
+    (`fusable_outputs`), P as the output of the softmax (uint8: it lies in [0, 1]), and the
+    matmuls' own outputs (`ops`), so that ONNX Runtime runs them in integer. A model with
+    `scaled_dot_product_attention` gets the same points: the call counts as its matmul,
+    softmax and matmul (`lowbit.nn.op_points`). Kept in float, as `lowbit.diagnose` named
+    them on all-MiniLM-L6-v2 (docs/transformers.md): every tensor + tensor add. With the adds
+    quantized too, STS-B Spearman fell from 93.3 to 83.8 (300 dev pairs); the residual add
+    before each block's last LayerNorm alone accounts for 91% of that loss. An eager model's
+    attention-mask add holds -3.4e38 beside the scores, which no int8 scale can hold.
+    Activations are per tensor: static per-token scales are not a thing runtimes take in Q/DQ.
+    """
+    return QuantConfig(
+        weight=_INT8_WEIGHT,
+        input=_INT8_ACT,
+        calibrator=calibrator,
+        fusable_outputs=True,
+        ops={"matmul": _INT8_ACT, "softmax": _UINT8_PROBS},
+    )
+
+
 def weight_only(bits: int = 8, group_size: int | None = None) -> QuantConfig:
     """Weights only, channel-wise abs-max (or per group of `group_size` inputs); float inputs."""
     granularity = PerGroup(group_size) if group_size else PerChannel(0)
@@ -108,6 +136,7 @@ def _ends(ends: str) -> LayerQuant | None:
 _BY_NAME: dict[str, Callable[[str], QuantConfig]] = {
     "int8": lambda calibrator: int8(calibrator),
     "int8-asym": lambda calibrator: int8_asymmetric(calibrator),
+    "int8-transformer": lambda calibrator: int8_transformer(calibrator),
     "w8": lambda _: weight_only(8),
     "w16": lambda _: weight_only(16),
     "w4": lambda _: weight_only(4),

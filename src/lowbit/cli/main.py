@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from lowbit.cli import compare_cmd, demo_cmd, quantize_cmd
+from lowbit.cli import compare_cmd, demo_cmd, diagnose_cmd, quantize_cmd
 from lowbit.cli.args import warn
 
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize_cmd.add_parsers(commands)
     compare_cmd.add_parsers(commands)
     demo_cmd.add_parser(commands)
+    diagnose_cmd.add_parser(commands)
     return parser
 
 

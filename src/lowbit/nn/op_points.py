@@ -1,4 +1,5 @@
-"""Quantizer points on functional ops: the output of an `x + y`, a `torch.matmul`, a `torch.cat`.
+"""Quantizer points on functional ops: the output of an `x + y`, a `torch.matmul`, a `torch.cat`,
+a softmax.
 
 lowbit swaps modules, but a residual `x + inputs` or an attention `q @ k.T` is not a module: it is
 a call inside some module's forward. A point is named by that calling module, the op kind and the
@@ -11,15 +12,22 @@ a forward pre-hook / hook pair on its module. While that module's forward runs, 
 `TorchFunctionMode` numbers the ops the forward calls directly (global module hooks count how
 deep in child modules a call is) and passes each configured op's result through its quantizer.
 Counting ops, not tracing a graph, works with any forward, whatever Python it runs.
+
+`F.scaled_dot_product_attention` is one call that holds attention's two matmuls and its softmax,
+so it counts as those three ops (matmul, softmax, matmul), as the same model run with eager
+attention calls them; when one of them has a quantizer, the call runs as those ops
+(`attention_ops`) with the quantizers between them, and the export writes them so.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
@@ -36,19 +44,60 @@ OP_KINDS: dict[str, frozenset[Callable[..., Any]]] = {
     "add": frozenset({torch.add, Tensor.add, Tensor.add_}),
     "matmul": frozenset({torch.matmul, Tensor.matmul, torch.bmm, Tensor.bmm}),
     "cat": frozenset({torch.cat, torch.concat, torch.concatenate}),
+    "softmax": frozenset({F.softmax, torch.softmax, Tensor.softmax}),
 }
-_KIND_OF = {func: kind for kind, funcs in OP_KINDS.items() for func in funcs}
+_KIND_OF: dict[Any, tuple[str, ...]] = {
+    func: (kind,) for kind, funcs in OP_KINDS.items() for func in funcs
+}
+ATTENTION_KINDS = ("matmul", "softmax", "matmul")  # the ops of one attention call, in order
+_KIND_OF[F.scaled_dot_product_attention] = ATTENTION_KINDS
 
 
-def op_kind(func: Any, tensor_operands: int) -> str | None:
-    """The kind of a torch call if it is a functional op lowbit can quantize, else None.
+def op_kinds(func: Any, tensor_operands: int) -> tuple[str, ...]:
+    """The kinds of the ops a torch call is, in order, if lowbit can quantize them, else ().
 
+    One kind for most calls; `scaled_dot_product_attention` is three (`ATTENTION_KINDS`).
     tensor_operands: how many of its first two arguments are tensors. An add counts only
     between two tensors (`x + 1` is an affine map runtimes fold, not an op)."""
-    kind = _KIND_OF.get(func)
-    if kind == "add" and tensor_operands < 2:
-        return None
-    return kind
+    kinds = _KIND_OF.get(func, ())
+    if kinds == ("add",) and tensor_operands < 2:
+        return ()
+    return kinds
+
+
+def attention_ops(
+    quantize: Callable[[str, Tensor], Tensor],
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """`F.scaled_dot_product_attention` as eager attention computes it (scores = q k^T, scaled,
+    masked, softmax, times v), with `quantize(kind, result)` applied to each of its three ops'
+    results: the function torch documents as sdpa's reference, with the points between."""
+    if enable_gqa:  # fewer key / value heads than query heads: repeat them
+        repeat = query.size(-3) // key.size(-3)
+        key = key.repeat_interleave(repeat, -3)
+        value = value.repeat_interleave(repeat, -3)
+    factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = quantize("matmul", torch.matmul(query, key.transpose(-2, -1))) * factor
+    if is_causal:
+        rows, cols = query.size(-2), key.size(-2)
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, -math.inf)
+        else:
+            scores = scores + attn_mask
+    weights = quantize("softmax", torch.softmax(scores, dim=-1))
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return quantize("matmul", torch.matmul(weights, value))
 
 
 def point_name(module: str, kind: str, index: int) -> str:
@@ -144,6 +193,10 @@ class OpPoints(nn.ModuleDict):
             return result
         return self[name](result)
 
+    def configured(self, kind: str, index: int) -> bool:
+        """Whether the `index`-th op of `kind` has a quantizer."""
+        return f"{kind}_{index}" in self
+
 
 class _Scope(TorchFunctionMode):
     """One forward pass of a calling module: numbers its own ops, quantizes the configured ones."""
@@ -183,16 +236,35 @@ class _Scope(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        result = func(*args, **(kwargs or {}))
         # Every torch call of the forward passes here: most are no op kind, so look that up first.
         if self.depth or func not in _KIND_OF:
+            return func(*args, **(kwargs or {}))
+        kinds = op_kinds(func, sum(isinstance(a, Tensor) for a in args[:2]))
+        if len(kinds) > 1:
+            return self._attention(func, args, kwargs or {})
+        result = func(*args, **(kwargs or {}))
+        if not kinds:
             return result
-        kind = op_kind(func, sum(isinstance(a, Tensor) for a in args[:2]))
-        if kind is None:
-            return result
+        return self.points.quantize(kinds[0], self._next(kinds[0]), result)
+
+    def _next(self, kind: str) -> int:
         index = self.counts[kind]
         self.counts[kind] += 1
-        return self.points.quantize(kind, index, result)
+        return index
+
+    def _attention(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An sdpa call: its three ops are numbered; it runs as them if one is configured."""
+        points = [(kind, self._next(kind)) for kind in ATTENTION_KINDS]
+        if not any(self.points.configured(kind, index) for kind, index in points):
+            return func(*args, **kwargs)
+        order = iter(points)
+
+        def quantize(kind: str, result: Tensor) -> Tensor:
+            expected, index = next(order)
+            assert kind == expected, "attention_ops calls its ops in ATTENTION_KINDS order"
+            return self.points.quantize(kind, index, result)
+
+        return attention_ops(quantize, *args, **kwargs)
 
 
 def op_points(model: nn.Module) -> dict[str, OpPoints]:

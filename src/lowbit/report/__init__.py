@@ -54,6 +54,7 @@ class _Analysis:
     fixes: list[analysis.Fix]
     advice: list[str]
     base_sqnr: float | None
+    split: tuple[float, float] | None = None  # output SQNR: weights only, activations only
 
 
 def build_report(
@@ -105,7 +106,9 @@ def build_report(
         rows=rows,
         notes=comparison.notes(),
         fixes=found.fixes,
-        fixes_caption=_fixes_caption(found.fixes, found.advice, sum(len(b[0]) for b in sample)),
+        fixes_caption=_fixes_caption(
+            found.fixes, found.advice, sum(len(b[0]) for b in sample), found.split
+        ),
         sqnr_png=plots.sqnr_bars(found.effects, worst) if found.effects else None,
         tradeoff_png=plots.tradeoff(rows),
         histograms=[plots.activation_histogram(a) for a in activations],
@@ -143,7 +146,8 @@ def _analyze(
         chosen.model, effects, sample, float_outputs, base_sqnr, per_tensor=per_tensor, worst=worst
     )
     advice = _calibrator_advice(comparison.variants[1:])
-    return _Analysis(effects, fixes, advice, base_sqnr)
+    split = analysis.weights_vs_activations(chosen.model, sample, float_outputs)
+    return _Analysis(effects, fixes, advice, base_sqnr, split)
 
 
 def _channel_caption(weights: Sequence[analysis.ChannelRanges], depthwise: bool) -> str:
@@ -199,14 +203,21 @@ def _calibrator_advice(variants: Sequence[Variant]) -> list[str]:
     ]
 
 
-def _fixes_caption(fixes: Sequence[Any], advice: Sequence[str], n_samples: int) -> str:
+def _fixes_caption(
+    fixes: Sequence[Any],
+    advice: Sequence[str],
+    n_samples: int,
+    split: tuple[float, float] | None = None,
+) -> str:
     helpful = [a for f in fixes for a in f.actions]
     text = (
-        f"Layers ranked by their own cost: the model's output SQNR against float with only that "
-        f"layer quantized, on {n_samples} calibration samples. Each fix was tried in the whole "
-        "quantized model and is proposed only if it raised the output SQNR by "
-        f"{analysis.HELPFUL_DB:g} dB or more. "
+        f"Layers and functional-op points ranked by their own cost: the model's output SQNR "
+        f"against float with only that point quantized, on {n_samples} calibration samples. "
+        "Each fix was tried in the whole quantized model and is proposed only if it raised the "
+        f"output SQNR by {analysis.HELPFUL_DB:g} dB or more. "
     )
+    if split is not None:
+        text += f"Weights only quantized: {split[0]:.1f} dB; activations only: {split[1]:.1f} dB. "
     if advice:
         text += "Try for the whole model: " + "; ".join(advice) + ". "
     if fixes and not helpful and not advice:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lowbit.batches import run_batch
 from lowbit.calib import FROM_HISTOGRAM, Histogram, from_histogram
 from lowbit.evaluate.accuracy import top1_agreement
+from lowbit.evaluate.diagnosis import by_role, only, quantizer_points
 from lowbit.evaluate.sqnr import energy_ratio_db, output_sqnr
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer, switched_off
@@ -193,27 +194,39 @@ def model_outputs(model: nn.Module, batches: Sequence[Any]) -> list[Tensor]:
 def layer_effects(
     qmodel: nn.Module, batches: Sequence[Any], reference: Sequence[Tensor]
 ) -> list[LayerEffect]:
-    """Quantize each layer alone, the rest in float, and measure the model's output against
-    `reference` (the float model's outputs on `batches`): worst first.
+    """Quantize each layer (or functional-op point) alone, the rest in float, and measure the
+    model's output against `reference` (the float model's outputs on `batches`): worst first.
 
     This is the layer's own cost; the SQNR at a layer inside the fully quantized model also
     carries what earlier layers passed on, so it ranks deep layers worst whatever they cost.
     """
-    layers = quant_modules(qmodel)
+    points = quantizer_points(qmodel)  # layers and functional-op points (lowbit.diagnose's)
     effects = []
-    for name, layer in layers.items():
-        others = [q for n, m in layers.items() if n != name for q in _quantizers(m)]
-        with switched_off(others):
+    for point in points:
+        with only(points, point.quantizers):
             outputs = model_outputs(qmodel, batches)
         effects.append(
             LayerEffect(
-                name,
-                type(layer.module).__name__,
+                point.name,
+                point.kind,
                 output_sqnr(reference, outputs),
                 top1_agreement(reference, outputs),
             )
         )
     return sorted(effects, key=lambda e: e.output_sqnr_db)
+
+
+def weights_vs_activations(
+    qmodel: nn.Module, batches: Sequence[Any], reference: Sequence[Tensor]
+) -> tuple[float, float]:
+    """The model's output SQNR with only the weights quantized, and with only the activations
+    (as `lowbit.diagnose` measures them): which of the two loses the accuracy."""
+    points = quantizer_points(qmodel)
+    values = []
+    for kept in by_role(points):
+        with only(points, kept):
+            values.append(output_sqnr(reference, model_outputs(qmodel, batches)))
+    return values[0], values[1]
 
 
 def suggest_fixes(
@@ -231,11 +244,18 @@ def suggest_fixes(
     raised the model's output SQNR (`base_sqnr` as it is) by at least HELPFUL_DB, and list the
     rest as tried."""
     layers = quant_modules(qmodel)
+    points = {p.name: p for p in quantizer_points(qmodel)}
     fixes = []
     for effect in effects[:worst]:
-        layer = layers[effect.layer]
-        trials = {f"keep it in float: --exclude '{effect.layer}'": switched_off(_quantizers(layer))}
-        if per_tensor and _per_tensor_weight(layer):
+        point = points[effect.layer]
+        keep = (
+            f"keep it in float: QuantConfig.op_overrides {{'{effect.layer}': None}}"
+            if point.is_op
+            else f"keep it in float: --exclude '{effect.layer}'"
+        )
+        trials = {keep: switched_off(point.quantizers)}
+        layer = layers.get(effect.layer)
+        if per_tensor and layer is not None and _per_tensor_weight(layer):
             trials["per-channel weights (drop --per-tensor)"] = _per_channel_weight(layer)
         gains = {}
         for action, trial in trials.items():
@@ -255,10 +275,6 @@ def suggest_fixes(
 def _gain(action: str, gain: float) -> str:
     """Two decimals, so that a gain just under the threshold does not print as it."""
     return f"{action} (model output SQNR {gain:+.2f} dB)"
-
-
-def _quantizers(layer: QuantModule) -> list[TensorQuantizer]:
-    return [q for q in layer.quantizers().values() if q is not None]
 
 
 def _per_tensor_weight(layer: QuantModule) -> bool:

@@ -19,7 +19,7 @@ from lowbit.batches import Forward, run_batch
 from lowbit.config import OP_KINDS, QuantConfig
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.op_points import OP_KINDS as OP_FUNCTIONS
-from lowbit.nn.op_points import OpPoints, op_kind, point_name
+from lowbit.nn.op_points import OpPoints, op_kinds, point_name
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.nn.records import describe
 from lowbit.transforms.swap import LayerRecord, QuantizerFactory
@@ -56,12 +56,13 @@ def find_op_sites(model: nn.Module, batch: Any, forward: Forward | None = None) 
             counts[call.module] = Counter()
             continue
         operands = sum(isinstance(a, Value) for a in call.args[:2])
-        kind = op_kind(call.func, operands)
-        if kind is None or call.caller is None or layers.intersection(call.scope):
+        kinds = op_kinds(call.func, operands)
+        if not kinds or call.caller is None or layers.intersection(call.scope):
             continue
         seen = counts.setdefault(call.caller, Counter())
-        sites[OpSite(call.caller, kind, seen[kind])] = None
-        seen[kind] += 1
+        for kind in kinds:  # an attention call is three ops
+            sites[OpSite(call.caller, kind, seen[kind])] = None
+            seen[kind] += 1
     return list(sites)
 
 

@@ -15,9 +15,11 @@ import os
 import re
 import secrets
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["temp_files", "write_atomic"]
+__all__ = ["atomic_path", "temp_files", "write_atomic"]
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"  # as tempfile.mkstemp, which lowbit used
 
@@ -26,10 +28,7 @@ def write_atomic(path: str | os.PathLike[str], *chunks: bytes | memoryview) -> N
     """Write the chunks, one after the other, to `path` atomically (see the module docstring);
     on any error `path` is unchanged and no temporary file remains."""
     target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"no such folder: {target.parent}")
-    _remove_stale(target)
-    fd, tmp = _create_locked(target)
+    fd, tmp = _begin(target)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
@@ -45,6 +44,28 @@ def write_atomic(path: str | os.PathLike[str], *chunks: bytes | memoryview) -> N
         raise
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """For writers that open the file themselves (too large to hold in memory): yields the
+    temporary path to write; on normal exit it is fsynced and renamed over `path`, on any error
+    deleted, so `path` is whole or unchanged, as with `write_atomic`."""
+    target = Path(path)
+    fd, tmp = _begin(target)
+    try:
+        yield tmp
+        os.fsync(fd)
+        if not _RENAME_OPEN:
+            os.close(fd)
+            fd = -1
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def temp_files(path: str | os.PathLike[str]) -> list[Path]:
     """The temporary files of writes to `path` now in its folder (live or left by a kill)."""
     target = Path(path)
@@ -54,6 +75,14 @@ def temp_files(path: str | os.PathLike[str]) -> list[Path]:
     except OSError:
         return []
     return [target.parent / n for n in sorted(names) if pattern.fullmatch(n)]
+
+
+def _begin(target: Path) -> tuple[int, Path]:
+    """Clean up `target`'s stale temporary files and create a new, locked one."""
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"no such folder: {target.parent}")
+    _remove_stale(target)
+    return _create_locked(target)
 
 
 def _temp_name(target: Path) -> Path:

@@ -126,3 +126,12 @@ def test_gguf_refuses_other_architectures(source: Path, tmp_path: Path) -> None:
         write_gguf(folder, tmp_path / "x.gguf")
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         write_gguf(tmp_path / "nothing", tmp_path / "x.gguf")
+
+
+def test_gguf_failure_mid_write_leaves_nothing(source: Path, tmp_path: Path) -> None:
+    """The tokenizer is read after the output file is opened: its absence must leave no file."""
+    write(source, tmp_path / "ct", lambda n, w: rtn(w, 8, 32))
+    (tmp_path / "ct" / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json"):
+        write_gguf(tmp_path / "ct", tmp_path / "model.gguf")
+    assert [p.name for p in tmp_path.iterdir()] == ["ct"]

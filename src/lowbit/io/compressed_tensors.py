@@ -101,13 +101,17 @@ def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = 1) -> to
     rows, count = words.shape
     if count != -(-size * bits // 32):
         raise ValueError(f"{count} words per row cannot hold {size} {bits}-bit codes")
-    groups = -(-size // 32)
-    words = torch.nn.functional.pad(words, (0, groups * bits - count)).reshape(-1, bits)
-    start = torch.arange(32, dtype=torch.int64) * bits
-    word, offset = start // 32, start % 32
-    # each field: its low part from `word`, the bits past 32 (if any) from the next word
-    spill = torch.nn.functional.pad(words, (0, 1))[:, word + 1] << (32 - offset)
-    fields = ((words[:, word] >> offset) | spill) & ((1 << bits) - 1)
+    if 32 % bits == 0:  # 1, 2, 4, 8 bits: whole fields in each word
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+        fields = (words[..., None] >> shifts) & ((1 << bits) - 1)
+    else:
+        groups = -(-size // 32)
+        words = torch.nn.functional.pad(words, (0, groups * bits - count)).reshape(-1, bits)
+        start = torch.arange(32, dtype=torch.int64) * bits
+        word, offset = start // 32, start % 32
+        # each field: its low part from `word`, the bits past 32 (if any) from the next word
+        spill = torch.nn.functional.pad(words, (0, 1))[:, word + 1] << (32 - offset)
+        fields = ((words[:, word] >> offset) | spill) & ((1 << bits) - 1)
     codes = (fields.reshape(rows, -1)[:, :size] - (1 << (bits - 1))).to(torch.int8)
     return (codes.t() if dim == 0 else codes).contiguous()
 

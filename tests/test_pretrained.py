@@ -277,3 +277,36 @@ def test_bad_input_writes_nothing(llama: Path, tmp_path: Path) -> None:
     # text calibration works once there is enough of it
     run(broken, method="gptq", calib=[" ".join(f"w{i % 100}" for i in range(40))], seq_len=16)
     assert (dst / MANIFEST).is_file()
+
+
+def _simulated(src: Path, dst: Path) -> nn.Module:
+    model = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+    for i, layer in enumerate(model.model.layers):
+        lowbit.load(block_file(dst, i), layer)
+    return model
+
+
+def test_compressed_tensors_output_loads_in_transformers(llama: Path, tmp_path: Path) -> None:
+    """The default format: `from_pretrained(dst)` just works and computes lowbit's numbers."""
+    pytest.importorskip("compressed_tensors")
+    batches = _tokens()
+    args: dict[str, Any] = dict(method="gptq", group_size=GROUP, calib=batches, progress=False)
+    lowbit.quantize_pretrained(llama, tmp_path / "ct", **args)
+    lowbit.quantize_pretrained(llama, tmp_path / "lb", format="lowbit", **args)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    with torch.no_grad():
+        got = loaded(batches).logits
+        want = _simulated(llama, tmp_path / "lb")(batches).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_needs_what_it_can_hold(llama: Path, tmp_path: Path) -> None:
+    """GGUF's Q4_0 / Q8_0 hold groups of 32 with float16 scales, and need a tokenizer: other
+    requests fail before anything is written (h17f's tests check the GGUF writer itself)."""
+    with pytest.raises(ValueError, match="Q4_0 / Q8_0"):
+        lowbit.quantize_pretrained(llama, tmp_path / "g", method="gptq", format="gguf")
+    with pytest.raises(ValueError, match="Q4_0 / Q8_0"):
+        lowbit.quantize_pretrained(llama, tmp_path / "g", group_size=64, format="gguf")
+    with pytest.raises(ValueError, match="tokenizer"):
+        lowbit.quantize_pretrained(llama, tmp_path / "g", group_size=32, format="gguf")
+    assert not (tmp_path / "g").exists()

@@ -46,6 +46,7 @@ class Recipe:
     damp: float = 0.01
     awq_grid: int = 20
     smoothquant_alpha: float = 0.5
+    fp16_scales: bool = False  # GGUF stores float16 scales: round them before choosing codes
 
     @property
     def weight_spec(self) -> QuantSpec:
@@ -109,6 +110,11 @@ def quantize_block(
             awq_group(block, group, inputs, _forward, recipe.awq_grid)
             if isinstance(wrapped, QuantModule) and wrapped.weight_quantizer is not None:
                 wrapped.weight_quantizer.set_qparams_from(wrapped.module.weight)
+    if recipe.fp16_scales:
+        for qm in quant_modules(block).values():
+            wq = qm.weight_quantizer
+            assert wq is not None
+            wq.set_qparams(wq.scale.half().float(), wq.zero_point)
     return block
 
 

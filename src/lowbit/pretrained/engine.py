@@ -33,7 +33,8 @@ from lowbit.progress import progress_bar
 
 __all__ = ["FORMATS", "quantize_pretrained"]
 
-FORMATS = ("compressed-tensors", "lowbit")
+FORMATS = ("compressed-tensors", "gguf", "lowbit")
+GGUF_FILE = "model.gguf"  # format="gguf": beside the compressed-tensors files it is made from
 _ACTS = ".lowbit-activations"  # the saved inputs of the next block, while partial
 
 
@@ -59,17 +60,22 @@ def quantize_pretrained(
     `group_size` inputs per scale, None for per channel), or "smoothquant" (W8A8: int8 weights
     per channel, activations int8 per token at run time). calib: texts or token ids (see
     `calibration_batches`), cut into `seq_len`-token windows, at most `num_samples`.
-    format: "compressed-tensors" (transformers / vLLM load it) or "lowbit" (`load_pretrained`).
+    format: "compressed-tensors" (transformers / vLLM load it), "gguf" (the same folder plus
+    `model.gguf` for llama.cpp: Q4_0 / Q8_0 blocks, so group_size=32 or None with 8 bits, scales
+    rounded to float16 before the codes are chosen; not with GPTQ, whose scales are found while
+    it runs) or "lowbit" (one lowbit file per block, see `lowbit_writer`).
 
     Returns the run's record (also stored in the output). Bad input (no config.json, a missing
     or truncated shard, an unsupported architecture, too little calibration text) raises
     ValueError before anything is written; a stopped run leaves a partial folder that a rerun
     with the same arguments resumes.
     """
-    recipe = _recipe(method, bits, group_size, damp, awq_grid, smoothquant_alpha)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    recipe = _recipe(method, bits, group_size, damp, awq_grid, smoothquant_alpha, format)
     ckpt = Checkpoint(src_dir)
+    if format == "gguf" and not (ckpt.folder / "tokenizer.json").is_file():
+        raise ValueError(f"format 'gguf' needs the tokenizer: {ckpt.folder} has no tokenizer.json")
     skeleton = Skeleton(ckpt)
     _check_group_size(skeleton, recipe)
     batches: list[Tensor] = []
@@ -100,13 +106,25 @@ def quantize_pretrained(
         _write(writer, -1, ckpt.read(names), None)
     _run_blocks(skeleton, recipe, batches, writer, done, progress)
     record = _record(skeleton, recipe, run, time.perf_counter() - started, len(batches))
-    writer.finish(ckpt.folder, record)
+    if format == "gguf":
+        from lowbit.io.gguf_format import write_gguf
+
+        writer.finish(ckpt.folder, record)
+        write_gguf(dst_dir, Path(dst_dir) / GGUF_FILE)
+    else:
+        writer.finish(ckpt.folder, record)
     shutil.rmtree(Path(dst_dir) / _ACTS, ignore_errors=True)
     return record
 
 
 def _recipe(
-    method: str, bits: int, group_size: int | None, damp: float, grid: int, alpha: float
+    method: str,
+    bits: int,
+    group_size: int | None,
+    damp: float,
+    grid: int,
+    alpha: float,
+    format: str,
 ) -> Recipe:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -120,7 +138,15 @@ def _recipe(
         raise ValueError(
             "smoothquant is W8A8: int8 weights per channel; pass bits=8, group_size=None"
         )
-    return Recipe(method, bits, group_size, damp, grid, alpha)
+    if format == "gguf" and (
+        method not in ("rtn", "awq") or group_size != 32 or bits not in (4, 8)
+    ):
+        raise ValueError(
+            "format 'gguf' writes Q4_0 / Q8_0 blocks: bits 4 or 8 with group_size=32, round to "
+            f"nearest or AWQ (got method {method!r}, bits {bits}, group_size {group_size}); use "
+            "format 'compressed-tensors' for the others"
+        )
+    return Recipe(method, bits, group_size, damp, grid, alpha, fp16_scales=format == "gguf")
 
 
 def _check_group_size(skeleton: Skeleton, recipe: Recipe) -> None:

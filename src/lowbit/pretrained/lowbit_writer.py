@@ -1,4 +1,5 @@
-"""format="lowbit": lowbit's own files, one per block, in a folder that `load_pretrained` reads.
+"""format="lowbit": lowbit's own files, one per block; `lowbit.load(block_file(dst, i), layer)`
+puts block i's integer layers into the float model's layer i (docs/pretrained.md).
 
     dst/config.json, tokenizer files        copied from the source folder
     dst/outer.safetensors                   the float tensors outside the blocks (checkpoint names)

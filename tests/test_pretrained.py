@@ -310,3 +310,18 @@ def test_gguf_needs_what_it_can_hold(llama: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tokenizer"):
         lowbit.quantize_pretrained(llama, tmp_path / "g", group_size=32, format="gguf")
     assert not (tmp_path / "g").exists()
+
+
+def test_cli_quantizes_a_folder(
+    llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lowbit.cli import main
+
+    out = tmp_path / "out"
+    argv = ["quantize", str(llama), "--group-size", "32", "--format", "lowbit", "-o", str(out)]
+    assert main([*argv, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["method"] == "rtn" and record["num_blocks"] == 2
+    assert (out / MANIFEST).is_file() and not (out / PARTIAL).exists()
+    assert main(["quantize", str(llama), "--method", "gptq", "-o", str(tmp_path / "g")]) == 2
+    assert "needs calibration text" in capsys.readouterr().err

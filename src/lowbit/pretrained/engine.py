@@ -60,10 +60,10 @@ def quantize_pretrained(
     `group_size` inputs per scale, None for per channel), or "smoothquant" (W8A8: int8 weights
     per channel, activations int8 per token at run time). calib: texts or token ids (see
     `calibration_batches`), cut into `seq_len`-token windows, at most `num_samples`.
-    format: "compressed-tensors" (transformers / vLLM load it; the default), "gguf" (the same folder plus
-    `model.gguf` for llama.cpp: Q4_0 / Q8_0 blocks, so group_size=32 or None with 8 bits, scales
-    rounded to float16 before the codes are chosen; not with GPTQ, whose scales are found while
-    it runs) or "lowbit" (one lowbit file per block, see `lowbit_writer`).
+    format: "compressed-tensors" (the default; transformers and vLLM load it), "gguf" (the same
+    folder plus `model.gguf` for llama.cpp: Q4_0 / Q8_0 blocks, so bits 4 or 8 with group_size=32,
+    scales rounded to float16 before the codes are chosen; not with GPTQ, whose scales are found
+    while it runs) or "lowbit" (one lowbit file per block, see `lowbit_writer`).
 
     Returns the run's record (also stored in the output). Bad input (no config.json, a missing
     or truncated shard, an unsupported architecture, too little calibration text) raises

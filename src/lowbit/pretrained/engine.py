@@ -101,9 +101,9 @@ def quantize_pretrained(
     writer = _writer(format, Path(dst_dir), run)
     started = time.perf_counter()
     done = writer.done_blocks()
-    if -1 not in done:
-        names = skeleton.outer_names()
-        _write(writer, -1, ckpt.read(names), None)
+    for k, name in enumerate(skeleton.outer_names()):  # one tensor at a time: an embedding
+        if -(k + 1) not in done:  # matrix can be the largest tensor of the model
+            _write(writer, -(k + 1), ckpt.read([name]), None)
     _run_blocks(skeleton, recipe, batches, writer, done, progress)
     record = _record(skeleton, recipe, run, time.perf_counter() - started, len(batches))
     if format == "gguf":

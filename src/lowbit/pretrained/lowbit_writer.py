@@ -2,7 +2,7 @@
 puts block i's integer layers into the float model's layer i (docs/pretrained.md).
 
     dst/config.json, tokenizer files        copied from the source folder
-    dst/outer.safetensors                   the float tensors outside the blocks (checkpoint names)
+    dst/outer-00001.safetensors, ...        the float tensors outside the blocks (checkpoint names)
     dst/blocks/block-00003.lowbit           block 3, converted (`lowbit.convert`) and saved with
                                             `lowbit.save`: integer codes, scales, float norms;
                                             module names relative to the block
@@ -36,7 +36,7 @@ __all__ = ["MANIFEST", "PARTIAL", "LowbitWriter", "block_file"]
 PARTIAL = "lowbit-partial.json"
 MANIFEST = "lowbit_pretrained.json"
 _BLOCK = re.compile(r"block-(\d{5})\.lowbit")
-_OUTER = "outer.safetensors"
+_OUTER = re.compile(r"outer-(\d{5})\.safetensors")
 # the files of a model folder a loader needs beside the weights
 _COPIED = (
     "config.json",
@@ -84,7 +84,7 @@ class LowbitWriter:
         done = {
             int(m[1]) for p in (self.dst / "blocks").glob("*") if (m := _BLOCK.fullmatch(p.name))
         }
-        return done | ({-1} if (self.dst / _OUTER).is_file() else set())
+        return done | {-int(m[1]) for p in self.dst.glob("*") if (m := _OUTER.fullmatch(p.name))}
 
     def write_block(
         self,
@@ -92,14 +92,15 @@ class LowbitWriter:
         tensors: Mapping[str, torch.Tensor | QuantizedWeight],
         block: nn.Module | None = None,
     ) -> None:
-        """Index -1: the float tensors outside the blocks; else the quantized `block` module."""
+        """Negative indices: float tensors outside the blocks; else the quantized `block`."""
         if index < 0:
             plain = {k: v.contiguous() for k, v in tensors.items() if isinstance(v, torch.Tensor)}
             if len(plain) != len(tensors):
                 raise TypeError("the tensors outside the blocks must be float tensors")
-            tmp = self.dst / f".{_OUTER}.tmp"
+            name = f"outer-{-index:05d}.safetensors"
+            tmp = self.dst / f".{name}.tmp"
             save_file(plain, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, self.dst / _OUTER)
+            os.replace(tmp, self.dst / name)
             return
         if block is None:
             raise ValueError("format 'lowbit' writes the quantized block module: pass block=")

@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("algorithms",),  # PTQ beyond round-to-nearest
     ("workflows",),  # quantize, calibrate, prepare_qat, convert
     ("io", "export"),  # lowbit files, ONNX import, ONNX QDQ export
+    ("pretrained",),  # Hugging Face checkpoints quantized block by block
     ("evaluate",),  # SQNR, accuracy, latency, size, comparison, mixed precision
     ("report",),  # markdown / HTML reports
     ("cli", "__main__"),  # the lowbit command; python -m lowbit

@@ -12,6 +12,7 @@ from lowbit.evaluate.mixed_precision import auto_quantize
 from lowbit.exceptions import LowbitWarning, OpPointMismatch
 from lowbit.export import export_onnx, export_openvino
 from lowbit.io import load, save
+from lowbit.pretrained import quantize_pretrained
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.workflows.quantization import QuantSummary, calibrate, prepare_qat, quantize
@@ -45,6 +46,7 @@ __all__ = [
     "presets",
     "quantize",
     "quantize_dynamic",
+    "quantize_pretrained",
     "quantize_weights",
     "save",
     "sync_ranges",

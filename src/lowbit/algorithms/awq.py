@@ -35,7 +35,7 @@ from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
 
-__all__ = ["InputScale", "awq"]
+__all__ = ["InputScale", "awq", "awq_group", "search_scale"]
 
 _MAX_ROWS = 8192
 
@@ -94,7 +94,7 @@ def awq(
                     for n, m in zip(g.consumer_names, g.consumers, strict=True)
                 ]
         for g in progress_bar(plan, "AWQ", enabled=progress):
-            records.append(_awq_group(qmodel, g, calib_data, forward, grid, group))
+            records.append(awq_group(qmodel, g, calib_data, forward, grid, group))
     finally:
         qmodel.train(was_training)
     qmodel.lowbit_awq = records  # type: ignore[assignment]
@@ -183,14 +183,17 @@ def _capture(
     return torch.cat(shards)[:_MAX_ROWS]
 
 
-def _awq_group(
+def awq_group(
     qmodel: nn.Module,
     g: ScaleGroup,
     calib_data: Iterable[Any],
-    forward: Forward | None,
-    grid: int,
-    group: Any,
+    forward: Forward | None = None,
+    grid: int = 20,
+    group: Any = None,
 ) -> dict[str, Any]:
+    """AWQ for one group of layers reading one tensor: search alpha, fold the factors into
+    `g.producer` (or wrap a lone layer in `InputScale`), set the weight quantizers again; its
+    record. `awq` runs it for every group it finds; `lowbit.pretrained` for the groups it knows."""
     layers = [m for m in g.consumers if isinstance(m, QuantModule)]
     # Inputs of the float model, as the reference implementation uses (and no fake
     # quantization work on the way).

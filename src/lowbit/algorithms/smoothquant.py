@@ -35,7 +35,7 @@ from lowbit.distributed import active_group, all_reduce, example_batch, step
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 
-__all__ = ["ScaleGroup", "smoothquant"]
+__all__ = ["ScaleGroup", "fold_scale", "smooth_groups", "smoothquant"]
 
 _TRIAL_RTOL = 1e-4
 
@@ -82,20 +82,35 @@ def smoothquant(
         groups = find_scale_groups(model, linears, example, forward)
         groups = [g for g in groups if g.producer is not None]
         groups = [g for g in groups if foldable(model, g, example, forward)]
-        act_max = _input_abs_max(model, groups, calib_data, forward, group)
-        for g, xmax in zip(groups, act_max, strict=True):
-            wmax = torch.stack([_weight(c).detach().abs().amax(0) for c in g.consumers]).amax(0)
-            xmax = xmax.to(wmax.dtype)
-            s = xmax.pow(alpha) / wmax.pow(1.0 - alpha)
-            ok = (xmax > 0) & (wmax > 0) & torch.isfinite(s)
-            s = torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5)
-            fold_scale(g, s)
+        smooth_groups(model, groups, calib_data, alpha, forward=forward, group=group)
     finally:
         model.train(was_training)
     model.lowbit_smoothquant = tuple(  # type: ignore[assignment]
         (g.producer_name, list(g.consumer_names)) for g in groups
     )
     return model
+
+
+def smooth_groups(
+    model: nn.Module,
+    groups: Sequence[ScaleGroup],
+    calib_data: Iterable[Any],
+    alpha: float,
+    *,
+    forward: Forward | None = None,
+    group: Any = None,
+) -> None:
+    """Smooth the given groups (whose producers are known to absorb the factors) with the
+    activation maxima of `calib_data`: the step `smoothquant` takes once it found its groups,
+    for callers that know their model's groups (`lowbit.pretrained`, block by block)."""
+    act_max = _input_abs_max(model, groups, calib_data, forward, group)
+    for g, xmax in zip(groups, act_max, strict=True):
+        wmax = torch.stack([_weight(c).detach().abs().amax(0) for c in g.consumers]).amax(0)
+        xmax = xmax.to(wmax.dtype)
+        s = xmax.pow(alpha) / wmax.pow(1.0 - alpha)
+        ok = (xmax > 0) & (wmax > 0) & torch.isfinite(s)
+        s = torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5)
+        fold_scale(g, s)
 
 
 def _weight(m: nn.Module) -> Tensor:
@@ -170,12 +185,14 @@ def fold_scale(group: ScaleGroup, s: Tensor) -> None:
     """Divide the producer's output channels by `s`; multiply the consumers' weight columns."""
     p = group.producer
     with torch.no_grad():
-        if isinstance(p, nn.LayerNorm):
-            if p.weight is None:
+        if isinstance(p, nn.LayerNorm) or _rms_norm(p):
+            weight = getattr(p, "weight", None)
+            if not isinstance(weight, Tensor):
                 raise ValueError("a LayerNorm without elementwise affine cannot absorb scales")
-            p.weight.div_(s.to(p.weight.dtype))
-            if p.bias is not None:
-                p.bias.div_(s.to(p.bias.dtype))
+            weight.div_(s.to(weight.dtype))
+            bias = getattr(p, "bias", None)
+            if bias is not None:
+                bias.div_(s.to(bias.dtype))
         elif isinstance(p, nn.Linear):
             p.weight.div_(s.to(p.weight.dtype).unsqueeze(1))
             if p.bias is not None:
@@ -185,6 +202,15 @@ def fold_scale(group: ScaleGroup, s: Tensor) -> None:
         for c in group.consumers:
             w = _weight(c)
             w.mul_(s.to(w.dtype))
+
+
+def _rms_norm(p: nn.Module | None) -> bool:
+    """An RMSNorm whose output is `weight * x / rms(x)`: torch's, or a transformers model's own
+    class of that name (Llama, Mistral, Qwen2; not Gemma's `1 + weight`)."""
+    if isinstance(p, nn.RMSNorm):
+        return True
+    name = type(p).__name__
+    return name.endswith("RMSNorm") and not name.startswith("Gemma") and hasattr(p, "weight")
 
 
 def _can_absorb(p: nn.Module | None) -> bool:

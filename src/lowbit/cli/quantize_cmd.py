@@ -11,7 +11,7 @@ from typing import Any
 
 from lowbit.calib import FROM_HISTOGRAM
 from lowbit.cli import args as common
-from lowbit.cli import ranks
+from lowbit.cli import pretrained_cmd, ranks
 from lowbit.cli.args import UsageError
 from lowbit.cli.variants import PRESETS, make_variant
 
@@ -38,6 +38,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     common.add_data_options(q)
     common.add_nproc(q)
+    pretrained_cmd.add_options(q)
     q.set_defaults(run=_quantize)
 
     e = commands.add_parser("eval", help="top-1 / top-5 accuracy on a labelled image folder")
@@ -50,6 +51,8 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def _quantize(args: argparse.Namespace) -> int:
     """Quantize the float model with a preset and write it; print what was quantized. Under
     torchrun each rank calibrates on its shard, and rank 0 writes and prints."""
+    if pretrained_cmd.is_pretrained(args.model):
+        return pretrained_cmd.run(args)
     out = common.check_output(args.output, (".onnx", ".lowbit", ".xml"))
     if out.suffix in (".onnx", ".xml") and args.preset == "dynamic":
         raise UsageError(

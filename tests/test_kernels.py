@@ -442,6 +442,7 @@ def test_compiled_kernel_is_checked_against_eager_before_it_is_trusted(monkeypat
     """A compiled kernel that computes other codes than the eager one on this CPU is dropped with
     a warning; each new signature is checked once, then trusted."""
     monkeypatch.setitem(kernels.compile._state, "enabled", True)
+    monkeypatch.setitem(kernels.compile._state, "broken", False)
     calls = []
 
     def codes(x: Tensor, shift: int) -> Tensor:

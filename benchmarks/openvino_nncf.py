@@ -266,7 +266,7 @@ def minilm_rows(
             paths["FP32 IR"], numpy_calib, xml, transformer
         )
     log("MiniLM: FP32 IR and NNCF")
-    for name, make in LOWBIT.items():
+    for name, make in {**LOWBIT, "int8_transformer()": presets.int8_transformer}.items():
         qmodel = quantize(model, make(), calib, progress=False)
         xml = tmp / f"minilm_{name.strip('()')}.xml"
         paths[f"lowbit {name}"] = export_openvino(qmodel, calib[0], xml)

@@ -11,12 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.io.compressed_tensors import (
-    PARTIAL_MARKER,
-    CompressedTensorsWriter,
-    pack_int32,
-    unpack_int32,
-)
+from lowbit.io.compressed_tensors import CompressedTensorsWriter, pack_int32, unpack_int32
+from lowbit.io.partial_folder import PARTIAL_MARKER
 from lowbit.io.quantized_weight import QuantizedWeight
 
 transformers = pytest.importorskip("transformers")

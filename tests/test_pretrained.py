@@ -21,10 +21,11 @@ transformers = pytest.importorskip("transformers")
 import lowbit  # noqa: E402
 from lowbit import numerics  # noqa: E402
 from lowbit.algorithms import gptq  # noqa: E402
+from lowbit.io.partial_folder import PARTIAL_MARKER as PARTIAL  # noqa: E402
 from lowbit.nn.int_base import IntModule  # noqa: E402
 from lowbit.nn.modules import quant_modules  # noqa: E402
 from lowbit.pretrained import block as block_mod  # noqa: E402
-from lowbit.pretrained.lowbit_writer import MANIFEST, PARTIAL, block_file  # noqa: E402
+from lowbit.pretrained.lowbit_writer import MANIFEST, block_file  # noqa: E402
 
 GROUP = 32
 

@@ -36,33 +36,18 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from lowbit._atomic import write_atomic
+from lowbit.io.partial_folder import PARTIAL_MARKER, copy_loader_files, open_partial
 from lowbit.io.quantized_weight import QuantizedWeight
 
 __all__ = [
-    "PARTIAL_MARKER",
     "CompressedTensorsWriter",
     "pack_int32",
     "quantization_config",
     "unpack_int32",
 ]
 
-PARTIAL_MARKER = "lowbit-partial.json"  # present while the folder is being written
 _SHARD = re.compile(r"model-block-(m?)(\d{5})\.safetensors")
 _SCHEMES = "lowbit.quantized"  # shard metadata key: {module: [bits, group_size, symmetric]}
-# files of the source folder that a loader needs beside the weights
-_COPIED = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -150,26 +135,9 @@ class CompressedTensorsWriter:
 
     def __init__(self, dst_dir: str | os.PathLike[str], *, run: Mapping[str, Any] | None = None):
         self.dst = Path(dst_dir)
-        self.run = dict(run or {})
-        marker = self.dst / PARTIAL_MARKER
-        if self.dst.exists() and not self.dst.is_dir():
-            raise NotADirectoryError(f"dst_dir is a file: {self.dst}")
-        if marker.is_file():
-            earlier = json.loads(marker.read_text()).get("run", {})
-            if earlier != json.loads(json.dumps(self.run)):
-                raise ValueError(
-                    f"{self.dst} holds a partial output of another run ({earlier}); "
-                    f"remove it or rerun with those settings"
-                )
-            return
-        if self.dst.is_dir() and any(self.dst.iterdir()):
-            raise FileExistsError(
-                f"{self.dst} is not empty and is not a partial lowbit output: "
-                "choose a new folder or empty it"
-            )
-        self.dst.mkdir(parents=True, exist_ok=True)
-        body = {"format": "compressed-tensors", "writer": "lowbit", "run": self.run}
-        write_atomic(marker, json.dumps(body, indent=1).encode())
+        self.run = open_partial(
+            self.dst, run or {}, {"format": "compressed-tensors", "writer": "lowbit"}
+        )
 
     def done_blocks(self) -> set[int]:
         """Block indices whose shard is on disk (each shard is written whole or not at all)."""
@@ -221,9 +189,7 @@ class CompressedTensorsWriter:
         config["quantization_config"] = quantization_config(
             schemes, linears, extra.get("input_activations")
         )
-        for name in _COPIED:
-            if (src / name).is_file():
-                write_atomic(self.dst / name, (src / name).read_bytes())
+        copy_loader_files(src, self.dst)
         index = {"metadata": {"total_size": total, "lowbit": extra}, "weight_map": weight_map}
         write_atomic(
             self.dst / "model.safetensors.index.json", json.dumps(index, indent=2).encode()

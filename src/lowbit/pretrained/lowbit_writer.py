@@ -23,34 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from lowbit._atomic import write_atomic
 from lowbit.io.lowbit_format import save
+from lowbit.io.partial_folder import PARTIAL_MARKER, copy_loader_files, open_partial
 from lowbit.io.quantized_weight import QuantizedWeight
 from lowbit.workflows.conversion import convert
 
-__all__ = ["MANIFEST", "PARTIAL", "LowbitWriter", "block_file"]
+__all__ = ["MANIFEST", "LowbitWriter", "block_file"]
 
-PARTIAL = "lowbit-partial.json"
 MANIFEST = "lowbit_pretrained.json"
 _BLOCK = re.compile(r"block-(\d{5})\.lowbit")
 _OUTER = re.compile(r"outer-(\d{5})\.safetensors")
-# the files of a model folder a loader needs beside the weights
-_COPIED = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def block_file(dst: Path, index: int) -> Path:
@@ -62,23 +48,8 @@ class LowbitWriter:
 
     def __init__(self, dst_dir: str | os.PathLike[str], *, run: Mapping[str, Any]) -> None:
         self.dst = Path(dst_dir)
-        self.run = json.loads(json.dumps(dict(run)))
-        marker = self.dst / PARTIAL
-        if marker.is_file():
-            earlier = json.loads(marker.read_text("utf-8")).get("run")
-            if earlier != self.run:
-                raise ValueError(
-                    f"{self.dst} holds a partial output of another run ({earlier}); remove it "
-                    "or rerun with those settings"
-                )
-            return
-        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
-            raise FileExistsError(
-                f"dst_dir {self.dst} exists and is not an empty folder nor a partial lowbit "
-                "output: choose a new folder"
-            )
-        (self.dst / "blocks").mkdir(parents=True, exist_ok=True)
-        write_atomic(marker, json.dumps({"format": "lowbit", "run": self.run}).encode())
+        self.run = open_partial(self.dst, run, {"format": "lowbit"})
+        (self.dst / "blocks").mkdir(exist_ok=True)
 
     def done_blocks(self) -> set[int]:
         done = {
@@ -98,9 +69,7 @@ class LowbitWriter:
             if len(plain) != len(tensors):
                 raise TypeError("the tensors outside the blocks must be float tensors")
             name = f"outer-{-index:05d}.safetensors"
-            tmp = self.dst / f".{name}.tmp"
-            save_file(plain, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, self.dst / name)
+            write_atomic(self.dst / name, safetensors_bytes(plain, {"format": "pt"}))
             return
         if block is None:
             raise ValueError("format 'lowbit' writes the quantized block module: pass block=")
@@ -109,8 +78,7 @@ class LowbitWriter:
     def finish(self, src_dir: str | os.PathLike[str], quantization: Mapping[str, Any]) -> None:
         """Copy the config and tokenizer, write the manifest, drop the partial marker."""
         src = Path(src_dir)
-        for name in _COPIED:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, self.dst / name)
+        shutil.copyfile(src / "config.json", self.dst / "config.json")
+        copy_loader_files(src, self.dst)
         write_atomic(self.dst / MANIFEST, json.dumps(dict(quantization), indent=2).encode())
-        (self.dst / PARTIAL).unlink()
+        (self.dst / PARTIAL_MARKER).unlink()

@@ -182,3 +182,28 @@ def first_batch(data: Iterable[Any], what: str = "calib_data") -> Any:
     for batch in iterator:
         return batch
     raise ValueError(f"{what} is empty: calibration needs at least one batch")
+
+
+def head_batches(data: Iterable[Any], samples: int) -> list[Any]:
+    """The first batches of `data` holding at least `samples` samples between them (counted by
+    each batch's first tensor's leading dimension; a batch without one counts as one)."""
+    head, count = [], 0
+    for batch in data:
+        head.append(batch)
+        first = next((t for t in tensors_of(batch) if t.dim() > 0), None)
+        count += 1 if first is None else int(first.shape[0])
+        if count >= samples:
+            break
+    return head
+
+
+def flat_outputs(model: nn.Module, batches: Sequence[Any], forward: Forward | None) -> list[Tensor]:
+    """Each batch's output tensors, flattened into one float64 vector per batch: what output
+    SQNR compares."""
+    with torch.no_grad():
+        return [
+            torch.cat(
+                [t.detach().double().flatten() for t in tensors_of(run_batch(model, b, forward))]
+            )
+            for b in batches
+        ]

@@ -30,10 +30,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
-from lowbit.batches import Forward, first_batch, run_batch, tensors_of
+from lowbit.batches import Forward, first_batch, flat_outputs, head_batches
 from lowbit.config import QuantConfig
 from lowbit.evaluate.sqnr import output_sqnr
 from lowbit.nn.modules import quant_modules
@@ -223,31 +222,7 @@ class _Measure:
             if not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"metric must return a finite number, got {value!r}")
             return float(value)
-        return output_sqnr(self.reference, _outputs(model, self.batches, self.forward))
-
-
-def _outputs(model: nn.Module, batches: Sequence[Any], forward: Forward | None) -> list[Tensor]:
-    """Each batch's output tensors, flattened into one float64 vector per batch."""
-    with torch.no_grad():
-        return [
-            torch.cat(
-                [t.detach().double().flatten() for t in tensors_of(run_batch(model, b, forward))]
-            )
-            for b in batches
-        ]
-
-
-def _head(data: Iterable[Any], samples: int) -> list[Any]:
-    """The first batches of `data` holding at least `samples` samples (by the first tensor's
-    leading dimension)."""
-    head, count = [], 0
-    for batch in data:
-        head.append(batch)
-        first = next((t for t in tensors_of(batch) if t.dim() > 0), None)
-        count += 1 if first is None else int(first.shape[0])
-        if count >= samples:
-            break
-    return head
+        return output_sqnr(self.reference, flat_outputs(model, self.batches, self.forward))
 
 
 def diagnose(
@@ -289,12 +264,12 @@ def diagnose(
     if not points:
         raise ValueError("config quantizes nothing in float_model: nothing to diagnose")
     batches = list(eval_data) if metric is None else []
-    measure = _Measure(_outputs(float_model, batches, forward), batches, forward, metric)
-    head = _head(eval_data, sweep_samples)
+    measure = _Measure(flat_outputs(float_model, batches, forward), batches, forward, metric)
+    head = head_batches(eval_data, sweep_samples)
     per_point = (
         measure
         if sweep == "metric"
-        else _Measure(_outputs(float_model, head, forward), head, forward)
+        else _Measure(flat_outputs(float_model, head, forward), head, forward)
     )
     summary = _summary_values(float_model, qmodel, points, measure)
     swept = _sweep(qmodel, points, per_point, progress)

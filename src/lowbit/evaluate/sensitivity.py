@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lowbit.batches import Forward, run_batch, tensors_of
+from lowbit.batches import Forward, flat_outputs, head_batches, run_batch
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.distributed import step, sum_over_ranks
 from lowbit.nn.modules import QuantModule
@@ -57,28 +57,6 @@ class SensitivityRun:
         )
 
 
-def _samples(calib_data: Iterable[Any], n: int) -> list[Any]:
-    """The first batches of `calib_data` that hold at least `n` samples between them."""
-    out, count = [], 0
-    for batch in calib_data:
-        out.append(batch)
-        first = next((t for t in tensors_of(batch) if t.dim() > 0), None)
-        count += 1 if first is None else int(first.shape[0])
-        if count >= n:
-            break
-    return out
-
-
-def _outputs(model: nn.Module, batches: list[Any], forward: Forward | None) -> list[Tensor]:
-    with torch.no_grad():
-        return [
-            torch.cat(
-                [t.detach().double().flatten() for t in tensors_of(run_batch(model, b, forward))]
-            )
-            for b in batches
-        ]
-
-
 def rank_layers(
     run: SensitivityRun,
     low: nn.Module,
@@ -95,7 +73,7 @@ def rank_layers(
             with _alone_at_low(high, low, name):
                 scores[name] = drop(high)
     else:
-        batches = _samples(run.calib_data, run.sensitivity_samples)
+        batches = head_batches(run.calib_data, run.sensitivity_samples)
         with step(run.group, "auto_quantize's sensitivity"):
             if run.sensitivity == "local":
                 noise, signal = _local_noise(low, names, batches, run.forward)
@@ -123,11 +101,11 @@ def _output_errors(
 ) -> tuple[list[float], list[float]]:
     """Per layer alone at low precision: the summed mean squared error of the outputs against
     the float model's over `batches`, and the number of batches."""
-    reference = _outputs(run.model, batches, run.forward)
+    reference = flat_outputs(run.model, batches, run.forward)
     errors = []
     for name in progress_bar(names, "auto_quantize: sensitivity", enabled=run.progress):
         with _alone_at_low(high, low, name):
-            outputs = _outputs(high, batches, run.forward)
+            outputs = flat_outputs(high, batches, run.forward)
         pairs = zip(outputs, reference, strict=True)
         errors.append(float(sum(((a - b) ** 2).mean() for a, b in pairs)))
     return errors, [float(len(batches))] * len(names)

@@ -21,10 +21,12 @@ only in float rounding: the floor of the "agree" column for any runtime.
 
 Each is timed in ONNX Runtime (CPU, 2 threads, default graph optimizations) and in OpenVINO (CPU,
 2 inference threads, static shapes) at batch 1 and batch 32: warm-up, then the median of
-interleaved rounds (every model once per round, so a busy machine slows all of them alike), with
-the spread (the middle half of the rounds). Top-1 is on the other 436 images; "agree" is top-1
-agreement with lowbit's own simulation of the same model (with --agree: the simulation is slow,
-so it is off by default). The graph ORT actually runs is saved
+interleaved rounds (every model once per round, so a busy machine slows all of them alike; at
+batch 1 a round's figure is the median of a burst of runs), with the spread (the middle half of
+the rounds; a spread above 10% of its median is flagged under the table).
+Top-1 is on the other 436 images; "agree" is top-1 agreement with lowbit's own simulation of the
+same model (with --agree: the simulation is slow, so it is off by default). The graph ORT
+actually runs is saved
 (`SessionOptions.optimized_model_filepath`) and its integer convolutions and residual Adds
 (QLinearAdd) counted. The CPU (model
 name and VNNI / AMX flags) is printed with the table.
@@ -69,6 +71,8 @@ from machine import cpu_description, describe
 
 N_CALIB = 64
 BATCH = 32
+BURST = 20  # batch-1 runs per model and round
+WIDE_SPREAD = 0.10  # a spread above this fraction of its median is flagged
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_runtime.json"
 INT8_CONVS = ("QLinearConv", "ConvInteger")
@@ -116,6 +120,7 @@ class Row:
     top1: float | None = None
     agree: float | None = None
     ms_b1: float | None = None
+    spread_b1: float | None = None  # interquartile range of the rounds' batch-1 medians, ms
     ms_b32: float | None = None
     spread_b32: float | None = None  # interquartile range of the batch-32 rounds, ms
     int8_convs: str = ""
@@ -247,9 +252,15 @@ def optimized_ops(path: Path, tmp: Path) -> dict[str, int]:
     return dict(Counter(kind(n) for n in graph.node))
 
 
-def time_models(runners: dict[str, Runner], x: Tensor, rounds: int) -> dict[str, list[float]]:
-    """[median ms at batch 1, median and interquartile range ms at batch 32] per model, the
-    models interleaved round by round after a warm-up."""
+def time_models(
+    runners: dict[str, Runner], x: Tensor, rounds: int, burst: int = BURST
+) -> dict[str, list[float]]:
+    """[median ms, interquartile range ms] at batch 1 and at batch 32 per model, the models
+    interleaved round by round after a warm-up.
+
+    A batch-1 run is a few ms, less than the noise of one timing: each round times a burst of
+    `burst` runs per model and keeps their median, after two untimed runs that absorb the cost of
+    switching sessions (ORT's previous thread pool still spinning, cold caches)."""
     b1, b32 = x[:1].numpy(), x[:BATCH].numpy()
     for run in runners.values():
         for _ in range(3):
@@ -259,14 +270,21 @@ def time_models(runners: dict[str, Runner], x: Tensor, rounds: int) -> dict[str,
     t32: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
         for name, run in runners.items():
-            for _ in range(5):
+            run(b1)
+            run(b1)
+            times = []
+            for _ in range(burst):
                 t0 = time.perf_counter()
                 run(b1)
-                t1[name].append(1e3 * (time.perf_counter() - t0))
+                times.append(1e3 * (time.perf_counter() - t0))
+            t1[name].append(statistics.median(times))
             t0 = time.perf_counter()
             run(b32)
             t32[name].append(1e3 * (time.perf_counter() - t0))
-    return {k: [statistics.median(t1[k]), statistics.median(t32[k]), _iqr(t32[k])] for k in runners}
+    return {
+        k: [statistics.median(t1[k]), _iqr(t1[k]), statistics.median(t32[k]), _iqr(t32[k])]
+        for k in runners
+    }
 
 
 def _iqr(values: list[float]) -> float:
@@ -276,6 +294,17 @@ def _iqr(values: list[float]) -> float:
     return q[2] - q[0]
 
 
+def wide_spreads(rows: list[Row]) -> list[str]:
+    """One line per timing whose spread exceeds WIDE_SPREAD of its median: that figure cannot
+    separate models closer than its spread."""
+    out = []
+    for r in rows:
+        for batch, ms, spread in ((1, r.ms_b1, r.spread_b1), (BATCH, r.ms_b32, r.spread_b32)):
+            if ms and spread is not None and spread > WIDE_SPREAD * ms:
+                out.append(f"{r.name}, batch {batch}: spread {spread:.1f} ms of {ms:.1f} ms")
+    return out
+
+
 def fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -283,14 +312,16 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 def table(rows: list[Row]) -> str:
     """Markdown; the agreement column only when measured (--agree)."""
     agree = any(r.agree is not None for r in rows)
-    head = ["model", "file MB", "top-1 %", "ms batch 1", "ms batch 32 (spread)", "int8 convs"]
+    head = ["model", "file MB", "top-1 %", "ms batch 1 (spread)", "ms batch 32 (spread)"]
+    head.append("int8 convs")
     head.append("int8 adds")
     head[3:3] = ["agree w/ lowbit sim %"] if agree else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.name, f"{r.file_mb:.1f}", fmt(None if r.top1 is None else 100 * r.top1)]
         cells += [fmt(None if r.agree is None else 100 * r.agree)] if agree else []
-        cells += [fmt(r.ms_b1, ".1f"), f"{fmt(r.ms_b32, '.0f')} ({fmt(r.spread_b32, '.0f')})"]
+        cells += [f"{fmt(r.ms_b1, '.1f')} ({fmt(r.spread_b1, '.1f')})"]
+        cells += [f"{fmt(r.ms_b32, '.0f')} ({fmt(r.spread_b32, '.0f')})"]
         cells += [r.int8_convs or "-", r.int8_adds or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -363,7 +394,7 @@ def measure(
         rows.append(row)
     timings = time_models(runners, split.evals, rounds)
     for row in rows:
-        row.ms_b1, row.ms_b32, row.spread_b32 = timings[row.name]
+        row.ms_b1, row.spread_b1, row.ms_b32, row.spread_b32 = timings[row.name]
     return rows
 
 
@@ -433,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     for runtime in runtimes:
         print(f"\n{runtime} ({THREADS} threads), EfficientNet-Lite0:\n")
         print(table([r for r in rows if r.runtime == runtime]))
+        for warning in wide_spreads([r for r in rows if r.runtime == runtime]):
+            print(f"warning: {warning}")
     if control is not None:
         print(
             f"\ncontrol: lowbit's float64 simulation vs its float32 one (int8_asymmetric): "
@@ -445,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         "n_calib": N_CALIB,
         "n_eval": len(split.evals),
         "threads": THREADS,
-        "timing": f"median of {args.rounds} interleaved rounds (5 runs at batch 1, 1 at 32)",
+        "timing": f"median of {args.rounds} interleaved rounds (per round: the median of a "
+        f"burst of {BURST} runs at batch 1, one run at batch 32)",
         "onnxruntime": __import__("onnxruntime").__version__,
         "openvino": None if args.no_openvino else __import__("openvino").__version__,
         "torch": torch.__version__,

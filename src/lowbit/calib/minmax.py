@@ -80,20 +80,18 @@ class MinMax(_RangeCalibrator):
     """
 
     def _observe(self, x: Tensor) -> None:
-        lo, hi = self._batch_range(x)
-        if self.min is None or self.max is None:
-            self.min, self.max = lo, hi
-        else:
-            self.min, self.max = torch.minimum(self.min, lo), torch.maximum(self.max, hi)
-        self.count += 1
+        self._widen(*self._batch_range(x), 1)
 
     def merge(self, other: Calibrator) -> None:
         theirs = self._other_state(other)
-        if theirs is None:
-            return
-        lo, hi, count = theirs
+        if theirs is not None:
+            lo, hi, count = theirs
+            self._widen(lo.clone(), hi.clone(), count)
+
+    def _widen(self, lo: Tensor, hi: Tensor, count: int) -> None:
+        """Take the union of the range so far and [lo, hi], seen over `count` batches."""
         if self.min is None or self.max is None:
-            self.min, self.max = lo.clone(), hi.clone()
+            self.min, self.max = lo, hi
         else:
             self.min, self.max = torch.minimum(self.min, lo), torch.maximum(self.max, hi)
         self.count += count

@@ -106,3 +106,37 @@ def test_popcount_affine_is_the_dots_rescaled_per_row_of_an_image(isa):
     dots = (a @ w.t()).reshape(-1, rows_per_image, n) - corr
     want = (dots.double() * scale.double() + offset.double()).reshape(m, n)
     assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize(
+    "b,c,hw,n,geometry",
+    [
+        (2, 70, (5, 6), 37, ((3, 3), (2, 1), (1, 1), (1, 1))),  # 2 channel words, N % 32
+        (1, 3, (9, 70), 5, ((3, 2), (1, 1), (2, 0), (2, 1))),  # a row wider than 64 pixels
+        (0, 64, (4, 4), 8, ((3, 3), (1, 1), (1, 1), (1, 1))),  # an empty batch
+    ],
+)
+def test_xnor_conv_reads_the_bit_image_as_the_im2col_does(isa, b, c, hw, n, geometry):
+    """The direct convolution (NCHW and channels-last inputs) is the integer formula on the
+    +1-padded signs, rescaled with the maps of each position's class."""
+    g = torch.Generator().manual_seed(c + n)
+    x = torch.randn(b, c, *hw, generator=g)
+    center = torch.randn(c, generator=g) * 0.1
+    kernel, stride, padding, dilation = geometry
+    w = _codes(n, c * kernel[0] * kernel[1], g).reshape(n, c, *kernel)
+    taps = binary.pack_bits(w.permute(0, 2, 3, 1).reshape(n, -1, c) > 0).reshape(n, -1)
+    blocked = binary.block_rows(taps)
+    signs = torch.where(x - center.reshape(1, -1, 1, 1) >= 0, 1.0, -1.0).double()
+    pads = (padding[1], padding[1], padding[0], padding[0])
+    dots = F.conv2d(F.pad(signs, pads, value=1.0), w.double(), None, stride, 0, dilation)
+    period = dots.shape[2] * dots.shape[3]
+    cls = torch.randint(0, 3, (period,), generator=g, dtype=torch.int32)
+    corr = torch.randint(-9, 9, (3, n), generator=g, dtype=torch.int32)
+    scale, offset = torch.rand(n, generator=g), torch.randn(3, n, generator=g)
+    dots = dots.permute(0, 2, 3, 1).reshape(b, period, n) - corr[cls.long()]
+    want = (dots * scale.double() + offset[cls.long()].double()).reshape(-1, n)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = binary.xnor_conv(inp, center, blocked, n, geometry, scale, (corr, offset, cls), isa)
+        assert got.shape == (b * period, n)
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-5)

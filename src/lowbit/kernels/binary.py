@@ -12,6 +12,8 @@ one plane (bit 1: +1); a ternary row two, sign (bit 1: +1) and nonzero.
   added with the weight's sign (BWN, TWN); int8 inputs sum exactly in int32.
 - `sign_bits`, `sign_bits_conv`: bits of (x - center >= 0) per row, or as a convolution's
   bit im2col (padding counted as +1; the caller subtracts what it adds).
+- `xnor_conv`: an XNOR Conv2d from float input to float output, the popcount GEMM reading the
+  padded bit image in place (`kernels/csrc/binary_conv.cpp`).
 
 The eager twins (used where the C++ kernels are not built) compute the same integers by
 unpacking the bits and multiplying in float64; float sums differ from the C++ ones by rounding.
@@ -99,8 +101,35 @@ def sign_bits_conv(
     pads = (padding[1], padding[1], padding[0], padding[0])
     cols = F.unfold(F.pad(bits, pads, value=1.0), kernel, dilation=dilation, stride=stride)
     taps = kernel[0] * kernel[1]
-    cols = cols.reshape(b, c, taps, -1).permute(0, 3, 2, 1)  # [B, L, taps, C]
+    cols = cols.reshape(b, c, taps, cols.shape[-1]).permute(0, 3, 2, 1)  # [B, L, taps, C]
     return pack_bits(cols > 0.5).reshape(-1, taps * words(c))
+
+
+def xnor_conv(
+    x: Tensor,
+    center: Tensor,
+    w_blocked: Tensor,
+    n: int,
+    geometry: tuple[tuple[int, int], ...],
+    scale: Tensor,
+    maps: tuple[Tensor, Tensor, Tensor],
+    isa: int = 0,
+) -> Tensor:
+    """An XNOR Conv2d's float32 output [B * Ho * Wo, n] (channels-last rows), straight from
+    the bits of x [B, C, H, W] (NCHW or channels-last): (dot - corr[u]) * scale + offset[u],
+    u = cls[position]. geometry: kernel, stride, padding, dilation; maps: corr [U, n] int32,
+    offset [U, n], cls [Ho * Wo] (the classes of output positions, by the padded taps they see)."""
+    corr, offset, cls = maps
+    kernel, stride, padding, dilation = geometry
+    ops = _ops()
+    if ops is not None and x.is_cpu:
+        flat = (*kernel, *stride, *padding, *dilation)
+        return ops.xnor_conv(
+            x.float(), center.float(), w_blocked, n, *flat, scale, corr, offset, cls, isa
+        )
+    bits = sign_bits_conv(x, center, kernel, stride, padding, dilation)
+    k = x.shape[1] * kernel[0] * kernel[1]
+    return popcount_affine(bits, w_blocked, n, k, scale, offset[cls], corr[cls])
 
 
 def popcount_dots(

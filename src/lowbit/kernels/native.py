@@ -26,7 +26,12 @@ from lowbit.exceptions import LowbitWarning
 from lowbit.kernels.compile import switched_on
 
 _CSRC = Path(__file__).with_name("csrc")
-SOURCES = [_CSRC / "linear.cpp", _CSRC / "float_linear.cpp", _CSRC / "binary.cpp"]
+SOURCES = [
+    _CSRC / "linear.cpp",
+    _CSRC / "float_linear.cpp",
+    _CSRC / "binary.cpp",
+    _CSRC / "binary_conv.cpp",
+]
 # torch rebuilds when the sources or flags change, not when torch does: the version in the name
 # keeps a build for one torch from being loaded by another.
 _EXTENSION = "lowbit_kernels_" + re.sub(r"\W", "_", torch.__version__)

@@ -258,16 +258,16 @@ class IntBinaryConv(_BitsBase):
 
     def _xnor(self, x: Tensor) -> Tensor:
         packs = self.current_packs()
-        kernel, stride, padding, dilation = self._geometry()
-        n, c = self.weight_shape[0], self.weight_shape[1]
+        n = self.weight_shape[0]
         weight = cached(packs, "blocked", self._weight_bits)
         h, w = x.shape[-2:]
-        scale, offset, corr = cached(packs, f"maps_{h}x{w}", lambda: self._maps(h, w))
-        bits = binary.sign_bits_conv(x, self.input_center, kernel, stride, padding, dilation)
-        k = c * kernel[0] * kernel[1]
-        y = binary.popcount_affine(bits, weight, n, k, scale, offset, corr)  # [B * L, N]
-        ho, wo = corr.shape[0] // self._out_width(w), self._out_width(w)
-        return y.reshape(x.shape[0], ho, wo, n).permute(0, 3, 1, 2)
+        scale, *maps = cached(packs, f"maps_{h}x{w}", lambda: self._maps(h, w))
+        corr, offset, cls = maps
+        y = binary.xnor_conv(
+            x, self.input_center, weight, n, self._geometry(), scale, (corr, offset, cls)
+        )
+        wo = self._out_width(w)
+        return y.reshape(x.shape[0], cls.numel() // wo, wo, n).permute(0, 3, 1, 2)
 
     def _out_width(self, w: int) -> int:
         kernel, stride, padding, dilation = self._geometry()
@@ -280,9 +280,11 @@ class IntBinaryConv(_BitsBase):
         taps = codes.permute(0, 2, 3, 1).reshape(n, kh * kw, c)
         return binary.block_rows(binary.pack_bits(taps > 0).reshape(n, -1))
 
-    def _maps(self, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
-        """For an h x w input: beta * alpha [N]; the centre's share plus the bias [L, N] (a
-        zero-padded convolution of the centres); what the +1 padding adds to each dot [L, N]."""
+    def _maps(self, h: int, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For an h x w input: beta * alpha [N]; then, per class of output positions (those
+        that see the same padded taps: 9 for a 3x3 kernel with padding 1), what the +1 padding
+        adds to each dot (int32 [U, N]) and the centre's share plus the bias ([U, N], a
+        zero-padded convolution of the centres), and each position's class (int32 [L])."""
         m = self.module
         assert isinstance(m, nn.Conv2d)
         _, stride, padding, dilation = self._geometry()
@@ -293,10 +295,13 @@ class IntBinaryConv(_BitsBase):
         pads = (padding[1], padding[1], padding[0], padding[0])
         outside = F.pad(torch.zeros(1, c, h, w), pads, value=1.0)
         signs = self.weight_codes().float()
-        corr = F.conv2d(outside, signs, None, stride, 0, dilation).round().to(torch.int32)
+        corr = F.conv2d(outside, signs, None, stride, 0, dilation).round()
         scale = self.input_scale.float() * self._alpha()
         n = self.weight_shape[0]
-        return scale, offset.reshape(n, -1).t().contiguous(), corr.reshape(n, -1).t().contiguous()
+        rows = torch.cat([corr.reshape(n, -1).t().double(), offset.reshape(n, -1).t().double()], 1)
+        table, cls = torch.unique(rows, dim=0, return_inverse=True)
+        corr_t, offset_t = table[:, :n].to(torch.int32), table[:, n:].float().contiguous()
+        return scale, corr_t.contiguous(), offset_t, cls.to(torch.int32)
 
 
 def build(

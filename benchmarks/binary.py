@@ -1,6 +1,8 @@
 """Binary and ternary layers on bits (issue 20), as ratios measured in the same run.
 
     .venv/bin/python benchmarks/binary.py [--only kernels digits] [--rounds N] [--threads 1 2]
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI .venv/bin/python benchmarks/binary.py --only kernels \
+        --json benchmarks/results/binary_vnni.json   # int8 without AMX: a VNNI-only CPU
 
 1. Kernels: Linear 1 x 4096 x 4096 and 64 x 4096 x 4096, and a 3x3 Conv2d 64 -> 64 on 56 x 56
    at batch 8, converted by lowbit: XNOR (binary weights x centred binary inputs, popcounts),
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,10 @@ def _converted(model: nn.Module, config: QuantConfig, calib: list[Tensor]) -> nn
     return lowbit.convert(lowbit.quantize(model, config, calib, progress=False))
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCK["wall"]
+
+
 def bench_linear(rounds: int) -> list[dict[str, Any]]:
     rows = []
     torch.manual_seed(0)
@@ -74,7 +82,7 @@ def bench_linear(rounds: int) -> list[dict[str, Any]]:
         cands = {"fp32": lambda x=x: layer(x)}
         cands.update({name: (lambda x=x, q=q: q(x)) for name, q in models.items()})
         with torch.inference_mode():
-            ms = interleaved(cands, rounds)
+            ms = interleaved(cands, rounds, clock=_clock)
         rows.append(_row("linear", [m, WIDTH, WIDTH], ms, models))
     return rows
 
@@ -89,7 +97,7 @@ def bench_conv(rounds: int) -> list[dict[str, Any]]:
     cands = {"fp32": lambda: conv(x)}
     cands.update({name: (lambda q=q: q(x)) for name, q in models.items()})
     with torch.inference_mode():
-        ms = interleaved(cands, max(3, rounds // 3))
+        ms = interleaved(cands, max(3, rounds // 3), clock=_clock)
     return [_row("conv3x3", [8, 64, 56, 56], ms, models)]
 
 
@@ -244,8 +252,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCK),
+        default="wall",
+        help="wall time, or this process's CPU time (a loaded machine; 1 thread only)",
+    )
+    parser.add_argument("--json", type=Path, default=RESULTS, help="default: %(default)s")
     args = parser.parse_args(argv)
+    global _clock
+    _clock = CLOCK[args.clock]
     print(describe_line())
+    onednn_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "(not set: oneDNN's best, AMX where present)")
+    print(f"ONEDNN_MAX_CPU_ISA: {onednn_isa}")
     rows: list[dict[str, Any]] = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -260,11 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["bench"] == "digits":
             print(f"\n{r['network']}:\n{r['summary']}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    out = {"torch": torch.__version__, **describe(), "rows": rows}
-    tmp = RESULTS.with_suffix(".json.tmp")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    out = {
+        "torch": torch.__version__,
+        **describe(),
+        "onednn_max_cpu_isa": onednn_isa,
+        "clock": args.clock,
+        "rows": rows,
+    }
+    tmp = args.json.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(RESULTS)
+    tmp.replace(args.json)
     return 0
 
 

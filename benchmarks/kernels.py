@@ -59,9 +59,13 @@ warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
 
 
 def interleaved(
-    cands: dict[str, Callable[[], Any]], rounds: int, inner: int = 1
+    cands: dict[str, Callable[[], Any]],
+    rounds: int,
+    inner: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, timed in interleaved rounds.
+    """Median milliseconds per call of each candidate, timed in interleaved rounds (by `clock`:
+    wall time, or `time.process_time` for this process's CPU time on a shared machine).
 
     Each round starts one candidate further on: the call after a large one pays for what that
     left behind (measured: the slot after fbgemm ran a one-token Linear 1.5x slower), so every
@@ -74,10 +78,10 @@ def interleaved(
     order = list(cands.items())
     for r in range(rounds):
         for name, fn in order[r % len(order) :] + order[: r % len(order)]:
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner):
                 fn()
-            times[name].append((time.perf_counter() - t0) / inner * 1e3)
+            times[name].append((clock() - t0) / inner * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

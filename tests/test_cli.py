@@ -254,7 +254,8 @@ def test_weights_file(workspace: Workspace, capsys: pytest.CaptureFixture, suffi
 def test_every_preset_writes_a_lowbit_file(
     workspace: Workspace, capsys: pytest.CaptureFixture
 ) -> None:
-    for preset in ("int8-asym", "w16", "w4", "w4a8", "dynamic", "binary", "ternary"):
+    presets = ("int8-asym", "w16", "w4", "w4a8", "dynamic", "binary", "ternary")
+    for preset in (*presets, "xnor", "ternary-int8"):
         out = workspace.root / f"tiny.{preset}.lowbit"
         result = run_json(
             capsys, "quantize", FACTORY, "--calib", str(workspace.calib_npy), "--preset", preset,

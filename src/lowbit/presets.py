@@ -6,6 +6,7 @@ Configs are frozen: derive a variant with `dataclasses.replace(config, ...)`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 from lowbit.config import LayerQuant, QuantConfig
@@ -142,7 +143,9 @@ _BY_NAME: dict[str, Callable[[str], QuantConfig]] = {
     "w4": lambda _: weight_only(4),
     "w4a8": lambda calibrator: w4a8(None, calibrator),
     "binary": lambda _: binary(),
+    "xnor": lambda _: binary(xnor=True),
     "ternary": lambda _: ternary(),
+    "ternary-int8": lambda calibrator: replace(ternary("int8"), calibrator=calibrator),
 }
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
 
@@ -150,7 +153,9 @@ NAMES: tuple[str, ...] = tuple(_BY_NAME)
 def by_name(name: str, calibrator: str = "minmax") -> QuantConfig:
     """The preset called `name` (one of `NAMES`): "int8", "w4a8", ...; "w4a8" is per channel.
 
-    `calibrator` applies to the presets with calibrated activations (int8, int8-asym, w4a8).
+    `calibrator` applies to the presets with calibrated activations (int8, int8-asym, w4a8,
+    ternary-int8); "xnor" is `binary(xnor=True)` (binary weights and centred binary inputs),
+    "ternary-int8" `ternary("int8")`.
     """
     if name not in _BY_NAME:
         raise ValueError(f"preset must be one of {', '.join(NAMES)}, got {name!r}")

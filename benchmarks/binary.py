@@ -207,6 +207,7 @@ def _digits_row(
                 "lowbit_b256": lambda: converted(batch),
             },
             rounds,
+            clock=_clock,
         )
     return {
         "bench": "digits",

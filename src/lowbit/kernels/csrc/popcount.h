@@ -145,9 +145,11 @@ __attribute__((target("avx2"))) void block_avx2(const Operands& o, int64_t r0, i
 
 // R rows x 32 columns in 4R registers; the epilogue takes each 8-column vector of sums as it
 // leaves the registers (`epi.vec(row, col0, sums, keep)`, keep: the columns that exist).
+// prefetch: the next weight block, fetched into L1 along this pass (or null).
 template <int R, bool Ternary, typename Epi>
 __attribute__((target(LOWBIT_AVX512_BITS))) void block_avx512(const Operands& o, int64_t r0,
                                                               int64_t blk, int64_t cols,
+                                                              const uint64_t* prefetch,
                                                               const Epi& epi) {
   __m512i acc[R][4];
   for (int r = 0; r < R; ++r)
@@ -162,6 +164,9 @@ __attribute__((target(LOWBIT_AVX512_BITS))) void block_avx512(const Operands& o,
   }
   for (int64_t q = 0; q < o.words; ++q) {
     const int64_t at = o.word_off[q];
+    if (prefetch)
+      for (int j = 0; j < 4; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * kBlock + 8 * j), _MM_HINT_T0);
     __m512i wv[4], wm[4];
     for (int j = 0; j < 4; ++j) {
       wv[j] = _mm512_loadu_si512(wb + q * kBlock + 8 * j);
@@ -194,11 +199,15 @@ __attribute__((target(LOWBIT_AVX512_BITS))) void block_avx512(const Operands& o,
   }
 }
 
+// One tile of rows times one weight block; with `prefetch`, its first pass fetches the next
+// block (the next task when one tile holds every row: a Linear with up to 64 tokens).
 template <bool Ternary, typename Epi>
 void tile_avx512(const Operands& o, int64_t r0, int64_t rows, int64_t blk, int64_t cols,
-                 const Epi& epi) {
+                 bool prefetch, const Epi& epi) {
+  const uint64_t* next = prefetch ? o.w + (blk + 1) * o.words * kBlock : nullptr;
   over_row_chunks(rows, [&](int64_t r, auto chunk) {
-    block_avx512<decltype(chunk)::value, Ternary>(o, r0 + r, blk, cols, epi);
+    block_avx512<decltype(chunk)::value, Ternary>(o, r0 + r, blk, cols, r == 0 ? next : nullptr,
+                                                  epi);
   });
 }
 #endif
@@ -220,8 +229,9 @@ void popcount_gemm(Isa isa, const Operands& o, int64_t m, int64_t n, const Epi& 
       const int rows = static_cast<int>(std::min(kRows, m - r0));
 #if LOWBIT_X86
       if (isa == kAvx512) {
-        ternary ? tile_avx512<true>(o, r0, rows, blk, cols, epi)
-                : tile_avx512<false>(o, r0, rows, blk, cols, epi);
+        const bool prefetch = tiles == 1 && blk + 1 < blocks;
+        ternary ? tile_avx512<true>(o, r0, rows, blk, cols, prefetch, epi)
+                : tile_avx512<false>(o, r0, rows, blk, cols, prefetch, epi);
         continue;
       }
       if (isa == kAvx2) {

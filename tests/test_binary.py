@@ -139,6 +139,21 @@ def test_bwn_and_ternary_linears_match_the_simulation(native_kernels, config, ke
             assert _rel(layer(x), sim(x)) < 1e-5
 
 
+def test_ternary_conv_with_ternary_inputs_runs_on_bits(native_kernels):
+    """Ternary weights x ternary inputs in a Conv2d: popcounts on the planes, as the simulation
+    (odd channels, stride, dilation, padding; an unbatched input, an empty batch)."""
+    torch.manual_seed(3)
+    config = QuantConfig(weight=presets.ternary().weight, input=QuantSpec(bits=2, scheme="ternary"))
+    conv = nn.Conv2d(7, 11, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    sim = lowbit.quantize(nn.Sequential(conv), config, [torch.randn(2, 7, 9, 8)], progress=False)
+    layer = _quiet_convert(sim)[0]
+    assert isinstance(layer, IntBinaryConv) and layer.kernel == "ternary"
+    assert layer(torch.randn(0, 7, 9, 8)).shape == (0, 11, 5, 8)
+    for x in (torch.randn(3, 7, 9, 8), torch.randn(7, 9, 8)):
+        with torch.no_grad():
+            assert _rel(layer(x), sim(x)) < 1e-5
+
+
 def test_ternary_int8_inputs_sum_exactly():
     torch.manual_seed(2)
     sim = lowbit.quantize(

@@ -140,3 +140,20 @@ def test_xnor_conv_reads_the_bit_image_as_the_im2col_does(isa, b, c, hw, n, geom
         got = binary.xnor_conv(inp, center, blocked, n, geometry, scale, (corr, offset, cls), isa)
         assert got.shape == (b * period, n)
         assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("b,c,hw", [(2, 70, (5, 6)), (1, 3, (4, 9)), (0, 5, (3, 3))])
+def test_ternary_conv_dots_are_exact(isa, b, c, hw):
+    """Ternary codes x ternary weight, zero padding (code 0), stride and dilation: exact."""
+    g = torch.Generator().manual_seed(c)
+    kernel, stride, padding, dilation = (3, 2), (2, 1), (1, 2), (1, 2)
+    n = 37
+    codes = torch.randint(-1, 2, (b, c, *hw), generator=g)
+    w = _codes(n, c * 6, g, ternary=True).reshape(n, c, *kernel)
+    taps = w.permute(0, 2, 3, 1).reshape(n, 6, c)
+    planes = [binary.block_rows(binary.pack_bits(t).reshape(n, -1)) for t in (taps > 0, taps != 0)]
+    got = binary.ternary_conv_dots(codes, *planes, n, (kernel, stride, padding, dilation), isa)
+    want = F.conv2d(codes.double(), w.double(), None, stride, padding, dilation)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.long(), want.permute(0, 2, 3, 1).reshape(-1, n).long())

@@ -13,7 +13,8 @@ one plane (bit 1: +1); a ternary row two, sign (bit 1: +1) and nonzero.
 - `sign_bits`, `sign_bits_conv`: bits of (x - center >= 0) per row, or as a convolution's
   bit im2col (padding counted as +1; the caller subtracts what it adds).
 - `xnor_conv`: an XNOR Conv2d from float input to float output, the popcount GEMM reading the
-  padded bit image in place (`kernels/csrc/binary_conv.cpp`).
+  padded bit image in place (`kernels/csrc/binary_conv.cpp`); `ternary_conv_dots` the same for
+  ternary codes x a ternary weight (two planes each).
 
 The eager twins (used where the C++ kernels are not built) compute the same integers by
 unpacking the bits and multiplying in float64; float sums differ from the C++ ones by rounding.
@@ -130,6 +131,37 @@ def xnor_conv(
     bits = sign_bits_conv(x, center, kernel, stride, padding, dilation)
     k = x.shape[1] * kernel[0] * kernel[1]
     return popcount_affine(bits, w_blocked, n, k, scale, offset[cls], corr[cls])
+
+
+def ternary_conv_dots(
+    codes: Tensor,
+    w_sign: Tensor,
+    w_nonzero: Tensor,
+    n: int,
+    geometry: tuple[tuple[int, int], ...],
+    isa: int = 0,
+) -> Tensor:
+    """int32 [B * Ho * Wo, n]: a zero-padded Conv2d of ternary input codes [B, C, H, W] (-1, 0,
+    +1) with a ternary weight's blocked planes (taps in the weight's (kh, kw) order, each tap's
+    channels in its own words). Padding is code 0 and adds nothing."""
+    kernel, stride, padding, dilation = geometry
+    b, c, h, w = codes.shape
+    ops = _ops()
+    if ops is not None and codes.is_cpu:
+        rows = codes.float().permute(0, 2, 3, 1).reshape(-1, c)
+        half = torch.full((c,), 0.5)
+        pads = (0, 0, padding[1], padding[1], padding[0], padding[0])
+        sign, nonzero = (
+            F.pad(sign_bits(p, half).reshape(b, h, w, words(c)), pads).contiguous()
+            for p in (rows, rows.abs())
+        )
+        flat = (*kernel, *stride, *dilation)
+        return ops.ternary_conv_dots(sign, nonzero, w_sign, w_nonzero, n, *flat, isa)
+    taps = kernel[0] * kernel[1]
+    weight = _codes(_unblock(w_sign, n), _unblock(w_nonzero, n), taps * words(c) * 64)
+    weight = weight.reshape(n, taps, -1)[..., :c].reshape(n, *kernel, c).permute(0, 3, 1, 2)
+    y = F.conv2d(codes.double(), weight, None, stride, padding, dilation)
+    return y.permute(0, 2, 3, 1).reshape(-1, n).round().to(torch.int32)
 
 
 def popcount_dots(

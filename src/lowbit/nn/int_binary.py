@@ -13,7 +13,8 @@ Kernels (`module.kernel`):
   the file keeps 1 bit) or, where those do not run, the inputs added with the weight's sign
   straight from its bits (`kernels.binary.sign_mask_sums`).
 - "ternary": ternary weights on two bit-planes (sign, nonzero) x float or int8 inputs as "bwn";
-  x dynamic ternary inputs by popcounts on the planes.
+  x dynamic ternary inputs by popcounts on the planes (Linear and Conv2d: zero padding is code
+  0 and adds nothing).
 - "dequantize": anything else (other devices, grouped or strided-padding convolutions), with the
   same centred binarization in float.
 """
@@ -218,8 +219,9 @@ class IntBinaryLinear(_BitsBase):
 
 
 class IntBinaryConv(_BitsBase):
-    """A convolution with binary weights; an XNOR Conv2d (zero padding, one group, centred
-    binary inputs) runs on bits, any other dequantizes (with the same centred inputs)."""
+    """A convolution with binary / ternary weights and binary / ternary inputs: an XNOR Conv2d
+    (zero padding, one group, centred binary inputs) or a ternary x ternary one runs on bits,
+    any other dequantizes (with the same centred inputs)."""
 
     kind = "IntBinaryConv"
 
@@ -227,26 +229,32 @@ class IntBinaryConv(_BitsBase):
         self, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
     ) -> None:
         super().__init__(module, record, tensors)
-        xnor = self._xnor_conv_ok() and self._centred("input")
-        self._kernels = ("xnor" if xnor else "dequantize", "dequantize")
+        self._kernels = (self._conv_kernel() or "dequantize", "dequantize")
 
-    def _xnor_conv_ok(self) -> bool:
+    def _conv_kernel(self) -> Kernel | None:
+        """ "xnor" (centred binary inputs) or "ternary" (ternary inputs x ternary weights) for
+        a plain zero-padded Conv2d of one group, else None."""
         m = self.module
-        return (
+        plain = (
             isinstance(m, nn.Conv2d)
             and type(m).forward is nn.Conv2d.forward
             and m.padding_mode == "zeros"
             and isinstance(m.padding, tuple)
             and m.groups == 1
-            and bits_kernel(self.weight_spec, self.input_spec, self.input_mode, True) == "xnor"
         )
+        centred = self._centred("input")
+        kernel = bits_kernel(self.weight_spec, self.input_spec, self.input_mode, centred)
+        if not plain or kernel is None or (kernel == "xnor") != centred:
+            return None
+        spec = self.input_spec
+        return kernel if centred or (spec is not None and spec.scheme == "ternary") else None
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         plain = isinstance(x, Tensor) and x.dim() in (3, 4) and x.numel() and not (args or kwargs)
         if self.kernel == "dequantize" or not plain:
             return super().forward(x, *args, **kwargs)
         batch = x if x.dim() == 4 else x.unsqueeze(0)
-        y = self._xnor(batch.float())
+        y = self._xnor(batch.float()) if self.kernel == "xnor" else self._ternary(batch.float())
         y = y if x.dim() == 4 else y.squeeze(0)
         return self._fake_quant("output", y).to(x.dtype)
 
@@ -269,16 +277,39 @@ class IntBinaryConv(_BitsBase):
         wo = self._out_width(w)
         return y.reshape(x.shape[0], cls.numel() // wo, wo, n).permute(0, 3, 1, 2)
 
+    def _ternary(self, x: Tensor) -> Tensor:
+        """Ternary inputs (per-tensor, from x itself) x ternary weights: popcounts on the two
+        planes of each, then the scales and the bias."""
+        spec = self.input_spec
+        assert spec is not None
+        packs = self.current_packs()
+        n = self.weight_shape[0]
+        planes = cached(packs, "planes", self._weight_planes)
+        alpha, bias = cached(packs, "alpha_bias", lambda: (self._alpha(), self._bias()))
+        scale, zero_point = numerics.tensor_qparams(x, spec)
+        codes = numerics.quantize(x, scale, zero_point, spec)
+        dots = binary.ternary_conv_dots(codes, *planes, n, self._geometry())
+        y = torch.addcmul(bias, dots.float(), alpha * scale.float())
+        wo = self._out_width(x.shape[-1])
+        return y.reshape(x.shape[0], -1, wo, n).permute(0, 3, 1, 2)
+
     def _out_width(self, w: int) -> int:
         kernel, stride, padding, dilation = self._geometry()
         return (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
 
+    def _tap_rows(self, bits: Tensor) -> Tensor:
+        """Bits [N, C, kh, kw] -> blocked rows [N / 32, kh * kw * words(C), 32]: each tap's
+        channels in their own words."""
+        n, c, kh, kw = bits.shape
+        taps = bits.permute(0, 2, 3, 1).reshape(n, kh * kw, c)
+        return binary.block_rows(binary.pack_bits(taps).reshape(n, -1))
+
     def _weight_bits(self) -> Tensor:
-        """Sign bits [N, kh * kw * words(C)]: each tap's channels in their own words."""
+        return self._tap_rows(self.weight_codes() > 0)
+
+    def _weight_planes(self) -> tuple[Tensor, Tensor]:
         codes = self.weight_codes()
-        n, c, kh, kw = codes.shape
-        taps = codes.permute(0, 2, 3, 1).reshape(n, kh * kw, c)
-        return binary.block_rows(binary.pack_bits(taps > 0).reshape(n, -1))
+        return self._tap_rows(codes > 0), self._tap_rows(codes != 0)
 
     def _maps(self, h: int, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For an h x w input: beta * alpha [N]; then, per class of output positions (those
@@ -327,7 +358,8 @@ def build(
     if isinstance(module, nn.Linear) and (kernel is not None or centred):
         record["kind"] = IntBinaryLinear.kind
         return IntBinaryLinear(module, record, tensors)
-    if isinstance(module, nn.modules.conv._ConvNd) and centred:
+    ternary_input = rec is not None and spec_from_dict(rec["spec"]).scheme == "ternary"
+    if isinstance(module, nn.modules.conv._ConvNd) and (centred or ternary_input):
         record["kind"] = IntBinaryConv.kind
         return IntBinaryConv(module, record, tensors)
     return None

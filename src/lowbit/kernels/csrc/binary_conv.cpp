@@ -1,4 +1,4 @@
-// XNOR Conv2d on bits: the input becomes a zero-padded bit image once (channel bits of
+// XNOR and ternary x ternary Conv2d on bits. XNOR: the input becomes a zero-padded bit image once (channel bits of
 // x - center >= 0 per pixel, padded pixels +1 in every channel: the caller takes out what the
 // padding adds), and the popcount GEMM (popcount.h) reads each output position's kh * kw taps
 // straight from that image, no im2col copy. NCHW inputs are binarized without a channels-last
@@ -257,6 +257,48 @@ at::Tensor xnor_conv(const at::Tensor& x, const at::Tensor& center, const at::Te
   return out;
 }
 
+// Ternary x ternary Conv2d dots, int32 [B * Ho * Wo, n], from the two planes of the input's
+// codes as zero-padded images [B, Hp, Wp, cw] (padding is code 0: nonzero bit clear, so it adds
+// nothing) and the weight's blocked planes [N / 32, kh * kw * cw, 32].
+at::Tensor ternary_conv_dots(const at::Tensor& sign, const at::Tensor& nonzero,
+                             const at::Tensor& w, const at::Tensor& wn, int64_t n, int64_t kh,
+                             int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                             int64_t isa) {
+  TORCH_CHECK(sign.dim() == 4 && sign.scalar_type() == at::kLong && sign.is_contiguous() &&
+                  nonzero.sizes() == sign.sizes() && nonzero.scalar_type() == at::kLong &&
+                  nonzero.is_contiguous(),
+              "ternary_conv_dots: the planes must be contiguous int64 [B, Hp, Wp, words]");
+  Geometry g{sign.size(0), sign.size(3) * 64, sign.size(1), sign.size(2), kh, kw, sh, sw,
+             0,            0,                 dh,           dw};
+  g.cw = sign.size(3);
+  g.hp = g.h;
+  g.wp = g.w;
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && dh > 0 && dw > 0,
+              "ternary_conv_dots: bad kernel / stride / dilation");
+  g.ho = (g.hp - dh * (kh - 1) - 1) / sh + 1;
+  g.wo = (g.wp - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(g.ho > 0 && g.wo > 0, "ternary_conv_dots: the input is smaller than the kernel");
+  const int64_t words = kh * kw * g.cw;
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kLong && w.size(1) == words &&
+                  w.size(2) == bits::kBlock && w.is_contiguous() && wn.sizes() == w.sizes() &&
+                  wn.is_contiguous() && n <= w.size(0) * bits::kBlock &&
+                  n > (w.size(0) - 1) * bits::kBlock,
+              "ternary_conv_dots: w and wn must be int64 [N / 32, kh * kw * words, 32], got ",
+              w.sizes());
+  const bits::Isa chosen = bits::resolve(isa);
+  const ConvRows rows(g);
+  const int64_t m = g.b * g.ho * g.wo;
+  auto out = at::empty({m, n}, sign.options().dtype(at::kInt));
+  auto ptr = [](const at::Tensor& t) {
+    return reinterpret_cast<const uint64_t*>(t.const_data_ptr<int64_t>());
+  };
+  const bits::Operands o{ptr(sign), ptr(nonzero),    ptr(w), ptr(wn),
+                         words,     rows.base.data(), rows.off.data()};
+  const bits::DotsEpi epi{out.mutable_data_ptr<int32_t>(), n, 0, false};
+  bits::popcount_gemm(chosen, o, m, n, epi);
+  return out;
+}
+
 }  // namespace
 }  // namespace lowbit
 
@@ -270,4 +312,8 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
       "int ph, int pw, int dh, int dw, Tensor scale, Tensor corr, Tensor offset, Tensor cls, "
       "int isa) -> Tensor",
       &lowbit::xnor_conv);
+  m.def(
+      "ternary_conv_dots(Tensor sign, Tensor nonzero, Tensor w, Tensor wn, int n, int kh, int kw, "
+      "int sh, int sw, int dh, int dw, int isa) -> Tensor",
+      &lowbit::ternary_conv_dots);
 }

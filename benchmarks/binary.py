@@ -1,12 +1,13 @@
 """Binary and ternary layers on bits (issue 20), as ratios measured in the same run.
 
     .venv/bin/python benchmarks/binary.py [--only kernels digits] [--rounds N] [--threads 1 2]
+        [--clock wall|cpu] [--json PATH]   # cpu: this process's CPU time (a loaded machine)
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI .venv/bin/python benchmarks/binary.py --only kernels \
         --json benchmarks/results/binary_vnni.json   # int8 without AMX: a VNNI-only CPU
 
 1. Kernels: Linear 1 x 4096 x 4096 and 64 x 4096 x 4096, and a 3x3 Conv2d 64 -> 64 on 56 x 56
    at batch 8, converted by lowbit: XNOR (binary weights x centred binary inputs, popcounts),
-   BWN (binary weights x float inputs), ternary (float and int8 inputs), against FP32 and
+   BWN (binary weights x float inputs), ternary (float, int8 and ternary inputs), against FP32 and
    against lowbit's int8 kernels (the dynamic int8 Linear, the static int8 oneDNN conv), at 1 and
    2 threads. Goals (the issue): XNOR at 1 token >= 10x FP32, at 64 tokens >= 4x lowbit's int8.
 2. Digits end to end: an XNOR-Net (binary weights and inputs, the first and last layers 8-bit)
@@ -39,6 +40,7 @@ import lowbit
 from lowbit import presets
 from lowbit.cli import demo
 from lowbit.config import QuantConfig
+from lowbit.spec import QuantSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import interleaved
@@ -52,6 +54,8 @@ XNOR = QuantConfig(weight=BINARY.weight, input=BINARY.input)  # every layer bina
 BWN = presets.binary()
 TERNARY = presets.ternary()
 TERNARY_INT8 = presets.ternary("int8")
+# ternary weights x dynamic per-tensor ternary inputs: popcounts on two planes each
+TERNARY_X_TERNARY = QuantConfig(weight=TERNARY.weight, input=QuantSpec(bits=2, scheme="ternary"))
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*no integer kernel.*")
@@ -75,6 +79,7 @@ def bench_linear(rounds: int) -> list[dict[str, Any]]:
         "bwn": _converted(layer, BWN, calib),
         "ternary": _converted(layer, TERNARY, calib),
         "ternary_int8": _converted(layer, TERNARY_INT8, calib),
+        "ternary_x_ternary": _converted(layer, TERNARY_X_TERNARY, calib),
         "int8_dynamic": lowbit.quantize_dynamic(layer),
     }
     for m in LINEAR_TOKENS:
@@ -92,7 +97,11 @@ def bench_conv(rounds: int) -> list[dict[str, Any]]:
     conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)).eval()
     calib = [torch.randn(2, 64, 56, 56)]
     int8 = presets.int8(fusable_outputs=False)
-    models = {"xnor": _converted(conv, XNOR, calib), "int8_onednn": _converted(conv, int8, calib)}
+    models = {
+        "xnor": _converted(conv, XNOR, calib),
+        "ternary_x_ternary": _converted(conv, TERNARY_X_TERNARY, calib),
+        "int8_onednn": _converted(conv, int8, calib),
+    }
     x = torch.randn(8, 64, 56, 56)
     cands = {"fp32": lambda: conv(x)}
     cands.update({name: (lambda q=q: q(x)) for name, q in models.items()})

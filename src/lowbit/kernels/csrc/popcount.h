@@ -145,7 +145,8 @@ __attribute__((target("avx2"))) void block_avx2(const Operands& o, int64_t r0, i
 
 // R rows x 32 columns in 4R registers; the epilogue takes each 8-column vector of sums as it
 // leaves the registers (`epi.vec(row, col0, sums, keep)`, keep: the columns that exist).
-// prefetch: the next weight block, fetched into L1 along this pass (or null).
+// prefetch: the next weight block, fetched into L2 along this pass (or null; L2, not L1: with
+// 64 rows of A and the current block, L1 is full).
 template <int R, bool Ternary, typename Epi>
 __attribute__((target(LOWBIT_AVX512_BITS))) void block_avx512(const Operands& o, int64_t r0,
                                                               int64_t blk, int64_t cols,
@@ -166,7 +167,7 @@ __attribute__((target(LOWBIT_AVX512_BITS))) void block_avx512(const Operands& o,
     const int64_t at = o.word_off[q];
     if (prefetch)
       for (int j = 0; j < 4; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * kBlock + 8 * j), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * kBlock + 8 * j), _MM_HINT_T1);
     __m512i wv[4], wm[4];
     for (int j = 0; j < 4; ++j) {
       wv[j] = _mm512_loadu_si512(wb + q * kBlock + 8 * j);

@@ -77,20 +77,32 @@ def _elementwise(scale: Tensor, zp: Tensor, w: Tensor, spec: QuantSpec) -> tuple
     return s, z
 
 
-def _inverse_hessian_cholesky(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping."""
-    mean_diag = float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+def _inverse_hessian_cholesky(h: Tensor, diag: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with more damping;
+    H is `h` with the diagonal `diag`.
+
+    Memory: one matrix beside `h`. The damped diagonal goes into `h` in place (its own diagonal
+    is restored before returning), and the factor, its inverse and the inverse's factor are each
+    computed into the same new matrix (LAPACK works in place), with the values separate results
+    would have: the bits are those of the textbook formula, without its five temporaries.
+    """
+    original = torch.diag(h).clone()
+    mean_diag = float(diag.mean())
     lam = damp * mean_diag if mean_diag > 0 else 1.0
-    for _ in range(6):
-        hd = h + lam * eye
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    try:
+        for _ in range(6):
+            h.diagonal().copy_(diag + lam)
+            chol, info = torch.linalg.cholesky_ex(h)
             if int(info) == 0:
-                return u
-        lam = max(lam * 10, 1e-8)
+                torch.cholesky_inverse(chol, out=chol)
+                torch.linalg.cholesky_ex(chol, upper=True, out=(chol, info))
+                if int(info) == 0:
+                    return chol
+            del chol
+            lam = max(lam * 10, 1e-8)
+    finally:
+        h.diagonal().copy_(original)
     raise ValueError(
         "the layer's Hessian is not positive definite even with extra damping; "
         "pass more calibration data or a larger damp"
@@ -128,14 +140,16 @@ def gptq_quantize_weight(
         raise ValueError("pass either static scale / zero_point or group_columns")
     if act_order and group_columns is not None:
         raise ValueError("act_order needs static parameters (static groups)")
-    w, h, es, ez, perm = _prepared(weight, hessian, scale, zero_point, act_order)
+    w, h, diag, es, ez, perm = _prepared(weight, hessian, scale, zero_point, act_order)
     cols = w.shape[1]
-    u = _inverse_hessian_cholesky(h, damp)
+    u = _inverse_hessian_cholesky(h, diag, damp)
+    del h  # the caller's Hessian (unchanged), or act order's permuted copy
     bs = block_size
     if group_columns is not None:  # keep every group inside one block
         bs = max(group_columns, (block_size // group_columns) * group_columns)
-    q_all = torch.zeros_like(w)
-    codes = torch.zeros_like(w)
+    # the results in their final dtypes: each value is converted once, as at the end
+    q_all = torch.zeros_like(w, dtype=torch.float32)
+    codes = torch.zeros_like(w, dtype=torch.int32)
     group_params: list[tuple[Tensor, Tensor]] = []
     per_row_spec = spec.with_(granularity=PerChannel(0))
     for i1 in range(0, cols, bs):
@@ -163,8 +177,8 @@ def gptq_quantize_weight(
         inv = torch.argsort(perm)
         q_all, codes, es, ez = q_all[:, inv], codes[:, inv], es[:, inv], ez[:, inv]
     return GPTQResult(
-        weight=q_all.float(),
-        codes=codes.to(torch.int32),
+        weight=q_all,
+        codes=codes,
         scale=es.float(),
         zero_point=ez.to(torch.int32),
         group_params=group_params,
@@ -177,26 +191,37 @@ def _prepared(
     scale: Tensor | None,
     zero_point: Tensor | None,
     act_order: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Working copies (float64 on CPU) of the weight, Hessian and elementwise parameters, dead
-    inputs (zero Hessian diagonal) zeroed, columns in act order (and that order) if asked."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Working copies (float64 on CPU) of the weight and elementwise parameters, dead inputs
+    (zero Hessian diagonal) zeroed, columns in act order (and that order) if asked; the Hessian
+    (the caller's own tensor where it already has the working dtype: it is not written but for
+    the damping, undone) and its diagonal with dead inputs set to 1.
+
+    Parameters found on the fly (groups) are float32 values: they are held as float32, which
+    takes half the memory and gives the same arithmetic (float32 promotes exactly)."""
     numerics.check_finite(weight.detach(), "weight")
     numerics.check_finite(hessian, "Hessian")
     dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
     w = weight.detach().to(dtype).clone()
-    h = hessian.to(dtype).clone()
+    h = hessian.to(dtype)
+    if not h.is_contiguous():
+        h = h.contiguous()
     cols = w.shape[1]
     if h.shape != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(h.shape)} does not match {cols} weight columns")
-    es = scale.to(dtype).clone() if scale is not None else torch.ones_like(w)
-    ez = zero_point.to(dtype).clone() if zero_point is not None else torch.zeros_like(w)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    f32 = torch.float32
+    es = scale.to(dtype).clone() if scale is not None else torch.ones_like(w, dtype=f32)
+    ez = zero_point.to(dtype).clone() if zero_point is not None else torch.zeros_like(es)
+    diag = torch.diag(h).clone()
+    dead = diag == 0
+    diag[dead] = 1.0
     w[:, dead] = 0.0
     if not act_order:
-        return w, h, es, ez, None
-    perm = torch.argsort(torch.diag(h), descending=True)
-    return w[:, perm], h[perm][:, perm], es[:, perm], ez[:, perm], perm
+        return w, h, diag, es, ez, None
+    perm = torch.argsort(diag, descending=True)
+    h = h[perm]
+    h = h[:, perm]
+    return w[:, perm], h, diag[perm], es[:, perm], ez[:, perm], perm
 
 
 def _group_qparams(

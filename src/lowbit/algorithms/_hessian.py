@@ -16,7 +16,11 @@ order of them.
 
 Overflow: a grid holds at most 2^15 batches (2^15 * 2^47 < 2^63), checked over all ranks.
 Memory: one int64 [columns, columns] matrix per distinct E (batches of similar magnitude share
-one; a layer's inputs rarely span more than a few).
+one; a layer's inputs rarely span more than a few). Both the conversion of a product onto its grid
+and of the grids into the float64 result go a slab of rows at a time (elementwise work: the same
+bits as whole-matrix operations), so neither holds a full-size temporary beside its operands; and
+`total` releases each grid once it is added, so a model's widest layer (4096 or 11008 inputs:
+128 MB or 930 MB per matrix) costs its grids and one float64 result, not twice that.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = ["GramSum"]
 _MANTISSA_BITS = 47  # |grid integer| <= 2^47 per batch
 _MAX_BATCHES = 2**15  # per grid: 2^15 * 2^47 = 2^62 < 2^63
 _GRID_STEP = 8  # E rounded up to a multiple of this: fewer grids, 7 bits less per entry at most
+_SLAB = 1 << 20  # elements converted at a time (8 MB of float64)
 
 
 class GramSum:
@@ -55,20 +60,22 @@ class GramSum:
             return  # nothing but zeros: no grid needed
         exponent = math.frexp(top)[1]  # top < 2^exponent
         exponent = -(-exponent // _GRID_STEP) * _GRID_STEP
-        grid = _times_power_of_two(product, _MANTISSA_BITS - exponent).round_().to(torch.int64)
         count = self.batches.get(exponent, 0) + 1
         if count > _MAX_BATCHES:
             raise ValueError(_too_many(exponent))
         self.batches[exponent] = count
-        if exponent in self.grids:
-            self.grids[exponent] += grid
-        else:
-            self.grids[exponent] = grid
+        grid = self.grids.get(exponent)
+        if grid is None:
+            grid = self.grids[exponent] = torch.zeros_like(product, dtype=torch.int64)
+        k = _MANTISSA_BITS - exponent
+        for rows in _slabs(product.shape[0], product.shape[1]):
+            grid[rows] += _times_power_of_two(product[rows], k).round_().to(torch.int64)
 
     def total(self, group: Any = None) -> tuple[Tensor, int]:
         """(sum of every added X^T X over the ranks of `group`, as float64; total rows).
 
-        Every rank of `group` must call this: the grids and counts are all-reduced first.
+        Every rank of `group` must call this: the grids and counts are all-reduced first. The
+        grids are released as they are added: call it once, after the last `add`.
         """
         shards = gather_objects((dict(self.batches), self.rows), group)
         exponents = sorted({e for batches, _ in shards for e in batches})
@@ -78,13 +85,22 @@ class GramSum:
                 raise ValueError(_too_many(e))
         h = torch.zeros(self.columns, self.columns, dtype=torch.float64, device=self.device)
         for e in exponents:  # smallest first: the float64 sum of the grids loses the least
-            grid = self.grids.get(e)
+            grid = self.grids.pop(e, None)
             if grid is None:
                 grid = torch.zeros_like(h, dtype=torch.int64)
             if group is not None:
                 grid = all_reduce(grid, group)
-            h += _times_power_of_two(grid.to(torch.float64), e - _MANTISSA_BITS)
+            for r in _slabs(self.columns, self.columns):
+                h[r] += _times_power_of_two(grid[r].to(torch.float64), e - _MANTISSA_BITS)
+            del grid
+        self.grids.clear()
         return h, rows
+
+
+def _slabs(rows: int, columns: int) -> list[slice]:
+    """Row ranges of about `_SLAB` elements covering a [rows, columns] matrix."""
+    step = max(1, _SLAB // max(1, columns))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
 def _times_power_of_two(t: Tensor, k: int) -> Tensor:

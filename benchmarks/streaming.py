@@ -120,12 +120,25 @@ def write_checkpoint(folder: Path, config: dict[str, Any], shard_bytes: int) -> 
 
 
 _CHILD = """
-import json, resource, sys, time, torch
+import json, pathlib, re, resource, sys, threading, time, torch
 torch.set_num_threads({threads})
 import lowbit
 ids = torch.randint(0, {vocab}, ({windows}, {tokens}), generator=torch.Generator().manual_seed(0))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
+
+def trace(dst=pathlib.Path({dst!r}), pattern=re.compile(r"(?:model-block-|block-)(\\d{{5}})\\.")):
+    seen = set()  # a block's file appears: the peak so far, printed at once (a run cut short
+    while True:   # still shows whether the peak grows with the blocks)
+        time.sleep(0.5)
+        found = {{int(m[1]) for f in dst.rglob("*") if (m := pattern.match(f.name))}}
+        for i in sorted(found - seen):
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(json.dumps({{"block": i, "peak_mb": peak, "at_s": time.perf_counter() - t}}),
+                  flush=True)
+        seen |= found
+
+threading.Thread(target=trace, daemon=True).start()
 lowbit.quantize_pretrained({src!r}, {dst!r}, method={method!r}, bits=4, group_size=128,
                            calib=ids, format={fmt!r}, progress=False)
 took = time.perf_counter() - t
@@ -148,12 +161,24 @@ def measure(src: Path, dst: Path, method: str, args: argparse.Namespace) -> dict
     )
     env = dict(os.environ)  # this source tree's lowbit, installed or not
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
-    )
-    if done.returncode:
-        raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as errors:  # a file: a full pipe would block the child
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors, text=True, env=env
+        )
+        assert child.stdout is not None
+        last: dict[str, Any] = {}
+        for line in child.stdout:  # one line per block written, then the run's figures
+            last = json.loads(line)
+            if "block" in last:
+                print(
+                    f"  {method} block {last['block']}: peak RSS so far {last['peak_mb']:.0f} MB "
+                    f"at {last['at_s']:.0f} s",
+                    flush=True,
+                )
+        if child.wait():
+            errors.seek(0)
+            raise SystemExit(f"{method} failed:\n{errors.read()[-3000:]}")
+    return last
 
 
 def main() -> None:

@@ -93,7 +93,9 @@ def _streamed_codes(dst: Path, src: Path, blocks: str) -> dict[str, torch.Tensor
     return codes
 
 
-def _in_memory_codes(src: Path, batches: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
+def _in_memory_codes(
+    src: Path, batches: torch.Tensor, method: str, **gptq_args: Any
+) -> dict[str, torch.Tensor]:
     config = transformers.AutoConfig.from_pretrained(src)
     model = getattr(transformers, config.architectures[0]).from_pretrained(src).eval()
     spec = lowbit.QuantSpec(bits=4, granularity=lowbit.PerGroup(GROUP))
@@ -103,7 +105,7 @@ def _in_memory_codes(src: Path, batches: torch.Tensor, method: str) -> dict[str,
     data = [row.unsqueeze(0) for row in batches]
     qmodel = lowbit.quantize(model, cfg, data, progress=False)
     if method == "gptq":
-        gptq(qmodel, data, progress=False)
+        gptq(qmodel, data, progress=False, **gptq_args)
     out = {}
     for name, qm in quant_modules(qmodel).items():
         wq = qm.weight_quantizer

@@ -154,6 +154,15 @@ def _finite_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
     return scale
 
 
+def representable_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """`scale` rounded to the nearest value of `dtype` (a file's scale type: GGUF's blocks store
+    float16), kept in `scale`'s dtype, so that codes chosen with it mean the same weights once
+    stored; clamped into `dtype`'s positive finite range (never 0 or inf)."""
+    info = torch.finfo(dtype)
+    low = info.smallest_normal * info.eps  # the smallest positive (subnormal) value
+    return scale.clamp(low, info.max).to(dtype).to(scale.dtype)
+
+
 def tensor_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Quantization parameters taken from the tensor itself (weights).
 

@@ -39,10 +39,11 @@ class GPTQResult:
 
 
 def layer_params(
-    weight: Tensor, spec: QuantSpec, act_order: bool
+    weight: Tensor, spec: QuantSpec, act_order: bool, scale_dtype: torch.dtype | None = None
 ) -> tuple[int | None, Tensor | None, Tensor | None, tuple[Tensor, Tensor] | None]:
     """Columns per on-the-fly group (None: static parameters); else the static elementwise scale
-    and zero point of the 2-D view [out, columns] and the parameters in the spec's shape."""
+    and zero point of the 2-D view [out, columns] and the parameters in the spec's shape (the
+    scale rounded to `scale_dtype` if given)."""
     g = spec.granularity
     dyn_cols: int | None = None
     if isinstance(g, PerGroup):
@@ -59,6 +60,8 @@ def layer_params(
             )
         return dyn_cols, None, None, None
     scale, zp = numerics.tensor_qparams(weight.detach(), spec)
+    if scale_dtype is not None:
+        scale = numerics.representable_scale(scale, scale_dtype)
     es, ez = _elementwise(scale, zp, weight, spec)
     rows = weight.shape[0]
     return None, es.reshape(rows, -1), ez.reshape(rows, -1), (scale, zp)
@@ -127,6 +130,7 @@ def gptq_quantize_weight(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> GPTQResult:
     """GPTQ on one 2-D weight [out, columns] with the Hessian [columns, columns] of its inputs.
 
@@ -134,7 +138,9 @@ def gptq_quantize_weight(
     `group_columns` gives groups of that many consecutive columns whose parameters are computed
     (with `spec`'s rule, per row) from the current weights when the group's first column is
     reached. `group_shape` (a conv kernel's shape) makes each group's parameters per row and per
-    kernel position, as PerGroup along a conv weight's input channels does.
+    kernel position, as PerGroup along a conv weight's input channels does. `scale_dtype`: the
+    groups' scales are rounded to it before their codes are chosen (a file that stores float16
+    scales then holds the codes exactly); static scales are the caller's (`layer_params`).
     """
     if (scale is None) == (group_columns is None):
         raise ValueError("pass either static scale / zero_point or group_columns")
@@ -161,7 +167,7 @@ def gptq_quantize_weight(
             col = i1 + i
             if group_columns is not None and col % group_columns == 0:
                 block = w1[:, i : i + group_columns].float()
-                s, z, params = _group_qparams(block, per_row_spec, group_shape)
+                s, z, params = _group_qparams(block, per_row_spec, group_shape, scale_dtype)
                 es[:, col : col + group_columns] = s.to(w.dtype)
                 ez[:, col : col + group_columns] = z.to(w.dtype)
                 group_params += params
@@ -225,19 +231,33 @@ def _prepared(
 
 
 def _group_qparams(
-    block: Tensor, per_row_spec: QuantSpec, group_shape: tuple[int, ...]
+    block: Tensor,
+    per_row_spec: QuantSpec,
+    group_shape: tuple[int, ...],
+    scale_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
     """A group's parameters from its current weights `block` [out, group columns]: elementwise
     over the block, and as the (scale, zero point) per row of each kernel position (one pair
-    without `group_shape`)."""
+    without `group_shape`); scales rounded to `scale_dtype` if given."""
     n_out, size = block.shape
     if not group_shape:
-        s, z = numerics.tensor_qparams(block, per_row_spec)
+        s, z = _row_qparams(block, per_row_spec, scale_dtype)
         return s.unsqueeze(1).expand(n_out, size), z.unsqueeze(1).expand(n_out, size), [(s, z)]
     k = math.prod(group_shape)
     # [out, size, k] -> per (row, kernel position) over the group's channels
     sub = block.reshape(n_out, -1, k).transpose(1, 2).reshape(n_out * k, -1)
-    s, z = numerics.tensor_qparams(sub, per_row_spec)
+    s, z = _row_qparams(sub, per_row_spec, scale_dtype)
     s, z = s.reshape(n_out, k), z.reshape(n_out, k)
     params = [(s[:, j], z[:, j]) for j in range(k)]
     return s.repeat(1, size // k), z.repeat(1, size // k), params
+
+
+def _row_qparams(
+    rows: Tensor, spec: QuantSpec, scale_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """Per-row (scale, zero point) of `rows`; the scale rounded to `scale_dtype` if given (the
+    zero point, an integer code, is kept: it is as valid on the rounded grid)."""
+    s, z = numerics.tensor_qparams(rows, spec)
+    if scale_dtype is None:
+        return s, z
+    return numerics.representable_scale(s, scale_dtype), z

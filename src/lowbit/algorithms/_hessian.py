@@ -20,7 +20,7 @@ one; a layer's inputs rarely span more than a few). Both the conversion of a pro
 and of the grids into the float64 result go a slab of rows at a time (elementwise work: the same
 bits as whole-matrix operations), so neither holds a full-size temporary beside its operands; and
 `total` releases each grid once it is added, so a model's widest layer (4096 or 11008 inputs:
-128 MB or 930 MB per matrix) costs its grids and one float64 result, not twice that.
+128 MB or 970 MB per matrix) costs its grids and one float64 result, not twice that.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class GramSum:
         if grid is None:
             grid = self.grids[exponent] = torch.zeros_like(product, dtype=torch.int64)
         k = _MANTISSA_BITS - exponent
-        for rows in _slabs(product.shape[0], product.shape[1]):
-            grid[rows] += _times_power_of_two(product[rows], k).round_().to(torch.int64)
+        for part in _slabs(product.shape[0], product.shape[1]):
+            grid[part] += _times_power_of_two(product[part], k).round_().to(torch.int64)
 
     def total(self, group: Any = None) -> tuple[Tensor, int]:
         """(sum of every added X^T X over the ranks of `group`, as float64; total rows).

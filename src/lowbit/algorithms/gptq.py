@@ -56,6 +56,7 @@ def gptq(
     act_order: bool = False,
     progress: bool = True,
     group: Any = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Run GPTQ over every eligible quantized layer of `qmodel` (from `lowbit.quantize`), in place.
 
@@ -69,6 +70,8 @@ def gptq(
     block_size: columns per lazy batch update (speed only; the result is the same).
     damp: added to the Hessian diagonal as a fraction of its mean (numerical stability).
     act_order: quantize columns in order of decreasing Hessian diagonal (largest inputs first).
+    scale_dtype: every scale is rounded to this dtype before the codes are chosen, e.g.
+        torch.float16 for GGUF's Q4_0 / Q8_0 blocks, which then hold the codes exactly.
 
     Returns `qmodel`. Raises ValueError for empty calibration data, bad arguments, or a model with
     no eligible layer; ineligible quantized layers are listed in a warning and left as they are.
@@ -93,7 +96,7 @@ def gptq(
     was_training = qmodel.training
     qmodel.eval()
     switched: list[tuple[TensorQuantizer, Mode]] = []
-    solve = _Solve(block_size, damp, act_order, group)
+    solve = _Solve(block_size, damp, act_order, group, scale_dtype)
     try:
         for members in progress_bar(groups, "GPTQ", enabled=progress and rank(group) == 0):
             for qm in members:
@@ -278,8 +281,16 @@ class _Solve:
     results travel to every rank (rank order), which writes every layer alike.
     """
 
-    def __init__(self, block_size: int, damp: float, act_order: bool, group: Any) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        damp: float,
+        act_order: bool,
+        group: Any,
+        scale_dtype: torch.dtype | None,
+    ) -> None:
         self.block_size, self.damp, self.act_order, self.group = block_size, damp, act_order, group
+        self.scale_dtype = scale_dtype
         self.world = 1 if group is None else dist.get_world_size(group)
         self.rank = rank(group)
 
@@ -296,7 +307,7 @@ class _Solve:
         shards = gather_objects(mine, self.group)
         for i, (_name, qm, _h) in enumerate(layers):
             parts = [shard[i] for shard in shards if i in shard]
-            _write(qm, parts, self.act_order)
+            _write(qm, parts, self.act_order, self.scale_dtype)
 
     def _rows(self, out: int) -> tuple[int, int]:
         per = -(-out // self.world)
@@ -307,7 +318,9 @@ class _Solve:
         weight: Tensor = qm.module.weight
         assert qm.weight_quantizer is not None
         spec = qm.weight_quantizer.spec
-        group_cols, scale, zp, _params = layer_params(weight, spec, self.act_order)
+        group_cols, scale, zp, _params = layer_params(
+            weight, spec, self.act_order, self.scale_dtype
+        )
         w = weight.detach().reshape(weight.shape[0], -1)
         start, stop = (0, w.shape[0]) if rows is None else rows
         if start == stop:
@@ -324,6 +337,7 @@ class _Solve:
                 block_size=self.block_size,
                 damp=self.damp,
                 act_order=self.act_order,
+                scale_dtype=self.scale_dtype,
             )
         except ValueError as e:
             raise ValueError(f"GPTQ failed on layer {name!r}: {e}") from e
@@ -340,12 +354,14 @@ class _Part:
     group_params: list[tuple[Tensor, Tensor]]
 
 
-def _write(qm: QuantModule, parts: list[_Part], act_order: bool) -> None:
+def _write(
+    qm: QuantModule, parts: list[_Part], act_order: bool, scale_dtype: torch.dtype | None
+) -> None:
     """Write the solved weight (its row blocks in rank order) and the parameters GPTQ used."""
     wq = qm.weight_quantizer
     assert wq is not None
     weight: Tensor = qm.module.weight
-    _cols, _scale, _zp, params = layer_params(weight, wq.spec, act_order)
+    _cols, _scale, _zp, params = layer_params(weight, wq.spec, act_order, scale_dtype)
     solved = torch.cat([p.weight for p in parts]).to(weight.device)
     with torch.no_grad():
         weight.copy_(solved.reshape(weight.shape).to(weight.dtype))

@@ -101,7 +101,15 @@ def quantize_block(
     with torch.no_grad():
         swap_modules(block, config, make)
     if recipe.method == "gptq":
-        gptq(block, inputs, forward=_forward, damp=recipe.damp, progress=False)
+        scale_dtype = torch.float16 if recipe.fp16_scales else None
+        gptq(
+            block,
+            inputs,
+            forward=_forward,
+            damp=recipe.damp,
+            progress=False,
+            scale_dtype=scale_dtype,
+        )
     elif recipe.method == "awq":
         for group in _groups(block, scale_groups):
             wrapped = group.producer
@@ -110,11 +118,11 @@ def quantize_block(
             awq_group(block, group, inputs, _forward, recipe.awq_grid)
             if isinstance(wrapped, QuantModule) and wrapped.weight_quantizer is not None:
                 wrapped.weight_quantizer.set_qparams_from(wrapped.module.weight)
-    if recipe.fp16_scales:
+    if recipe.fp16_scales:  # GPTQ's are already: it rounds each group's scale as it finds it
         for qm in quant_modules(block).values():
             wq = qm.weight_quantizer
             assert wq is not None
-            wq.set_qparams(wq.scale.half().float(), wq.zero_point)
+            wq.set_qparams(numerics.representable_scale(wq.scale, torch.float16), wq.zero_point)
     return block
 
 

@@ -62,8 +62,8 @@ def quantize_pretrained(
     `calibration_batches`), cut into `seq_len`-token windows, at most `num_samples`.
     format: "compressed-tensors" (the default; transformers and vLLM load it), "gguf" (the same
     folder plus `model.gguf` for llama.cpp: Q4_0 / Q8_0 blocks, so bits 4 or 8 with group_size=32,
-    scales rounded to float16 before the codes are chosen; not with GPTQ, whose scales are found
-    while it runs) or "lowbit" (one lowbit file per block, see `lowbit_writer`).
+    every scale rounded to float16 before its codes are chosen, GPTQ's as it finds them) or
+    "lowbit" (one lowbit file per block, see `lowbit_writer`).
 
     Returns the run's record (also stored in the output). Bad input (no config.json, a missing
     or truncated shard, an unsupported architecture, too little calibration text) raises
@@ -138,13 +138,11 @@ def _recipe(
         raise ValueError(
             "smoothquant is W8A8: int8 weights per channel; pass bits=8, group_size=None"
         )
-    if format == "gguf" and (
-        method not in ("rtn", "awq") or group_size != 32 or bits not in (4, 8)
-    ):
+    if format == "gguf" and (method == "smoothquant" or group_size != 32 or bits not in (4, 8)):
         raise ValueError(
-            "format 'gguf' writes Q4_0 / Q8_0 blocks: bits 4 or 8 with group_size=32, round to "
-            f"nearest or AWQ (got method {method!r}, bits {bits}, group_size {group_size}); use "
-            "format 'compressed-tensors' for the others"
+            "format 'gguf' writes Q4_0 / Q8_0 blocks: bits 4 or 8 with group_size=32, weight-only "
+            f"(rtn, gptq or awq; got method {method!r}, bits {bits}, group_size {group_size}); "
+            "use format 'compressed-tensors' for the others"
         )
     return Recipe(method, bits, group_size, damp, grid, alpha, fp16_scales=format == "gguf")
 

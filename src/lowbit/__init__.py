@@ -12,7 +12,7 @@ from lowbit.evaluate.mixed_precision import auto_quantize
 from lowbit.exceptions import LowbitWarning, OpPointMismatch
 from lowbit.export import export_onnx, export_openvino
 from lowbit.io import load, save
-from lowbit.pretrained import quantize_pretrained
+from lowbit.pretrained import load_pretrained, quantize_pretrained
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 from lowbit.workflows.conversion import convert, quantize_dynamic, quantize_weights
 from lowbit.workflows.quantization import QuantSummary, calibrate, prepare_qat, quantize
@@ -42,6 +42,7 @@ __all__ = [
     "export_onnx",
     "export_openvino",
     "load",
+    "load_pretrained",
     "prepare_qat",
     "presets",
     "quantize",

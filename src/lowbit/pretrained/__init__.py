@@ -6,5 +6,12 @@ See docs/pretrained.md. Layer: above `io` and `export` (it writes their files), 
 from lowbit.pretrained.architectures import supported_architectures
 from lowbit.pretrained.block import METHODS
 from lowbit.pretrained.engine import FORMATS, quantize_pretrained
+from lowbit.pretrained.loader import load_pretrained
 
-__all__ = ["FORMATS", "METHODS", "quantize_pretrained", "supported_architectures"]
+__all__ = [
+    "FORMATS",
+    "METHODS",
+    "load_pretrained",
+    "quantize_pretrained",
+    "supported_architectures",
+]

@@ -11,8 +11,9 @@ the block receives (hidden states, masks, position embeddings) as transformers c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,18 @@ from torch import Tensor, nn
 
 from lowbit.pretrained.checkpoint import Checkpoint
 
-__all__ = ["BlockInput", "Family", "Skeleton", "supported_architectures"]
+__all__ = [
+    "BlockInput",
+    "Family",
+    "Skeleton",
+    "block_made_real",
+    "blocks_path",
+    "build_meta",
+    "make_real",
+    "name_map",
+    "supported_architectures",
+    "tied_parameters",
+]
 
 
 @dataclass(frozen=True)
@@ -89,17 +101,61 @@ def supported_architectures() -> list[str]:
     return [a for f in FAMILIES for a in f.architectures]
 
 
-def family_of(ckpt: Checkpoint) -> tuple[Family, str]:
-    """The family and architecture name of a checkpoint; ValueError naming what is supported."""
-    archs = ckpt.config_dict.get("architectures") or []
-    arch = archs[0] if archs else f"model_type {ckpt.config_dict.get('model_type')!r}"
+def family_of(config: dict[str, Any], where: object) -> tuple[Family, str]:
+    """The family and architecture name of a config.json's contents (read from `where`);
+    ValueError naming what is supported."""
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else f"model_type {config.get('model_type')!r}"
     for fam in FAMILIES:
         if arch in fam.architectures:
             return fam, arch
     raise ValueError(
-        f"unsupported architecture {arch} in {ckpt.folder / 'config.json'}: lowbit quantizes "
+        f"unsupported architecture {arch} in {where}: lowbit quantizes "
         f"{', '.join(supported_architectures())} block by block"
     )
+
+
+def build_meta(folder: Path, config_dict: dict[str, Any]) -> tuple[Any, Family, str, nn.Module]:
+    """(transformers config, family, architecture, the model on the meta device) of a folder
+    whose config.json holds `config_dict`."""
+    import transformers
+
+    family, arch = family_of(config_dict, folder / "config.json")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model: nn.Module = getattr(transformers, arch)(config)
+    return config, family, arch, model.eval()
+
+
+def blocks_path(model: nn.Module, family: Family) -> str:
+    """Path of the ModuleList of blocks in `model` (the first base that holds it)."""
+    base = next((b for b in family.bases if _has(model, _join(b, family.blocks))), family.bases[0])
+    return _join(base, family.blocks)
+
+
+def make_real(model: nn.Module, path: str, config: Any) -> nn.Module:
+    """The module at `path` on the CPU, uninitialized (to be loaded) or, where it holds buffers
+    that are not stored (a rotary embedding's), rebuilt from the config, which computes them."""
+    module = model.get_submodule(path)
+    if any(True for _ in _non_persistent(module)):
+        module = type(module)(config=config)
+        model.set_submodule(path, module)
+    else:
+        module.to_empty(device="cpu")
+    return module
+
+
+def block_made_real(blocks: nn.ModuleList, index: int) -> nn.Module:
+    """Block `index` on the CPU, uninitialized; ValueError if it holds buffers that are not
+    stored (transformers versions that keep a rotary embedding in every block)."""
+    block = blocks[index]
+    buffers = [n for n, _ in _non_persistent(block)]
+    if buffers:
+        raise ValueError(
+            f"block {index} holds buffers not stored in the checkpoint ({', '.join(buffers)}): "
+            "this transformers version is too old for lowbit's streaming quantizer; upgrade it"
+        )
+    return block.to_empty(device="cpu")
 
 
 class _StopForward(Exception):
@@ -124,23 +180,16 @@ class Skeleton:
     """The model on the meta device with the checkpoint's tensor names mapped onto it."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
-        import transformers
-
         self.ckpt = ckpt
-        self.family, self.architecture = family_of(ckpt)
-        self.config = transformers.AutoConfig.from_pretrained(ckpt.folder)
-        cls = getattr(transformers, self.architecture)
-        with torch.device("meta"):
-            self.model: nn.Module = cls(self.config)
-        self.model.eval()
-        fam = self.family
-        self.base = next(
-            (b for b in fam.bases if _has(self.model, _join(b, fam.blocks))), fam.bases[0]
+        self.config, self.family, self.architecture, self.model = build_meta(
+            ckpt.folder, ckpt.config_dict
         )
-        self.blocks_path = _join(self.base, fam.blocks)
-        self.blocks = self.model.get_submodule(self.blocks_path)
-        assert isinstance(self.blocks, nn.ModuleList)
-        self.names = _name_map(self.model, ckpt, getattr(self.model, "base_model_prefix", ""))
+        self.blocks_path = blocks_path(self.model, self.family)
+        self.base = self.blocks_path.removesuffix(self.family.blocks).removesuffix(".")
+        blocks = self.model.get_submodule(self.blocks_path)
+        assert isinstance(blocks, nn.ModuleList)
+        self.blocks: nn.ModuleList = blocks
+        self.names = name_map(self.model, ckpt.tensors, ckpt.folder)
         self.scale_groups = self.family.scale_groups(self.config)
 
     @property
@@ -161,25 +210,12 @@ class Skeleton:
         """Make the modules before the first block real, with the checkpoint's tensors."""
         for rel in self.family.front:
             path = _join(self.base, rel)
-            module = self.model.get_submodule(path)
-            if any(True for _ in _non_persistent(module)):
-                module = type(module)(config=self.config)  # buffers computed from the config
-                self.model.set_submodule(path, module)
-            else:
-                module.to_empty(device="cpu")
-            _load_into(module, path, self.names, self.ckpt)
+            _load_into(make_real(self.model, path, self.config), path, self.names, self.ckpt)
         self.model.eval()  # the rebuilt modules too: no dropout
 
     def load_block(self, index: int) -> nn.Module:
         """Block `index` made real (float32) with its tensors from the checkpoint."""
-        block = self.blocks[index]
-        buffers = [n for n, _ in _non_persistent(block)]
-        if buffers:
-            raise ValueError(
-                f"block {index} holds buffers not stored in the checkpoint ({', '.join(buffers)}): "
-                "this transformers version is too old for lowbit's streaming quantizer; upgrade it"
-            )
-        block.to_empty(device="cpu")
+        block = block_made_real(self.blocks, index)
         _load_into(block, f"{self.blocks_path}.{index}", self.names, self.ckpt)
         return block
 
@@ -232,18 +268,24 @@ def _non_persistent(module: nn.Module) -> list[tuple[str, Tensor]]:
     return found
 
 
-def _name_map(model: nn.Module, ckpt: Checkpoint, base_prefix: str) -> dict[str, str]:
-    """Model state-dict key -> checkpoint name (with or without the base model's prefix, as
-    checkpoints differ); ValueError listing model tensors the checkpoint lacks (tied weights,
-    which transformers ties again on load, may be absent)."""
-    tied = _tied_keys(model)
+def name_map(
+    model: nn.Module, stored: Container[str], folder: Path, skip: str | None = None
+) -> dict[str, str]:
+    """Model state-dict key -> name among the `stored` tensors of `folder` (with or without the
+    base model's prefix, as checkpoints differ), keys starting with `skip` left out; ValueError
+    listing model tensors it lacks (tied weights, which transformers ties again on load, may be
+    absent)."""
+    base_prefix = getattr(model, "base_model_prefix", "")
+    tied = tied_parameters(model)
     names: dict[str, str] = {}
     missing: list[str] = []
     for key in model.state_dict():
+        if skip is not None and key.startswith(skip):
+            continue
         candidates = [key]
         if base_prefix:
             candidates += [f"{base_prefix}.{key}", key.removeprefix(f"{base_prefix}.")]
-        found = next((c for c in candidates if c in ckpt.tensors), None)
+        found = next((c for c in candidates if c in stored), None)
         if found is not None:
             names[key] = found
         elif key not in tied:
@@ -252,17 +294,17 @@ def _name_map(model: nn.Module, ckpt: Checkpoint, base_prefix: str) -> dict[str,
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
-        raise ValueError(f"checkpoint {ckpt.folder} lacks tensor(s) {shown}: it is incomplete")
+        raise ValueError(f"checkpoint {folder} lacks tensor(s) {shown}: it is incomplete")
     return names
 
 
-def _tied_keys(model: nn.Module) -> set[str]:
-    """State-dict keys that share storage with an earlier key (e.g. a tied output head)."""
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> the earlier name it is the same parameter as (a tied output head)."""
     seen: dict[int, str] = {}
-    tied: set[str] = set()
+    tied: dict[str, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
-            tied.add(name)
+            tied[name] = seen[id(p)]
         else:
             seen[id(p)] = name
     return tied

@@ -166,19 +166,21 @@ def measure(src: Path, dst: Path, method: str, args: argparse.Namespace) -> dict
             [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors, text=True, env=env
         )
         assert child.stdout is not None
-        last: dict[str, Any] = {}
-        for line in child.stdout:  # one line per block written, then the run's figures
-            last = json.loads(line)
-            if "block" in last:
-                print(
-                    f"  {method} block {last['block']}: peak RSS so far {last['peak_mb']:.0f} MB "
-                    f"at {last['at_s']:.0f} s",
-                    flush=True,
-                )
+        result: dict[str, Any] = {}
+        for line in child.stdout:  # a line per block written (the last may come after the
+            row = json.loads(line)  # run's figures)
+            if "block" not in row:
+                result = row
+                continue
+            print(
+                f"  {method} block {row['block']}: peak RSS so far {row['peak_mb']:.0f} MB "
+                f"at {row['at_s']:.0f} s",
+                flush=True,
+            )
         if child.wait():
             errors.seek(0)
             raise SystemExit(f"{method} failed:\n{errors.read()[-3000:]}")
-    return last
+    return result
 
 
 def main() -> None:

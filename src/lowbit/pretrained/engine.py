@@ -3,8 +3,9 @@
 As the GPTQ paper and llm-compressor's sequential onloading do: the calibration tokens run through
 the embeddings once; then each block is loaded from the checkpoint, quantized on its cached inputs,
 written, and freed, and its quantized outputs become the next block's inputs. Resident memory is
-one block (float32) and the calibration activations of one block boundary (twice: in and out),
-plus the algorithm's working set (GPTQ: one layer's Hessian) and a fixed overhead.
+one block (float32), the calibration activations of one block boundary (once: each batch's output
+replaces its input), the algorithm's working set (GPTQ: the widest layer's Hessian and one more
+matrix of its size) and a fixed overhead.
 
 Resume: the writer keeps a marker file in the output folder until `finish`; every block is written
 atomically; the inputs of the next block are saved (atomically) after each block. A rerun with the
@@ -201,10 +202,9 @@ def _run_blocks(
         }
         tensors = quantized_tensors(block, skeleton.block_names(i), dtypes)
         if recipe.needs_calibration and i + 1 < n:
-            with torch.no_grad():
-                hidden = [b.run(block) for b in inputs]
-            for b, h in zip(inputs, hidden, strict=True):
-                b.hidden = h
+            with torch.no_grad():  # batch by batch, each output replacing its input: the
+                for b in inputs:  # activations are held once, not at both boundaries
+                    b.hidden = b.run(block)
         _write(writer, i, tensors, block)
         if recipe.needs_calibration and i + 1 < n:
             _save_inputs(acts, i + 1, inputs)

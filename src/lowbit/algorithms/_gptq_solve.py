@@ -209,7 +209,7 @@ def _prepared(
     numerics.check_finite(hessian, "Hessian")
     dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
     w = weight.detach().to(dtype).clone()
-    h = hessian.to(dtype)
+    h = hessian.detach().to(dtype)
     if not h.is_contiguous():
         h = h.contiguous()
     cols = w.shape[1]

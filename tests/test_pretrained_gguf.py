@@ -88,3 +88,14 @@ def test_gguf_holds_gptq_and_awq_codes_exactly(
             differs_from_rtn += int((rtn != record.codes).sum())
     if method == "gptq":  # error compensation moved codes off round to nearest
         assert differs_from_rtn > 0
+
+
+def test_scales_round_to_float16_values_that_are_never_zero_or_infinite() -> None:
+    from lowbit.numerics import representable_scale
+
+    scale = torch.tensor([1e-9, 1.0001, 0.1, 1e6])
+    got = representable_scale(scale, torch.float16)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.half().float(), got)  # float16 holds each exactly
+    assert got[0] == 2.0**-24 and got[3] == 65504.0  # clamped into float16's range
+    assert got[1] == torch.tensor(1.0001).half().float() and got[2] == torch.tensor(0.1).half()

@@ -36,7 +36,7 @@ from lowbit.batches import Forward, first_batch, flat_outputs, head_batches
 from lowbit.config import QuantConfig
 from lowbit.evaluate.sqnr import output_sqnr
 from lowbit.nn.modules import quant_modules
-from lowbit.nn.op_points import op_points
+from lowbit.nn.op_points import ATTRIBUTE, op_points
 from lowbit.nn.quantizer import TensorQuantizer, switched_off
 from lowbit.progress import progress_bar
 from lowbit.workflows.quantization import quantize
@@ -57,6 +57,7 @@ class QuantizerPoint:
     is_op: bool
     quantizers: tuple[TensorQuantizer, ...]
     weights: tuple[TensorQuantizer, ...] = ()  # those that quantize a weight
+    paths: tuple[str, ...] = ()  # the submodules that hold it (a layer, an op's quantizer)
 
 
 def quantizer_points(qmodel: nn.Module) -> list[QuantizerPoint]:
@@ -71,11 +72,15 @@ def quantizer_points(qmodel: nn.Module) -> list[QuantizerPoint]:
                 False,
                 tuple(layer.quantizers().values()),
                 () if weight is None else (weight,),
+                (name,),
             )
         )
-    for ops in op_points(qmodel).values():
+    for caller, ops in op_points(qmodel).items():
+        holder = f"{caller}.{ATTRIBUTE}" if caller else ATTRIBUTE
         for local, q in ops.quantizers().items():
-            points.append(QuantizerPoint(ops.point(local), local.rpartition("_")[0], True, (q,)))
+            path = f"{holder}.{local}"
+            kind = local.rpartition("_")[0]
+            points.append(QuantizerPoint(ops.point(local), kind, True, (q,), (), (path,)))
     return points
 
 
@@ -93,6 +98,7 @@ def by_pattern(points: Sequence[QuantizerPoint]) -> list[QuantizerPoint]:
             members[0].is_op,
             tuple(q for m in members for q in m.quantizers),
             tuple(q for m in members for q in m.weights),
+            tuple(path for m in members for path in m.paths),
         )
         for pattern, members in groups.items()
     ]

@@ -12,6 +12,13 @@ clearly). `sensitivity="output"` (default) measures the mean squared output erro
 calibration samples; `"eval"` calls `eval_fn` once per layer (slower, exact);
 `"local"` is a one-pass proxy, each layer's own output SQNR.
 
+`diagnosis=` (a `lowbit.diagnose` result for the same model and config) replaces that ranking by
+the diagnosis's own order, measured once and not again: its points, functional ops (residual
+adds, attention matmuls) among them, most harmful first, the set it keeps in float leading. A
+layer point is kept at the candidate precision; an op point has no weight, so it is kept in
+float whatever the candidate. A `by="pattern"` diagnosis keeps each pattern (one point in every
+block) as one unit.
+
 The number of layers kept is found with `eval_fn`: 1, 2, 4, ... of the most sensitive layers
 until the budget is met, then bisection between the last failure and the first success, so the
 search takes about 2 log2(k) evaluations. Every evaluation is kept in the summary.
@@ -40,12 +47,23 @@ from lowbit.distributed import (
     step,
     sum_over_ranks,
 )
-from lowbit.evaluate.sensitivity import Sensitivity, SensitivityRun, rank_layers
+from lowbit.evaluate.diagnosis import Diagnosis, escape
+from lowbit.evaluate.sensitivity import (
+    Sensitivity,
+    SensitivityRun,
+    Units,
+    higher_modules,
+    point_of,
+    rank_layers,
+    search_units,
+)
 from lowbit.exceptions import LowbitWarning
 from lowbit.nn.modules import quant_modules
 from lowbit.nn.records import describe
 from lowbit.progress import progress_line
 from lowbit.spec import PerChannel, QuantSpec
+from lowbit.transforms.swap import LayerRecord
+from lowbit.workflows.quantization import QuantSummary
 
 __all__ = ["AutoQuantSummary", "AutoStep", "auto_quantize"]
 
@@ -71,10 +89,10 @@ class AutoQuantSummary:
     max_drop: float
     accuracy: float
     meets_budget: bool
-    kept: tuple[tuple[str, str], ...]  # (layer, precision it kept)
-    sensitivity: tuple[tuple[str, float], ...]  # most sensitive first
+    kept: tuple[tuple[str, str], ...]  # (layer or point, precision it kept)
+    sensitivity: tuple[tuple[str, float], ...]  # most sensitive first (a diagnosis: `without`)
     steps: tuple[AutoStep, ...]
-    quantized_layers: int
+    quantized_layers: int  # the units ranked: layers, or the diagnosis's points
 
     @property
     def drop(self) -> float:
@@ -86,7 +104,8 @@ class AutoQuantSummary:
         lines = [
             f"lowbit.auto_quantize: {self.accuracy:.2f}% vs float {self.float_accuracy:.2f}% "
             f"(drop {self.drop:.2f} pt, {verdict} the budget of {self.max_drop:g} pt); "
-            f"{len(self.kept)} of {self.quantized_layers} layers kept in higher precision"
+            f"{len(self.kept)} of {self.quantized_layers} layers (or points) kept in higher "
+            "precision"
         ]
         for name, what in self.kept:
             lines.append(f"  kept {name}: {what}")
@@ -121,6 +140,7 @@ def auto_quantize(
     forward: Forward | None = None,
     progress: bool = True,
     group: Any = None,
+    diagnosis: Diagnosis | None = None,
 ) -> nn.Module:
     """Quantize with `config`, keeping the fewest layers in higher precision that hold the
     accuracy drop (`eval_fn(float) - eval_fn(quantized)`, in points) within `max_drop`.
@@ -132,6 +152,9 @@ def auto_quantize(
         Each candidate is tried with every layer kept before falling back to the next.
     sensitivity: how layers are ranked (see the module docstring); `sensitivity_samples` is
         the number of calibration samples the "output" and "local" rankings run on.
+    diagnosis: `lowbit.diagnose(model, config, ...)`'s result: its order ranks the points
+        (layers and functional ops) instead of a sensitivity pass; ValueError if its points are
+        not those `config` quantizes in `model`.
 
     Returns the mixed-precision model; `model.lowbit_auto` says which layers were kept, the
     sensitivity ranking and the accuracy at every step. If no candidate meets the budget, the
@@ -163,10 +186,11 @@ def auto_quantize(
     log.float_accuracy = log.accuracy(run.model)
     low = run.quantize(config)
     names = tuple(quant_modules(low))
+    units = search_units(low, names, diagnosis)
     first = log.record((), "none", low)
-    if first.meets_budget or not names:
-        return _finish(_Choice(first, low, {}), log, (), len(names))
-    return _search(run, low, names, log)
+    if first.meets_budget or not units.paths:
+        return _finish(_Choice(first, low, {}), log, (), len(units.paths))
+    return _search(run, low, names, units, log)
 
 
 def _check_arguments(
@@ -271,24 +295,27 @@ class _Choice:
 
     step: AutoStep
     model: nn.Module
-    kept: dict[str, str]  # layer -> the precision it kept
+    kept: dict[str, str]  # unit -> the precision it kept
+    points: dict[str, str] = field(default_factory=dict)  # layer or op point -> that precision
 
 
 @dataclass(frozen=True)
 class _Mix:
-    """The low-precision model and, per layer, its module at one higher precision: builds the
-    model that keeps the `k` most sensitive layers at that precision."""
+    """The low-precision model and, per submodule of a unit, its version at one higher precision:
+    builds the model that keeps the `k` most sensitive units at that precision."""
 
     low: nn.Module
-    high: dict[str, nn.Module]
+    high: dict[str, nn.Module]  # submodule path -> its higher-precision version
+    units: Units
     order: tuple[str, ...]  # most sensitive first
     candidate: str
 
     def build(self, k: int) -> nn.Module:
         """A fresh model (copies only), so nothing an evaluation does to it reaches the next."""
         model = copy.deepcopy(self.low)
-        for name in self.order[:k]:
-            model.set_submodule(name, copy.deepcopy(self.high[name]))
+        for unit in self.order[:k]:
+            for path in self.units.paths[unit]:
+                model.set_submodule(path, copy.deepcopy(self.high[path]))
         return model
 
     def attempt(self, k: int, log: _Evaluations) -> AutoStep:
@@ -297,30 +324,33 @@ class _Mix:
 
     def choice(self, step: AutoStep) -> _Choice:
         """The model measured by `step` (one of this mix's attempts), built afresh."""
-        kept = dict.fromkeys(step.kept, self.candidate)
-        return _Choice(step, self.build(len(step.kept)), kept)
+        ops = self.units.ops
+        kept = {u: "float" if u in ops else self.candidate for u in step.kept}
+        points = {point_of(path): kept[u] for u in step.kept for path in self.units.paths[u]}
+        return _Choice(step, self.build(len(step.kept)), kept, points)
 
 
 def _search(
-    run: SensitivityRun, low: nn.Module, names: tuple[str, ...], log: _Evaluations
+    run: SensitivityRun, low: nn.Module, names: tuple[str, ...], units: Units, log: _Evaluations
 ) -> nn.Module:
     """Try each candidate precision in turn; the first that meets the budget with some number
-    of kept layers wins. Otherwise the best model seen, with a warning."""
-    ranking: tuple[tuple[str, float], ...] = ()
+    of kept units wins. Otherwise the best model seen, with a warning."""
+    ranking = units.ranking
     best = _Choice(log.steps[0], low, {})
     for candidate in run.candidates:
         high = run.quantize(_keep_all(run.config, names, candidate))
         ranking = ranking or rank_layers(run, low, high, names, log.drop)
         mix = _Mix(
             low,
-            {n: high.get_submodule(n) for n in names},
+            higher_modules(low, high, units),
+            units,
             tuple(n for n, _ in ranking),
             describe_layer(candidate),
         )
         tried = len(log.steps)
         passing = _fewest_kept(mix, log)
         if passing is not None:
-            return _finish(mix.choice(passing), log, ranking, len(names))
+            return _finish(mix.choice(passing), log, ranking, len(units.paths))
         top = max(log.steps[tried:], key=lambda s: s.accuracy)
         if top.accuracy > best.step.accuracy:
             best = mix.choice(top)
@@ -330,7 +360,7 @@ def _search(
         LowbitWarning,
         stacklevel=3,  # the caller of auto_quantize
     )
-    return _finish(best, log, ranking, len(names))
+    return _finish(best, log, ranking, len(units.paths))
 
 
 def _keep_all(
@@ -338,7 +368,7 @@ def _keep_all(
 ) -> QuantConfig:
     """`config` with every layer in `names` at precision `candidate` (a new config)."""
     overrides = dict(config.overrides)
-    overrides.update({_escape(n): candidate for n in names})
+    overrides.update({escape(n): candidate for n in names})
     return dataclasses.replace(config, overrides=overrides)
 
 
@@ -379,11 +409,6 @@ def describe_layer(candidate: LayerQuant | None) -> str:
     return ", ".join(parts) or "float"
 
 
-def _escape(name: str) -> str:
-    """A glob matching exactly `name` (module names rarely hold glob characters)."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
 def _finish(
     choice: _Choice,
     log: _Evaluations,
@@ -402,4 +427,21 @@ def _finish(
         quantized_layers=n_layers,
     )
     choice.model.lowbit_auto = summary  # type: ignore[assignment]
+    quantized = getattr(choice.model, "lowbit_summary", None)
+    if isinstance(quantized, QuantSummary) and choice.points:
+        choice.model.lowbit_summary = dataclasses.replace(  # type: ignore[assignment]
+            quantized,
+            layers=tuple(_kept_record(r, choice.points) for r in quantized.layers),
+            ops=tuple(_kept_record(r, choice.points) for r in quantized.ops),
+        )
     return choice.model
+
+
+def _kept_record(record: LayerRecord, kept: dict[str, str]) -> LayerRecord:
+    """A line of the quantize summary, saying so when auto_quantize kept it higher."""
+    if record.name not in kept:
+        return record
+    precision = kept[record.name]
+    return LayerRecord(
+        record.name, record.kind, precision != "float", f"{precision} (kept by auto_quantize)"
+    )

@@ -6,10 +6,14 @@ lost that way (one `eval_fn` call per layer); "local": each layer's own output n
 ratio in the fully quantized model (one pass). In a process group every rank measures on its
 shard and the errors and their weights are summed over the ranks in rank order, so every rank
 ranks the layers alike.
+
+Given a `lowbit.diagnose` result instead (`search_units`), nothing is measured here: the
+diagnosis's points, in its order, are what the search keeps, functional-op points among them.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,11 +25,22 @@ from torch import Tensor, nn
 from lowbit.batches import Forward, flat_outputs, head_batches, run_batch
 from lowbit.config import LayerQuant, QuantConfig
 from lowbit.distributed import step, sum_over_ranks
+from lowbit.evaluate.diagnosis import Diagnosis, by_pattern, quantizer_points
 from lowbit.nn.modules import QuantModule
+from lowbit.nn.op_points import ATTRIBUTE
+from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
 from lowbit.workflows.quantization import quantize
 
-__all__ = ["Sensitivity", "SensitivityRun", "rank_layers"]
+__all__ = [
+    "Sensitivity",
+    "SensitivityRun",
+    "Units",
+    "higher_modules",
+    "point_of",
+    "rank_layers",
+    "search_units",
+]
 
 Sensitivity = Literal["output", "eval", "local"]
 
@@ -83,6 +98,64 @@ def rank_layers(
         noise, signal = totals[: len(names)], totals[len(names) :]
         scores = {n: e / max(w, 1e-30) for n, e, w in zip(names, noise, signal, strict=True)}
     return tuple(sorted(scores.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass(frozen=True)
+class Units:
+    """What the search keeps in higher precision, unit by unit: each layer; or, given a
+    diagnosis, each of its points (a layer, an op point, or a pattern of several), in its order."""
+
+    paths: dict[str, tuple[str, ...]]  # unit -> the submodules swapped to keep it
+    ops: frozenset[str]  # units that are op points: kept in float
+    ranking: tuple[tuple[str, float], ...]  # the diagnosis's order; () to measure one
+
+
+def search_units(low: nn.Module, names: tuple[str, ...], diagnosis: Diagnosis | None) -> Units:
+    """The units of the search: the layers, or the points of `diagnosis` found in `low`."""
+    if diagnosis is None:
+        return Units({n: (n,) for n in names}, frozenset(), ())
+    if not isinstance(diagnosis, Diagnosis):
+        raise TypeError(f"diagnosis must be a lowbit.diagnose result, got {diagnosis!r}")
+    points = quantizer_points(low)
+    found = {p.name: p for p in (by_pattern(points) if diagnosis.by == "pattern" else points)}
+    named = [p.name for p in diagnosis.points]
+    if set(named) != set(found):
+        unknown = sorted(set(named) - set(found)) or sorted(set(found) - set(named))
+        raise ValueError(
+            f"diagnosis: its points are not those config quantizes in model (e.g. "
+            f"{', '.join(unknown[:3])}): diagnose the same model with the same config"
+        )
+    return Units(
+        {n: found[n].paths for n in named},
+        frozenset(n for n in named if found[n].is_op),
+        tuple((p.name, p.without) for p in diagnosis.points),
+    )
+
+
+def higher_modules(low: nn.Module, high: nn.Module, units: Units) -> dict[str, nn.Module]:
+    """Each unit's submodules at the higher precision: a layer as `high` has it, an op point's
+    quantizer as `low` has it but switched off (float: no Q/DQ in the export either)."""
+    modules: dict[str, nn.Module] = {}
+    for unit, paths in units.paths.items():
+        for path in paths:
+            if unit in units.ops:
+                quantizer = copy.deepcopy(low.get_submodule(path))
+                assert isinstance(quantizer, TensorQuantizer)  # an op point's quantizer
+                quantizer.set_mode("off")
+                modules[path] = quantizer
+            else:
+                modules[path] = high.get_submodule(path)
+    return modules
+
+
+def point_of(path: str) -> str:
+    """The summary's name of a unit's submodule: a layer's path, or an op point's name
+    ("blocks.3.lowbit_ops.add_0" -> "blocks.3.add_0")."""
+    holder, _, local = path.rpartition(".")
+    if holder != ATTRIBUTE and not holder.endswith(f".{ATTRIBUTE}"):
+        return path
+    caller = holder.removesuffix(ATTRIBUTE).removesuffix(".")
+    return f"{caller}.{local}" if caller else local
 
 
 @contextmanager

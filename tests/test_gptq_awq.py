@@ -331,3 +331,27 @@ def test_gptq_bad_inputs() -> None:
         gptq(ternary, data, progress=False)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         gptq("model", data)  # type: ignore[arg-type]
+
+
+def test_smoothquant_explicit_smooths_what_no_producer_absorbs(tmp_path) -> None:
+    """Post-LN: the LayerNorm also feeds the residual, so only an explicit factor smooths fc;
+    the float function is unchanged, fc's input is flatter, and the export carries the Mul."""
+    torch.manual_seed(0)
+    model = PostLN().eval()
+    data = outlier_data()
+    x = torch.cat(data)
+    ref = model(x)
+    out = smoothquant(copy.deepcopy(model), data, alpha=0.95, explicit=True)
+    assert out.lowbit_smoothquant == (("explicit", ["fc"]),)
+    assert isinstance(out.fc, InputScale)
+    torch.testing.assert_close(out(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    before = model.ln(x).abs().amax((0, 1))
+    after = (model.ln(x) * out.fc.inv_scale).abs().amax((0, 1))
+    assert float(after.max() / after.median()) < 0.5 * float(before.max() / before.median())
+    qmodel = lowbit.quantize(out, lowbit.presets.int8(fusable_outputs=False), data, progress=False)
+    assert "fc.layer" in quant_modules(qmodel)
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "smoothed.onnx"
+    lowbit.export_onnx(qmodel, x[:1], path)
+    nodes = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert nodes.index("Mul") < nodes.index("QuantizeLinear")  # x / s, then quantized

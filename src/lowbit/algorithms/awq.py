@@ -31,6 +31,7 @@ from lowbit.algorithms.capture import capture_inputs
 from lowbit.algorithms.smoothquant import ScaleGroup, find_scale_groups, fold_scale, foldable
 from lowbit.batches import Forward
 from lowbit.distributed import active_group, example_batch, gather_shards
+from lowbit.nn.input_scale import InputScale
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.progress import progress_bar
@@ -38,20 +39,6 @@ from lowbit.progress import progress_bar
 __all__ = ["InputScale", "awq", "awq_group", "search_scale"]
 
 _MAX_ROWS = 8192
-
-
-class InputScale(nn.Module):
-    """Runs `layer` on its input multiplied by `inv_scale` (per last-dimension channel)."""
-
-    inv_scale: Tensor
-
-    def __init__(self, layer: nn.Module, inv_scale: Tensor) -> None:
-        super().__init__()
-        self.layer = layer
-        self.register_buffer("inv_scale", inv_scale.detach().clone())
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.layer(x * self.inv_scale.to(x.dtype), *args, **kwargs)
 
 
 def awq(

@@ -15,6 +15,9 @@ The producer of each Linear's input is found by running one calibration batch: a
 or `nn.Linear` whose output tensor is the very tensor the Linear receives. A fold is applied only
 where a trial fold with random factors leaves the model's outputs unchanged, which rules out
 producers whose output also goes elsewhere (a residual connection, as in post-LN BERT).
+`explicit=True` smooths those Linears too, by an explicit factor in front of each
+(`lowbit.nn.input_scale.InputScale`, a constant `Mul` in the export), as NNCF's transformer
+preset does for OpenVINO: then every Linear's input is smoothed, whatever produced it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from lowbit.algorithms._sequential import check_float_model
 from lowbit.batches import Forward, check_batch, first_batch, run_batch, run_hooked, tensors_of
 from lowbit.distributed import active_group, all_reduce, example_batch, step
+from lowbit.nn.input_scale import InputScale
 from lowbit.nn.modules import QuantModule
 from lowbit.nn.quantizer import TensorQuantizer
 
@@ -55,6 +59,7 @@ def smoothquant(
     calib_data: Iterable[Any],
     *,
     alpha: float = 0.5,
+    explicit: bool = False,
     forward: Forward | None = None,
     group: Any = None,
 ) -> nn.Module:
@@ -64,7 +69,9 @@ def smoothquant(
     Run it on the float model before `lowbit.quantize`. alpha: the migration strength in [0, 1]
     (0.5 for most models; larger moves more of the difficulty into the weights). Layers whose
     input producer cannot absorb the factors are left as they are; `model.lowbit_smoothquant`
-    lists the groups smoothed, as (producer, [consumers]) names. Inside torch.distributed (or
+    lists the groups smoothed, as (producer, [consumers]) names. explicit: smooth the others too,
+    each behind an `InputScale` (producer "explicit"; the layer moves to `<name>.layer`). Inside
+    torch.distributed (or
     with `group=`), `calib_data` is this rank's shard: the activation maxima are all-reduced
     (exact), so every rank smooths alike, as one process over all shards would.
     """
@@ -79,16 +86,30 @@ def smoothquant(
     was_training = model.training
     model.eval()
     try:
-        groups = find_scale_groups(model, linears, example, forward)
-        groups = [g for g in groups if g.producer is not None]
+        found = find_scale_groups(model, linears, example, forward)
+        groups = [g for g in found if g.producer is not None]
         groups = [g for g in groups if foldable(model, g, example, forward)]
+        rest = [g for g in found if explicit and not any(g is f for f in groups)]
         smooth_groups(model, groups, calib_data, alpha, forward=forward, group=group)
+        scales = _group_scales(model, rest, calib_data, alpha, forward, group)
+        for g, s in zip(rest, scales, strict=True):
+            _scale_explicitly(model, g, s)
     finally:
         model.train(was_training)
     model.lowbit_smoothquant = tuple(  # type: ignore[assignment]
-        (g.producer_name, list(g.consumer_names)) for g in groups
+        [(g.producer_name, list(g.consumer_names)) for g in groups]
+        + [("explicit", list(g.consumer_names)) for g in rest]
     )
     return model
+
+
+def _scale_explicitly(model: nn.Module, group: ScaleGroup, s: Tensor) -> None:
+    """Multiply the consumers' weight columns by `s` and put `x / s` in front of each."""
+    with torch.no_grad():
+        for name, c in zip(group.consumer_names, group.consumers, strict=True):
+            w = _weight(c)
+            w.mul_(s.to(w.dtype))
+            model.set_submodule(name, InputScale(c, (1.0 / s).to(w.dtype)))
 
 
 def smooth_groups(
@@ -103,14 +124,31 @@ def smooth_groups(
     """Smooth the given groups (whose producers are known to absorb the factors) with the
     activation maxima of `calib_data`: the step `smoothquant` takes once it found its groups,
     for callers that know their model's groups (`lowbit.pretrained`, block by block)."""
-    act_max = _input_abs_max(model, groups, calib_data, forward, group)
-    for g, xmax in zip(groups, act_max, strict=True):
+    scales = _group_scales(model, groups, calib_data, alpha, forward, group)
+    for g, s in zip(groups, scales, strict=True):
+        fold_scale(g, s)
+
+
+def _group_scales(
+    model: nn.Module,
+    groups: Sequence[ScaleGroup],
+    calib_data: Iterable[Any],
+    alpha: float,
+    forward: Forward | None,
+    group: Any,
+) -> list[Tensor]:
+    """Each group's factors s = max|X|^alpha / max|W|^(1 - alpha) (1 where either is 0)."""
+    if not groups:
+        return []
+    scales = []
+    maxima = _input_abs_max(model, groups, calib_data, forward, group)
+    for g, xmax in zip(groups, maxima, strict=True):
         wmax = torch.stack([_weight(c).detach().abs().amax(0) for c in g.consumers]).amax(0)
         xmax = xmax.to(wmax.dtype)
         s = xmax.pow(alpha) / wmax.pow(1.0 - alpha)
         ok = (xmax > 0) & (wmax > 0) & torch.isfinite(s)
-        s = torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5)
-        fold_scale(g, s)
+        scales.append(torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5))
+    return scales
 
 
 def _weight(m: nn.Module) -> Tensor:

@@ -50,6 +50,7 @@ from lowbit.export._trace import (
     strip_prefix,
 )
 from lowbit.nn.binary_act import CenteredSign
+from lowbit.nn.input_scale import InputScale
 from lowbit.nn.modules import QuantModule, quant_modules
 from lowbit.nn.op_points import OpPoints, op_points
 from lowbit.nn.quantizer import TensorQuantizer
@@ -198,7 +199,7 @@ def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
                 "lowbit.quantize, before lowbit.convert"
             )
         lowbit_type = kind.__module__.startswith("lowbit.nn.") and not isinstance(
-            m, QuantModule | TensorQuantizer | OpPoints
+            m, QuantModule | TensorQuantizer | OpPoints | InputScale
         )
         if lowbit_type and id(m) not in wrapped:
             raise NotImplementedError(

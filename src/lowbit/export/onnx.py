@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lowbit._atomic import write_atomic
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.distributed import on_rank_zero
+from lowbit.distributed import check_unsharded, on_rank_zero
 from lowbit.export import _exporters, _graph
 from lowbit.export._exporters import (
     TORCHSCRIPT_MAX_OPSET,
@@ -114,6 +114,7 @@ def export_onnx(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_unsharded(model, "lowbit.export_onnx")
     runtime = check_target(target)
     inputs = as_inputs(example_inputs)
     out = Path(path)

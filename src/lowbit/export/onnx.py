@@ -114,7 +114,6 @@ def export_onnx(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_unsharded(model, "lowbit.export_onnx")
     runtime = check_target(target)
     inputs = as_inputs(example_inputs)
     out = Path(path)
@@ -184,7 +183,9 @@ def _operator_opset(
 
 def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
     """`quant_modules(model)`, after checking that every quantizer and lowbit module in the model
-    is one the export can write (none outside a QuantModule or OpPoints, no converted module)."""
+    is one the export can write (none outside a QuantModule or OpPoints, no converted module,
+    no FSDP2 shards)."""
+    check_unsharded(model, "lowbit.export_onnx")
     quantized = quant_modules(model)
     points = op_points(model)
     inside = {id(q) for m in quantized.values() for q in m.quantizers().values()}

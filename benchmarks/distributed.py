@@ -5,13 +5,15 @@ checked byte-identical.
   images of the ImageNet sample (8 batches of 32), `quantize` -> `convert` -> `save`.
 - gptq: all-MiniLM-L6-v2, `weight_only(4, 128)` on every Linear, then GPTQ over the calibration
   sentences, `convert` -> `save`.
+- adaround: EfficientNet-Lite0, W4 per channel / A8 (`w4a8(None)`) calibrated on the first 64
+  images (2 batches), then AdaRound (200 steps per layer) on them, `convert` -> `save`.
 
 Each rank takes a contiguous shard of the batches. Times are from a barrier after loading to
 the end of the workflow (the slowest rank), plus each rank's CPU seconds (on a loaded machine
 the wall times say little; the CPU seconds of the slowest rank are the better guide). Run it
 on an otherwise idle machine with at least 2 cores:
 
-    .venv/bin/python benchmarks/distributed.py [--data DIR] [--only calibration|gptq]
+    .venv/bin/python benchmarks/distributed.py [--data DIR] [--only calibration|gptq|adaround]
 
 Prints a markdown table and writes benchmarks/results/distributed.json.
 """
@@ -33,6 +35,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lowbit
+from lowbit.algorithms.adaround import adaround
 from lowbit.algorithms.gptq import gptq
 from lowbit.distributed import gather_objects
 
@@ -41,7 +44,7 @@ from imagenet_sample import calib_eval_split, find_data_dir
 from machine import describe, describe_line
 
 WORLDS = (1, 2)
-N_IMAGES, IMAGE_BATCH = 256, 32
+N_IMAGES, IMAGE_BATCH, ADAROUND_IMAGES = 256, 32, 64
 
 
 def _shard(batches: list[Any], rank: int, world: int) -> list[Any]:
@@ -73,7 +76,23 @@ def _gptq(tmp: Path, rank: int, world: int) -> tuple[nn.Module, Any]:
     return model, run
 
 
-JOBS = {"calibration": _calibration, "gptq": _gptq}
+def _adaround(tmp: Path, rank: int, world: int) -> tuple[nn.Module, Any]:
+    from efficientnet_lite0 import load_model
+
+    images = torch.load(tmp / "images.pt")[:ADAROUND_IMAGES]
+    batches = [images[i : i + IMAGE_BATCH] for i in range(0, len(images), IMAGE_BATCH)]
+    shard = _shard(batches, rank, world)
+    config = lowbit.presets.w4a8(None)
+
+    def run(m: nn.Module) -> nn.Module:
+        quantized = lowbit.quantize(m, config, shard, progress=False)
+        return adaround(quantized, shard, iterations=200, progress=False)
+
+    return load_model(), run
+
+
+JOBS = {"calibration": _calibration, "gptq": _gptq, "adaround": _adaround}
+IMAGE_JOBS = ("calibration", "adaround")
 
 
 def _worker(rank: int, world: int, job: str, tmp: str) -> None:
@@ -103,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for job in args.only or list(JOBS):
         with tempfile.TemporaryDirectory() as tmp:
-            if job == "calibration":
-                data_dir = find_data_dir(args.data, "the calibration job")
+            if job in IMAGE_JOBS:
+                data_dir = find_data_dir(args.data, f"the {job} job")
                 if data_dir is None:
                     continue
                 torch.save(calib_eval_split(data_dir, N_IMAGES, 0).calib, Path(tmp) / "images.pt")

@@ -161,6 +161,36 @@ def test_histogram_all_zero_then_data() -> None:
     assert h.range == 0.5
 
 
+@pytest.mark.parametrize("num_bins", [2048, 1000, 1])
+@pytest.mark.parametrize("top", [2.0**-126, 2.0**-100, 1.0, 2.0**11, 2.0**12, 2.0**100])
+def test_histogram_bins_match_a_float64_formula(num_bins: int, top: float) -> None:
+    """Every bin index equals floor(x * num_bins / R) + num_bins computed in numpy float64, also
+    where float32 could go wrong: the smallest denormals of either sign (a product that
+    underflowed to -0.0 would land one bin too high), -0.0, bin edges, -R and R itself; for
+    power-of-two and other bin counts, ranges below and above num_bins (the float32 route and
+    the float64 one)."""
+    tiny = np.float32(2.0**-149)
+    edges = np.arange(-num_bins, num_bins + 1, dtype=np.float64) * (top / num_bins)
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            np.array([tiny, -tiny, 3 * tiny, -3 * tiny, 0.0, -0.0, top, -top], np.float32),
+            edges.astype(np.float32),
+            np.nextafter(edges.astype(np.float32), np.float32(0)),
+            (rng.uniform(-1, 1, 5000) * top).astype(np.float32),
+            (rng.uniform(-1, 1, 500) * 2.0**-120).astype(np.float32),
+        ]
+    )
+    x = x[np.abs(x.astype(np.float64)) <= top]
+    h = Histogram(num_bins)
+    h.observe(torch.from_numpy(x.copy()))
+    assert h.range == max(top, 2.0**-126)
+    wide = x.astype(np.float64) * num_bins / h.range
+    index = np.clip(np.floor(wide) + num_bins, 0, 2 * num_bins - 1).astype(np.int64)
+    want = np.bincount(index, minlength=2 * num_bins).astype(np.float64)
+    np.testing.assert_array_equal(h.counts.numpy(), want)
+
+
 # ---------------------------------------------------------------- percentile
 
 

@@ -166,6 +166,37 @@ def outputs_match(before: Sequence[Tensor], after: Sequence[Tensor], rtol: float
     return True
 
 
+def leading_samples(batch: Any, samples: int) -> Any | None:
+    """The first `samples` samples of a batch made only of tensors (through tuples, lists and
+    dicts) that share one leading dimension larger than `samples`; None for any other batch
+    (a non-tensor item, a broadcast tensor, a scalar), which cannot be cut safely."""
+    leaves = list(tensors_of(batch))
+    sizes = {t.shape[0] if t.dim() > 0 else 0 for t in leaves}
+    if len(sizes) != 1 or sizes.pop() <= samples or not _only_tensors(batch):
+        return None
+    return _cut(batch, samples)
+
+
+def _only_tensors(obj: Any) -> bool:
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, tuple | list):
+        return all(_only_tensors(item) for item in obj)
+    if isinstance(obj, dict):
+        return all(_only_tensors(item) for item in obj.values())
+    return False
+
+
+def _cut(obj: Any, samples: int) -> Any:
+    if isinstance(obj, Tensor):
+        return obj[:samples]
+    if isinstance(obj, dict):
+        return type(obj)({k: _cut(v, samples) for k, v in obj.items()})
+    if hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(_cut(v, samples) for v in obj))
+    return type(obj)(_cut(v, samples) for v in obj)
+
+
 def first_batch(data: Iterable[Any], what: str = "calib_data") -> Any:
     """The first batch, or a clear error for an empty or non-iterable data set."""
     if isinstance(data, Tensor | dict):

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from lowbit.batches import first_batch
 
@@ -31,6 +31,7 @@ __all__ = [
     "active_group",
     "all_reduce",
     "check_same",
+    "check_unsharded",
     "example_batch",
     "gather_objects",
     "gather_shards",
@@ -162,6 +163,24 @@ def check_same(description: str, group: Any, what: str) -> None:
         raise DistributedError(
             f"{what} on rank(s) {differ} differ(s) from rank 0's: every rank must run the same "
             "model with the same config"
+        )
+
+
+def check_unsharded(model: nn.Module, what: str) -> None:
+    """TypeError naming the way out when `model` is sharded by FSDP2 (`fully_shard`): each rank
+    holds a slice of every weight, and `what` needs whole ones (FSDP itself refuses the
+    deepcopy `convert` makes with a bare AssertionError)."""
+    if not dist.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise TypeError(
+            f"{what} needs whole weights, but the model is sharded by FSDP2 (fully_shard): "
+            "call lowbit.sync_ranges(model), take its full state dict with torch.distributed."
+            "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+            "full_state_dict=True)), load it into an unsharded model made with the same "
+            "lowbit.prepare_qat recipe, and pass that one (see docs/distributed.md, QAT)"
         )
 
 

@@ -67,9 +67,15 @@ class SoftRounding(nn.Module):
     """One layer's rounding variables V and its weight on the quantizer's grid.
 
     As a module it stands in for the layer's weight quantizer during a block's reconstruction
-    (a forward hook on the quantizer replaces its output by `soft()`)."""
+    (a forward hook on the quantizer replaces its output by `soft()`).
 
-    def __init__(self, qm: QuantModule) -> None:
+    `arrange(t, fill)` lays the weight-shaped tensors out otherwise (AdaRound's stacked blocks of
+    output channels, padded with `fill`): `soft`, `regularizer` and `undecided` then work in
+    that layout; `nearest`, `learned` and `write` need the layer's own (no `arrange`)."""
+
+    def __init__(
+        self, qm: QuantModule, arrange: Callable[[Tensor, float], Tensor] | None = None
+    ) -> None:
         super().__init__()
         quantizer = qm.weight_quantizer
         assert quantizer is not None
@@ -77,11 +83,14 @@ class SoftRounding(nn.Module):
         self.spec = quantizer.spec
         self.weight: Tensor = qm.module.weight
         w = self.weight.detach().float()
-        self.w = w
-        self.scale = full_param(quantizer.scale.detach().float(), w, self.spec.granularity)
-        self.zero = full_param(quantizer.zero_point.float(), w, self.spec.granularity)
-        self.floor = torch.floor(w / self.scale)
-        frac = (w / self.scale - self.floor).clamp(0.0, 1.0)
+        scale = full_param(quantizer.scale.detach().float(), w, self.spec.granularity)
+        zero = full_param(quantizer.zero_point.float(), w, self.spec.granularity)
+        floor = torch.floor(w / scale)
+        frac = (w / scale - floor).clamp(0.0, 1.0)
+        if arrange is not None:
+            w, scale, zero = arrange(w, 0.0), arrange(scale, 1.0), arrange(zero, 0.0)
+            floor, frac = arrange(floor, 0.0), arrange(frac, 0.0)
+        self.w, self.scale, self.zero, self.floor = w, scale, zero, floor
         v = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
         self.v = nn.Parameter(v.clamp(-10.0, 10.0))
 
@@ -107,9 +116,10 @@ class SoftRounding(nn.Module):
         codes = numerics.quantize(self.w, q.scale, q.zero_point, self.spec)
         return numerics.dequantize(codes, q.scale, q.zero_point, self.spec)
 
-    def learned(self) -> Tensor:
-        """The weight with the hard rounding floor(W/s) + [V >= 0]."""
-        hard = (self.v.detach() >= 0).float()
+    def learned(self, up: Tensor | None = None) -> Tensor:
+        """The weight with the hard rounding floor(W/s) + [V >= 0] (or + `up`, a bool tensor
+        of the weight's shape: which weights round up)."""
+        hard = (self.v.detach() >= 0 if up is None else up).float()
         spec = self.spec
         codes = torch.clamp(self.floor + hard + self.zero, spec.qmin, spec.qmax)
         q = self.quantizer
@@ -151,10 +161,12 @@ def optimize_rounding(
     schedule: RoundingSchedule,
     extra: Sequence[tuple[Tensor, float]] = (),
     after_step: Callable[[], None] | None = None,
+    decided: Callable[[], bool] | None = None,
 ) -> int:
     """Adam on every V of `roundings` (and each `extra` tensor, at its own learning rate)
     against `loss_fn()` + the rounding regulariser; returns the number of steps run (fewer than
-    `schedule.iterations` when every rounding decided early)."""
+    `schedule.iterations` when every rounding decided early). `decided()`, asked at each check
+    instead of the share of undecided weights, says when to stop."""
     groups: list[dict[str, object]] = [{"params": [r.v for r in roundings], "lr": schedule.lr}]
     groups += [{"params": [t], "lr": lr} for t, lr in extra]
     optimizer = torch.optim.Adam(groups)
@@ -175,11 +187,12 @@ def optimize_rounding(
             optimizer.step()
             if after_step is not None:
                 after_step()
-            if (
-                beta is not None
-                and (step + 1) % schedule.check_every == 0
-                and sum(r.undecided() for r in roundings) <= schedule.undecided * total
-            ):
+            if beta is None or (step + 1) % schedule.check_every != 0:
+                continue
+            if decided is not None:
+                if decided():
+                    return step + 1
+            elif sum(r.undecided() for r in roundings) <= schedule.undecided * total:
                 return step + 1
     return schedule.iterations
 

@@ -24,6 +24,9 @@ input, patches at the same random output positions of a convolution, over all im
 patches are short (depthwise and narrow convolutions), the loss is computed exactly from their
 second moments, the cost of a step not depending on the number of rows.
 
+Each layer is learned in fixed blocks of 64 output channels (`_round_blocks`), which the
+ranks of a process group divide among them, with the codes of one process.
+
 At the end each layer's float weight is overwritten with its dequantized learned codes (scale and
 zero point unchanged), so the existing weight quantizer reproduces exactly those codes: the
 model, its export and `lowbit.convert` need nothing new.
@@ -41,12 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms._lockstep import Lockstep, float_copy
-from lowbit.algorithms._rounding import (
-    RoundingSchedule,
-    SoftRounding,
-    optimize_rounding,
-    rounding_unsupported,
-)
+from lowbit.algorithms._round_blocks import learn_rounding
+from lowbit.algorithms._rounding import RoundingSchedule, rounding_unsupported
 from lowbit.algorithms._sequential import (
     check_qmodel,
     concat_batches,
@@ -129,7 +128,8 @@ def adaround(
     if not reg_weight >= 0:
         raise ValueError(f"reg_weight must be >= 0, got {reg_weight!r}")
     targets, skipped = _targets(layers)
-    batch = concat_batches(calib_data, max_samples, active_group(group))
+    group = active_group(group)
+    batch = concat_batches(calib_data, max_samples, group)
     start = time.perf_counter()
     qmodel.eval()
     reference = float_copy(qmodel)
@@ -139,7 +139,8 @@ def adaround(
         layer_progress("AdaRound", len(targets), progress) as advance,
         Lockstep(reference, ref_layers, batch, forward, "AdaRound") as lockstep,
     ):
-        run = _Run(settings, torch.Generator().manual_seed(seed), lockstep, ref_layers, advance)
+        generator = torch.Generator().manual_seed(seed)
+        run = _Run(settings, generator, lockstep, ref_layers, advance, group)
         handles = [qm.register_forward_pre_hook(run.hook(n)) for n, qm in targets.items()]
         run_hooked(qmodel, batch, forward, handles)
     never = [n for n in targets if n not in run.seen]
@@ -198,6 +199,7 @@ class _Run:
     lockstep: Lockstep
     ref_layers: dict[str, QuantModule]
     advance: Callable[[str], None]
+    group: Any = None
     seen: set[str] = field(default_factory=set)
     done: list[AdaRoundLayer] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -227,10 +229,14 @@ class _Run:
         xq, xf = rows_at(call, pick), rows_at(ref_call, pick)
         del call, ref_call, f_args
         self.lockstep.release()
-        nearest, learned, flipped, steps = _optimize(qm, xq, xf, self.settings, self.generator)
+        seed = int(torch.randint(2**62, (1,), generator=self.generator))
+        settings = self.settings
+        got = learn_rounding(qm, xq, xf, settings.schedule, settings.batch_rows, seed, self.group)
         seconds = time.perf_counter() - t0
         self.done.append(
-            AdaRoundLayer(name, xq.shape[0], nearest, learned, flipped, seconds, steps)
+            AdaRoundLayer(
+                name, xq.shape[0], got.mse_nearest, got.mse_learned, got.flipped, seconds, got.steps
+            )
         )
         self.advance(name)
 
@@ -247,67 +253,3 @@ def _rows_for(qm: QuantModule, rows: int) -> int:
     groups = int(getattr(qm.module, "groups", 1))
     per_row = weight[0].numel() * groups
     return max(256, min(rows, (32 * 2**20) // max(per_row, 1)))
-
-
-class _Rows:
-    """One layer's rows [R, groups, K] of its quantized-model input `xq` and float-model input
-    `xf`, and the output error of a candidate weight on them."""
-
-    def __init__(self, rounding: SoftRounding, xq: Tensor, xf: Tensor) -> None:
-        self.xq, self.xf = xq, xf
-        self.n_rows, self.groups, self.k = xq.shape
-        self.w_g = self.grouped(rounding.w)
-
-    def grouped(self, t: Tensor) -> Tensor:
-        """Weight layout -> [groups, out per group, K]."""
-        return t.reshape(self.groups, t.shape[0] // self.groups, -1)
-
-    def mse(self, w_new: Tensor) -> float:
-        """Output MSE of `w_new` on the quantized inputs against the float layer, in float64."""
-        with torch.no_grad():
-            total = 0.0
-            for a, b in zip(self.xq.split(2048), self.xf.split(2048), strict=True):
-                out = torch.einsum("rgk,gok->rgo", a.double(), self.grouped(w_new).double())
-                ref = torch.einsum("rgk,gok->rgo", b.double(), self.w_g.double())
-                total += float((out - ref).pow(2).sum())
-            return total / self.n_rows
-
-    def loss(self, batch_rows: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
-        """The loss ||W~ xq - W xf||^2 / R of a candidate weight W~: exact from second moments
-        where the patches or the rows are few, else on `batch_rows` rows drawn per step."""
-        xq, xf, w_g, n_rows = self.xq, self.xf, self.w_g, self.n_rows
-        if self.k <= batch_rows or n_rows <= batch_rows:
-            # sum W~ Hqq W~^T - 2 W~ Hqf W^T + const: exact over all rows.
-            hqq = torch.einsum("rgk,rgl->gkl", xq, xq) / n_rows
-            cross = torch.einsum("rgk,rgl,gol->gok", xq, xf, w_g) / n_rows
-
-            def exact(w_new: Tensor) -> Tensor:
-                wn = self.grouped(w_new)
-                return (torch.einsum("gok,gkl->gol", wn, hqq) * wn).sum() - 2 * (cross * wn).sum()
-
-            return exact
-        target = torch.einsum("rgk,gok->rgo", xf, w_g)
-
-        def sampled(w_new: Tensor) -> Tensor:
-            idx = torch.randint(n_rows, (batch_rows,), generator=generator)
-            out = torch.einsum("rgk,gok->rgo", xq[idx], self.grouped(w_new))
-            return (out - target[idx]).pow(2).sum() / batch_rows
-
-        return sampled
-
-
-def _optimize(
-    qm: QuantModule, xq: Tensor, xf: Tensor, settings: _Settings, generator: torch.Generator
-) -> tuple[float, float, float, int]:
-    """Optimize one layer's rounding so that W~ xq matches W xf on rows [R, groups, K]; write
-    back the codes. Returns output MSE with nearest rounding, with AdaRound, fraction changed,
-    steps run."""
-    rounding = SoftRounding(qm)
-    rows = _Rows(rounding, xq, xf)
-    recon = rows.loss(settings.batch_rows, generator)
-    steps = optimize_rounding([rounding], lambda: recon(rounding.soft()), settings.schedule)
-    nearest, learned = rounding.nearest(), rounding.learned()
-    mse_nearest, mse_ada = rows.mse(nearest), rows.mse(learned)
-    if mse_ada > mse_nearest:  # too few iterations to beat nearest: keep nearest
-        learned, mse_ada = nearest, mse_nearest
-    return mse_nearest, mse_ada, rounding.write(learned), steps

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lowbit._atomic import write_atomic
 from lowbit.config import LayerQuant, QuantConfig
-from lowbit.distributed import on_rank_zero
+from lowbit.distributed import check_unsharded, on_rank_zero
 from lowbit.export import _exporters, _graph
 from lowbit.export._exporters import (
     TORCHSCRIPT_MAX_OPSET,
@@ -184,7 +184,9 @@ def _operator_opset(
 
 def _quant_modules(model: nn.Module) -> dict[str, QuantModule]:
     """`quant_modules(model)`, after checking that every quantizer and lowbit module in the model
-    is one the export can write (none outside a QuantModule or OpPoints, no converted module)."""
+    is one the export can write (none outside a QuantModule or OpPoints, no converted module,
+    no FSDP2 shards)."""
+    check_unsharded(model, "lowbit.export_onnx")
     quantized = quant_modules(model)
     points = op_points(model)
     inside = {id(q) for m in quantized.values() for q in m.quantizers().values()}

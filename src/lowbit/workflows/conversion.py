@@ -15,6 +15,7 @@ from torch import nn
 
 from lowbit import presets
 from lowbit.config import LayerQuant, QuantConfig
+from lowbit.distributed import check_unsharded
 from lowbit.exceptions import LowbitWarning
 from lowbit.nn import IntModule, PerTokenQuantizer
 from lowbit.nn.int_build import int_module_from_quant
@@ -48,6 +49,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_unsharded(model, "lowbit.convert")
     summary = getattr(model, "lowbit_summary", None)
     if not inplace:
         model = copy.deepcopy(model)

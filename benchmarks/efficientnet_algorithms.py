@@ -74,6 +74,9 @@ class Row:
     top1: float | None = None
     drop: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # Process CPU time (all threads) of the same steps: on a shared machine wall time grows with
+    # the load, CPU time much less (quiet wall time at 2 threads is at least half of it).
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     # Against the row's baseline (`BASELINE`): images now right / now wrong / predicted otherwise.
     vs_baseline: dict[str, int] = field(default_factory=dict)
@@ -127,18 +130,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=None, help="AdaRound iterations")
     parser.add_argument("--brecq-iterations", type=int, default=None, help="BRECQ steps/block")
     parser.add_argument("--brecq-batch", type=int, default=None, help="BRECQ samples per step")
+    parser.add_argument(
+        "--threads", type=int, default=THREADS, help="1 on a machine busy with other jobs"
+    )
     args = parser.parse_args(argv)
 
     data_dir = find_data_dir(args.data, "efficientnet_algorithms benchmark")
     if data_dir is None:
         return 0
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     split = calib_eval_split(data_dir, N_CALIB, args.eval_limit)
     calib = batches(split.calib)
     x_eval, y_eval = split.evals, split.labels
     print(describe_line())
-    print(f"calibrate on {N_CALIB} images, evaluate on {len(y_eval)}; {THREADS} threads")
+    print(f"calibrate on {N_CALIB} images, evaluate on {len(y_eval)}; {args.threads} threads")
     fp32 = load_model()
 
     def eval_fn(model: nn.Module) -> float:
@@ -156,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def timed(row: Row, what: str, fn: Callable[[], nn.Module]) -> nn.Module:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         row.seconds[what] = round(time.perf_counter() - t0, 1)
+        row.cpu_seconds[what] = round(time.process_time() - c0, 1)
         return out
 
     def w4(row: Row, act: QuantSpec | None, ada: bool) -> nn.Module:
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: brecq(fp32, config, calib, qdrop=qdrop, progress=True, **brecq_kwargs),
         )
         report = q.lowbit_brecq  # type: ignore[union-attr]
+        print(report, flush=True)
         lower = sum(b.mse_reconstructed < b.mse_nearest for b in report.blocks)
         steps = sum(b.steps for b in report.blocks)
         row.notes.append(
@@ -294,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[{time.perf_counter() - start:5.0f}s] {name}: {top} "
             f"({time.perf_counter() - t0:.0f}s) "
-            f"{row.seconds} {row.vs_baseline or ''} {'; '.join(row.notes)[:400]}",
+            f"{row.seconds} cpu {row.cpu_seconds} {row.vs_baseline or ''} "
+            f"{'; '.join(row.notes)[:400]}",
             flush=True,
         )
 
@@ -306,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "efficientnet-lite0",
         "n_calib": N_CALIB,
         "n_eval": len(y_eval),
-        "threads": THREADS,
+        "threads": args.threads,
         "torch": torch.__version__,
         **describe(),
         "total_s": round(total, 1),

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from llama_cpp_runner import LlamaCpp, have_llama_cpp, system_info
 from machine import describe, describe_line
 from smollm2_folder import smollm2_folder, smollm2_gguf
 from torch import nn
@@ -110,36 +111,14 @@ def top1_torch(model: nn.Module, texts: list[list[int]]) -> np.ndarray:
     return np.concatenate([model(torch.tensor([t])).logits[0].argmax(-1).numpy() for t in texts])
 
 
-def llama(path: Path, threads: int, n_ctx: int, logits_all: bool = False) -> Any:
-    from llama_cpp import Llama
-
-    return Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        logits_all=logits_all,
-        verbose=False,
-    )
-
-
-def have_llama_cpp() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
 def top1_llama(path: Path, texts: list[list[int]]) -> np.ndarray | None:
-    """llama.cpp's top-1 next tokens; None (rows left out) without llama-cpp-python."""
+    """llama.cpp's top-1 next tokens on the same token ids; None (rows left out) without it."""
     if not have_llama_cpp():
         return None
-    llm = llama(path, 2, len(texts[0]), logits_all=True)
-    tops = []
-    for t in texts:
-        llm.reset()
-        llm.eval(t)
-        tops.append(np.asarray(llm.scores[: len(t)]).argmax(-1))
-    return np.concatenate(tops)
+    llm = LlamaCpp(path, 2, len(texts[0]))
+    tops = np.concatenate([llm.logits(t).argmax(-1) for t in texts])
+    llm.close()
+    return tops
 
 
 @torch.no_grad()
@@ -154,15 +133,6 @@ def decode_torch(model: nn.Module, prompt: list[int], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def decode_llama(llm: Any, prompt: list[int], n: int) -> float:
-    llm.reset()
-    llm.eval(prompt)
-    start = time.perf_counter()
-    for _ in range(n):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    return (time.perf_counter() - start) / n
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=4)
@@ -172,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-llm")
     args = parser.parse_args(argv)
     print(describe_line())
+    if have_llama_cpp():
+        print(system_info())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -259,9 +231,9 @@ def decode_table(
 ) -> dict[str, dict[str, float]]:
     """Median ms / token per engine and thread count, interleaved rounds."""
     if not have_llama_cpp():
-        print("llama-cpp-python is not installed: the llama.cpp rows are left out")
+        print("llama.cpp (llama-cpp-python) is not installed: the llama.cpp rows are left out")
         ggufs = {}
-    llms = {(name, t): llama(p, t, 256) for name, p in ggufs.items() for t in (1, 2)}
+    llms = {(name, t): LlamaCpp(p, t, 256) for name, p in ggufs.items() for t in (1, 2)}
     samples: dict[str, dict[str, list[float]]] = {}
     for _ in range(args.rounds):
         for threads in (1, 2):
@@ -271,8 +243,8 @@ def decode_table(
                 s = decode_torch(model, prompt, args.decode)
                 samples.setdefault(name, {}).setdefault(str(threads), []).append(s)
             for name in ggufs:
-                decode_llama(llms[name, threads], prompt, 4)
-                s = decode_llama(llms[name, threads], prompt, args.decode)
+                llms[name, threads].greedy(prompt, 4)  # warm-up
+                s = llms[name, threads].greedy(prompt, args.decode)
                 samples.setdefault(name, {}).setdefault(str(threads), []).append(s)
     return {
         name: {t: 1000 * statistics.median(v) for t, v in per.items()}

@@ -114,8 +114,10 @@ def _in_memory_codes(
     return out
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_llama_stream_equals_in_memory(llama: Path, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "act_order"), [("rtn", False), ("gptq", False), ("gptq", True)])
+def test_llama_stream_equals_in_memory(
+    llama: Path, tmp_path: Path, method: str, act_order: bool
+) -> None:
     batches = _tokens()
     dst = tmp_path / "out"
     lowbit.quantize_pretrained(
@@ -125,11 +127,12 @@ def test_llama_stream_equals_in_memory(llama: Path, tmp_path: Path, method: str)
         group_size=GROUP,
         calib=batches,
         format="lowbit",
+        act_order=act_order,
         progress=False,
     )
     assert not (dst / PARTIAL).exists() and (dst / MANIFEST).is_file()
     streamed = _streamed_codes(dst, llama, "model.layers")
-    reference = _in_memory_codes(llama, batches, method)
+    reference = _in_memory_codes(llama, batches, method, act_order=act_order)
     assert sorted(streamed) == sorted(reference) and len(streamed) == 14
     for name, codes in reference.items():
         assert torch.equal(streamed[name].to(torch.int32), codes.to(torch.int32)), name

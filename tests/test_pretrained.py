@@ -279,6 +279,8 @@ def test_bad_input_writes_nothing(llama: Path, tmp_path: Path) -> None:
         run(broken, method="gptq", calib=["w1 w2 w3"], seq_len=16)
     with pytest.raises(ValueError, match="needs calibration data"):
         run(broken, method="gptq")
+    with pytest.raises(ValueError, match="act_order must be True or False"):
+        run(broken, method="gptq", calib=_tokens(), act_order="yes")
     assert not dst.exists()
     # text calibration works once there is enough of it
     run(broken, method="gptq", calib=[" ".join(f"w{i % 100}" for i in range(40))], seq_len=16)

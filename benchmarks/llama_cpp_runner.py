@@ -63,12 +63,17 @@ def system_info() -> str:
 class LlamaCpp:
     """One GGUF model and one context of `n_ctx` tokens, computed with `threads` threads."""
 
-    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int = 512) -> None:
+    def __init__(
+        self, path: Path, threads: int, n_ctx: int, n_batch: int = 512, repack: bool = False
+    ) -> None:
         self.b = _bindings()
         self.lib = self.b.lib
         self.lib.llama_backend_init()
         mparams = self.lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        # repack: llama.cpp's AMX / interleaved weight layouts ("extra buffers"). Off by default:
+        # on the VM this was written on, its AMX path died of SIGILL / SIGSEGV in llama_decode.
+        mparams.use_extra_bufts = repack
         self.model = self.lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")

@@ -113,11 +113,14 @@ def top1_torch(model: nn.Module, texts: list[list[int]]) -> np.ndarray:
     return np.concatenate([model(torch.tensor([t])).logits[0].argmax(-1).numpy() for t in texts])
 
 
+REPACK = {"on": False}  # --llama-repack
+
+
 def top1_llama(path: Path, texts: list[list[int]]) -> np.ndarray | None:
     """llama.cpp's top-1 next tokens on the same token ids; None (rows left out) without it."""
     if not have_llama_cpp():
         return None
-    llm = LlamaCpp(path, 2, len(texts[0]))
+    llm = LlamaCpp(path, 2, len(texts[0]), repack=REPACK["on"])
     tops = np.concatenate([llm.logits(t).argmax(-1) for t in texts])
     llm.close()
     return tops
@@ -142,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=64, help="tokens decoded per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-llm")
+    parser.add_argument(
+        "--llama-repack",
+        action="store_true",
+        help="let llama.cpp repack weights (AMX / interleaved layouts); off: it crashed here",
+    )
     args = parser.parse_args(argv)
+    REPACK["on"] = args.llama_repack
     print(describe_line())
     if have_llama_cpp():
         print(system_info())
@@ -235,7 +244,8 @@ def decode_table(
     if not have_llama_cpp():
         print("llama.cpp (llama-cpp-python) is not installed: the llama.cpp rows are left out")
         ggufs = {}
-    llms = {(name, t): LlamaCpp(p, t, 256) for name, p in ggufs.items() for t in (1, 2)}
+    repack = REPACK["on"]
+    llms = {(n, t): LlamaCpp(p, t, 256, repack=repack) for n, p in ggufs.items() for t in (1, 2)}
     samples: dict[str, dict[str, list[float]]] = {}
     for _ in range(args.rounds):
         for threads in (1, 2):

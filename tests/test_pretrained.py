@@ -114,8 +114,10 @@ def _in_memory_codes(
     return out
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_llama_stream_equals_in_memory(llama: Path, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "act_order"), [("rtn", False), ("gptq", False), ("gptq", True)])
+def test_llama_stream_equals_in_memory(
+    llama: Path, tmp_path: Path, method: str, act_order: bool
+) -> None:
     batches = _tokens()
     dst = tmp_path / "out"
     lowbit.quantize_pretrained(
@@ -125,11 +127,12 @@ def test_llama_stream_equals_in_memory(llama: Path, tmp_path: Path, method: str)
         group_size=GROUP,
         calib=batches,
         format="lowbit",
+        act_order=act_order,
         progress=False,
     )
     assert not (dst / PARTIAL).exists() and (dst / MANIFEST).is_file()
     streamed = _streamed_codes(dst, llama, "model.layers")
-    reference = _in_memory_codes(llama, batches, method)
+    reference = _in_memory_codes(llama, batches, method, act_order=act_order)
     assert sorted(streamed) == sorted(reference) and len(streamed) == 14
     for name, codes in reference.items():
         assert torch.equal(streamed[name].to(torch.int32), codes.to(torch.int32)), name
@@ -276,6 +279,8 @@ def test_bad_input_writes_nothing(llama: Path, tmp_path: Path) -> None:
         run(broken, method="gptq", calib=["w1 w2 w3"], seq_len=16)
     with pytest.raises(ValueError, match="needs calibration data"):
         run(broken, method="gptq")
+    with pytest.raises(ValueError, match="act_order must be True or False"):
+        run(broken, method="gptq", calib=_tokens(), act_order="yes")
     assert not dst.exists()
     # text calibration works once there is enough of it
     run(broken, method="gptq", calib=[" ".join(f"w{i % 100}" for i in range(40))], seq_len=16)

@@ -28,6 +28,11 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default: 2048)")
     g.add_argument("--num-samples", type=int, help="calibration windows to use (default: all)")
     g.add_argument("--format", default="compressed-tensors", choices=FORMATS)
+    g.add_argument(
+        "--act-order",
+        action="store_true",
+        help="GPTQ: columns by decreasing Hessian diagonal, group scales fixed up front",
+    )
 
 
 def is_pretrained(model: str) -> bool:
@@ -59,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         format=args.format,
         seq_len=args.seq_len,
         num_samples=args.num_samples,
+        act_order=args.act_order,
         progress=not args.json,
     )
     if args.json:

@@ -47,6 +47,7 @@ class Recipe:
     awq_grid: int = 20
     smoothquant_alpha: float = 0.5
     fp16_scales: bool = False  # GGUF stores float16 scales: round them before choosing codes
+    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal, static groups
 
     @property
     def weight_spec(self) -> QuantSpec:
@@ -107,6 +108,7 @@ def quantize_block(
             inputs,
             forward=_forward,
             damp=recipe.damp,
+            act_order=recipe.act_order,
             progress=False,
             scale_dtype=scale_dtype,
         )

@@ -14,6 +14,7 @@ same settings skips the blocks on disk and continues from the saved inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -51,6 +52,7 @@ def quantize_pretrained(
     seq_len: int = 2048,
     num_samples: int | None = None,
     damp: float = 0.01,
+    act_order: bool = False,
     awq_grid: int = 20,
     smoothquant_alpha: float = 0.5,
     progress: bool = True,
@@ -61,6 +63,7 @@ def quantize_pretrained(
     `group_size` inputs per scale, None for per channel), or "smoothquant" (W8A8: int8 weights
     per channel, activations int8 per token at run time). calib: texts or token ids (see
     `calibration_batches`), cut into `seq_len`-token windows, at most `num_samples`.
+    damp, act_order: GPTQ's damping; its columns by decreasing Hessian diagonal (static groups).
     format: "compressed-tensors" (the default; transformers and vLLM load it), "gguf" (the same
     folder plus `model.gguf` for llama.cpp: Q4_0 / Q8_0 blocks, so bits 4 or 8 with group_size=32,
     every scale rounded to float16 before its codes are chosen, GPTQ's as it finds them) or
@@ -74,6 +77,7 @@ def quantize_pretrained(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     recipe = _recipe(method, bits, group_size, damp, awq_grid, smoothquant_alpha, format)
+    recipe = _with_act_order(recipe, act_order)
     ckpt = Checkpoint(src_dir)
     if format == "gguf" and not (ckpt.folder / "tokenizer.json").is_file():
         raise ValueError(f"format 'gguf' needs the tokenizer: {ckpt.folder} has no tokenizer.json")
@@ -97,7 +101,7 @@ def quantize_pretrained(
         "group_size": group_size,
         "source": ckpt.fingerprint(),
         "calibration": fingerprint(batches) if batches else None,
-        "settings": [damp, awq_grid, smoothquant_alpha],
+        "settings": [damp, awq_grid, smoothquant_alpha] + (["act_order"] if act_order else []),
     }
     writer = _writer(format, Path(dst_dir), run)
     started = time.perf_counter()
@@ -146,6 +150,12 @@ def _recipe(
             "use format 'compressed-tensors' for the others"
         )
     return Recipe(method, bits, group_size, damp, grid, alpha, fp16_scales=format == "gguf")
+
+
+def _with_act_order(recipe: Recipe, act_order: bool) -> Recipe:
+    if not isinstance(act_order, bool):
+        raise ValueError(f"act_order must be True or False, got {act_order!r}")
+    return dataclasses.replace(recipe, act_order=act_order)
 
 
 def _check_group_size(skeleton: Skeleton, recipe: Recipe) -> None:

@@ -143,7 +143,7 @@ _BY_NAME: dict[str, Callable[[str], QuantConfig]] = {
     "w4": lambda _: weight_only(4),
     "w4a8": lambda calibrator: w4a8(None, calibrator),
     "binary": lambda _: binary(),
-    "xnor": lambda _: binary(xnor=True),
+    "xnor": lambda calibrator: replace(binary(xnor=True), calibrator=calibrator),
     "ternary": lambda _: ternary(),
     "ternary-int8": lambda calibrator: replace(ternary("int8"), calibrator=calibrator),
 }
@@ -154,7 +154,7 @@ def by_name(name: str, calibrator: str = "minmax") -> QuantConfig:
     """The preset called `name` (one of `NAMES`): "int8", "w4a8", ...; "w4a8" is per channel.
 
     `calibrator` applies to the presets with calibrated activations (int8, int8-asym, w4a8,
-    ternary-int8); "xnor" is `binary(xnor=True)` (binary weights and centred binary inputs),
+    ternary-int8, and xnor's 8-bit first and last layers); "xnor" is `binary(xnor=True)` (binary weights and centred binary inputs),
     "ternary-int8" `ternary("int8")`.
     """
     if name not in _BY_NAME:

@@ -562,3 +562,25 @@ for config, kernel in ((presets.int8(), "dequantize"),
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "isa:Intel AVX2\n" in out.stdout  # oneDNN's own report: the cap took effect
+
+
+def test_a_build_killed_while_holding_torchs_lock_does_not_hang_the_next(monkeypatch, tmp_path):
+    """torch's lock file, left by a killed build, would make every later build wait forever; a
+    build holding lowbit's lock (which dies with its holder) knows it is stale and clears it."""
+    import torch.utils.cpp_extension
+
+    (tmp_path / "lock").touch()  # what a SIGKILL during a build leaves
+    seen = {}
+
+    def load(**kwargs):
+        seen["lock left"] = (tmp_path / "lock").exists()
+        seen["build_directory"] = kwargs["build_directory"]
+
+    monkeypatch.setattr(native, "_state", {"ops": None, "tried": False})
+    monkeypatch.setitem(kernels.compile._state, "enabled", True)
+    monkeypatch.setattr(
+        torch.utils.cpp_extension, "_get_build_directory", lambda *a, **k: str(tmp_path)
+    )
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    native._build()
+    assert seen == {"lock left": False, "build_directory": str(tmp_path)}

@@ -154,8 +154,8 @@ def by_name(name: str, calibrator: str = "minmax") -> QuantConfig:
     """The preset called `name` (one of `NAMES`): "int8", "w4a8", ...; "w4a8" is per channel.
 
     `calibrator` applies to the presets with calibrated activations (int8, int8-asym, w4a8,
-    ternary-int8, and xnor's 8-bit first and last layers); "xnor" is `binary(xnor=True)` (binary weights and centred binary inputs),
-    "ternary-int8" `ternary("int8")`.
+    ternary-int8, and xnor's 8-bit first and last layers); "xnor" is `binary(xnor=True)` (binary
+    weights and centred binary inputs), "ternary-int8" `ternary("int8")`.
     """
     if name not in _BY_NAME:
         raise ValueError(f"preset must be one of {', '.join(NAMES)}, got {name!r}")

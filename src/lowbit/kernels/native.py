@@ -8,15 +8,22 @@ keeps the build in its extension cache (`TORCH_EXTENSIONS_DIR`, default
 
 The same switch as `torch.compile` turns them off (`set_compile(False)`, env `LOWBIT_COMPILE=0`);
 a failed build warns once and leaves the eager kernels, which compute the same codes.
+
+torch guards a build with a lock file that a killed build (Ctrl-C, SIGKILL) leaves behind, and
+every later build then waits on it forever. lowbit's builds take an advisory lock first, which
+the system releases when its holder dies: whoever holds it knows that a torch lock file it finds
+is stale, and removes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +63,7 @@ def ops() -> Any | None:
 def _build() -> Any | None:
     path = os.environ.get("PATH", "")
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         # torch runs `ninja` from PATH; the pip package's binary is not there when the
         # environment was not activated.
@@ -64,13 +71,16 @@ def _build() -> Any | None:
             import ninja
 
             os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
-        load(
-            name=_EXTENSION,
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=_FLAGS,
-            is_python_module=False,
-            verbose=False,
-        )
+        build = Path(_get_build_directory(_EXTENSION, verbose=False))
+        with _build_lock(build):
+            load(
+                name=_EXTENSION,
+                sources=[str(source) for source in SOURCES],
+                extra_cflags=_FLAGS,
+                build_directory=str(build),
+                is_python_module=False,
+                verbose=False,
+            )
         return torch.ops.lowbit
     except Exception as error:  # no compiler, no ninja, an unwritable cache...
         warnings.warn(
@@ -82,3 +92,21 @@ def _build() -> Any | None:
         return None
     finally:
         os.environ["PATH"] = path
+
+
+@contextlib.contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold lowbit's lock on `build` (released by the system if this process dies), and clear
+    torch's lock file there, which only a build killed while holding it can have left."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock only
+        yield
+        return
+    with open(build / "lowbit.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

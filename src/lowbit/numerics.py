@@ -251,16 +251,19 @@ def fake_quantize(
     return restore((q - z) * s)
 
 
-def centered_sign(x: Tensor, center: Tensor, scale: Tensor, axis: int) -> Tensor:
-    """Binary activation around a per-channel centre: c + scale * sign(x - c), sign(0) = +1.
+def centered_sign(
+    x: Tensor, center: Tensor, scale: Tensor, axis: int, ternary: bool = False
+) -> Tensor:
+    """Binary activation around a per-channel centre: c + scale * sign(x - c), sign(0) = +1;
+    ternary=True: c + scale * t, t = sign(x - c) where |x - c| > scale / 2, else 0 (the nearest
+    of the three levels c - scale, c, c + scale; ties go to c).
 
     The centre makes a sign carry information where x does not change sign (ReLU outputs):
     XNOR-Net binarizes after a BatchNorm, ReActNet (Liu et al. 2020) learns a threshold per
-    channel (RSign); this is that threshold, with the centre added back so the two levels
-    c - scale and c + scale approximate x itself. `center` has one value per slice of `axis`,
-    `scale` is one value. Gradients (straight-through, clipped to |x - c| <= scale): x gets 1
-    inside, the centre 1 outside, the scale LSQ's sign(u) - u inside (u = (x - c) / scale),
-    scaled by 1 / sqrt(x.numel()).
+    channel (RSign); this is that threshold, with the centre added back so the levels approximate
+    x itself. `center` has one value per slice of `axis`, `scale` is one value. Gradients
+    (straight-through, clipped to |x - c| <= scale): x gets 1 inside, the centre 1 outside, the
+    scale LSQ's code - u inside (u = (x - c) / scale), scaled by 1 / sqrt(x.numel()).
     """
     if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):  # ONNX export traces this
         check_finite(x)
@@ -270,15 +273,27 @@ def centered_sign(x: Tensor, center: Tensor, scale: Tensor, axis: int) -> Tensor
     c = center.to(x.dtype).reshape(shape)
     s = scale.to(x.dtype)
     with torch.no_grad():
-        y = c + s * torch.where(x - c >= 0, 1.0, -1.0).to(x.dtype)
+        code = centred_codes(x, c, s, ternary)
+        y = c + s * code
     if not (x.requires_grad or center.requires_grad or scale.requires_grad):
         return y
     if scale.requires_grad:
         s = _scale_gradient(s, 1.0 / math.sqrt(max(x.numel(), 1)))
     u = (x - c) / s
     clipped = u.clamp(-1.0, 1.0)
-    surrogate = c + s * (clipped - clipped.detach() + torch.where(u >= 0, 1.0, -1.0).to(x.dtype))
+    surrogate = c + s * (clipped - clipped.detach() + code)
     return y + (surrogate - surrogate.detach())
+
+
+def centred_codes(x: Tensor, center: Tensor, scale: Tensor, ternary: bool) -> Tensor:
+    """The codes of `centered_sign` (center already shaped to broadcast against x), in x's
+    dtype: u = x - center; binary u >= 0 -> +1 else -1; ternary +1 where u > scale / 2, -1
+    where u < -scale / 2, else 0. The bit kernels compute these comparisons in float32 too."""
+    u = x - center
+    if not ternary:
+        return torch.where(u >= 0, 1.0, -1.0).to(x.dtype)
+    half = scale * 0.5
+    return (u > half).to(x.dtype) - (u < -half).to(x.dtype)
 
 
 def _round(v: Tensor, spec: QuantSpec, generator: Rng) -> Tensor:

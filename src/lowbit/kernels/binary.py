@@ -11,10 +11,11 @@ one plane (bit 1: +1); a ternary row two, sign (bit 1: +1) and nonzero.
 - `sign_mask_sums`: a binary / ternary weight on bits times float32 or int8 rows: the inputs
   added with the weight's sign (BWN, TWN); int8 inputs sum exactly in int32.
 - `sign_bits`, `sign_bits_conv`: bits of (x - center >= 0) per row, or as a convolution's
-  bit im2col (padding counted as +1; the caller subtracts what it adds).
-- `xnor_conv`: an XNOR Conv2d from float input to float output, the popcount GEMM reading the
-  padded bit image in place (`kernels/csrc/binary_conv.cpp`); `ternary_conv_dots` the same for
-  ternary codes x a ternary weight (two planes each).
+  bit im2col (padding counted as +1; the caller subtracts what it adds); `ternary_bits`: the
+  two planes of ternary codes around a centre (+1 above center + t, -1 below center - t).
+- `xnor_conv`, `ternary_conv`: a binary / ternary Conv2d from float input to float output, the
+  input coded into a padded bit image (NCHW read directly) and the popcount GEMM reading it in
+  place (`kernels/csrc/binary_conv.cpp`).
 
 The eager twins (used where the C++ kernels are not built) compute the same integers by
 unpacking the bits and multiplying in float64; float sums differ from the C++ ones by rounding.
@@ -84,6 +85,21 @@ def sign_bits(x: Tensor, center: Tensor | None = None) -> Tensor:
     return pack_bits(v >= 0)
 
 
+def ternary_bits(
+    x: Tensor, center: Tensor | None, threshold: float, isa: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The sign (u > t) and nonzero (|u| > t) planes of each row of x [M, K], u = x - center
+    (center [K] or None for 0), t = threshold, compared in float32: the codes of
+    `numerics.centred_codes` with scale 2 t."""
+    c = _EMPTY.float() if center is None else center.float()
+    ops = _ops()
+    if ops is not None and x.is_cpu:
+        return ops.ternary_bits(x.float(), c, threshold, isa)
+    u = x.float() if center is None else x.float() - c
+    t = torch.tensor(threshold, dtype=torch.float32)
+    return pack_bits(u > t), pack_bits(u.abs() > t)
+
+
 def sign_bits_conv(
     x: Tensor,
     center: Tensor,
@@ -125,43 +141,50 @@ def xnor_conv(
     ops = _ops()
     if ops is not None and x.is_cpu:
         flat = (*kernel, *stride, *padding, *dilation)
-        return ops.xnor_conv(
-            x.float(), center.float(), w_blocked, n, *flat, scale, corr, offset, cls, isa
-        )
+        return ops.bits_conv(
+            x.float(), center.float(), 0.0, w_blocked, _EMPTY, n, *flat, scale, corr, offset,
+            cls, isa,
+        )  # fmt: skip
     bits = sign_bits_conv(x, center, kernel, stride, padding, dilation)
     k = x.shape[1] * kernel[0] * kernel[1]
     return popcount_affine(bits, w_blocked, n, k, scale, offset[cls], corr[cls])
 
 
-def ternary_conv_dots(
-    codes: Tensor,
-    w_sign: Tensor,
-    w_nonzero: Tensor,
+def ternary_conv(
+    x: Tensor,
+    center: Tensor,
+    threshold: float,
+    planes: tuple[Tensor, Tensor],
     n: int,
     geometry: tuple[tuple[int, int], ...],
+    scale: Tensor,
+    maps: tuple[Tensor, Tensor],
     isa: int = 0,
 ) -> Tensor:
-    """int32 [B * Ho * Wo, n]: a zero-padded Conv2d of ternary input codes [B, C, H, W] (-1, 0,
-    +1) with a ternary weight's blocked planes (taps in the weight's (kh, kw) order, each tap's
-    channels in its own words). Padding is code 0 and adds nothing."""
+    """A zero-padded Conv2d of the ternary codes of x [B, C, H, W] around center (as
+    `ternary_bits`) with a ternary weight's blocked planes (sign, nonzero; taps in the weight's
+    (kh, kw) order, each tap's channels in their own words), float32 [B * Ho * Wo, n]:
+    dot * scale + offset[u], u = cls[position]; maps: offset [U, n], cls [Ho * Wo]. Padding is
+    code 0 and adds nothing; the C++ kernel codes x itself (no ternary tensor in between)."""
+    offset, cls = maps
     kernel, stride, padding, dilation = geometry
-    b, c, h, w = codes.shape
     ops = _ops()
-    if ops is not None and codes.is_cpu:
-        rows = codes.float().permute(0, 2, 3, 1).reshape(-1, c)
-        half = torch.full((c,), 0.5)
-        pads = (0, 0, padding[1], padding[1], padding[0], padding[0])
-        sign, nonzero = (
-            F.pad(sign_bits(p, half).reshape(b, h, w, words(c)), pads).contiguous()
-            for p in (rows, rows.abs())
-        )
-        flat = (*kernel, *stride, *dilation)
-        return ops.ternary_conv_dots(sign, nonzero, w_sign, w_nonzero, n, *flat, isa)
+    if ops is not None and x.is_cpu:
+        flat = (*kernel, *stride, *padding, *dilation)
+        return ops.bits_conv(
+            x.float(), center.float(), threshold, *planes, n, *flat, scale,
+            _EMPTY.to(torch.int32), offset, cls, isa,
+        )  # fmt: skip
+    b, c = x.shape[:2]
+    u = x.float() - center.float().reshape(1, -1, 1, 1)
+    t = torch.tensor(threshold, dtype=torch.float32)
+    codes = (u > t).double() - (u < -t).double()
     taps = kernel[0] * kernel[1]
-    weight = _codes(_unblock(w_sign, n), _unblock(w_nonzero, n), taps * words(c) * 64)
+    weight = _codes(_unblock(planes[0], n), _unblock(planes[1], n), taps * words(c) * 64)
     weight = weight.reshape(n, taps, -1)[..., :c].reshape(n, *kernel, c).permute(0, 3, 1, 2)
-    y = F.conv2d(codes.double(), weight, None, stride, padding, dilation)
-    return y.permute(0, 2, 3, 1).reshape(-1, n).round().to(torch.int32)
+    dots = F.conv2d(codes, weight, None, stride, padding, dilation).round()
+    dots = dots.permute(0, 2, 3, 1).reshape(b, cls.numel(), n).float()
+    return torch.addcmul(offset[cls.long()], dots, scale).reshape(-1, n)
 
 
 def popcount_dots(
@@ -195,15 +218,20 @@ def popcount_affine(
     offset: Tensor,
     corr: Tensor | None = None,
     isa: int = 0,
+    nonzero: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """An XNOR layer's float32 output in one pass: (dot - corr) * scale + offset, with offset
-    and corr [L, n] repeating over the rows (L rows per image of a convolution, 1 for a
-    Linear), scale [n]."""
+    """A binary or ternary layer's float32 output in one pass: (dot - corr) * scale + offset,
+    with offset and corr [L, n] repeating over the rows (L rows per image of a convolution, 1
+    for a Linear), scale [n]; XNOR dots, or with `nonzero` (the input's and the weight's
+    nonzero planes), ternary ones."""
+    a_nz, w_nz = nonzero if nonzero is not None else (None, None)
     ops = _ops()
     if ops is not None and a.is_cpu:
         c = corr if corr is not None else _EMPTY.to(torch.int32)
-        return ops.popcount_affine(a, w_blocked, n, k, c, scale, offset, isa)
-    dots = popcount_dots(a, w_blocked, n, k).reshape(-1, offset.shape[0], n)
+        an = a_nz if a_nz is not None else _EMPTY
+        wn = w_nz if w_nz is not None else _EMPTY
+        return ops.popcount_affine(a, an, w_blocked, wn, n, k, c, scale, offset, isa)
+    dots = popcount_dots(a, w_blocked, n, k, a_nz, w_nz).reshape(-1, offset.shape[0], n)
     if corr is not None:
         dots = dots - corr
     return torch.addcmul(offset, dots.float(), scale).reshape(-1, n)

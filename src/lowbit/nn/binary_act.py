@@ -1,4 +1,4 @@
-"""`CenteredSign`: the binary activation quantizer that works on real networks.
+"""`CenteredSign`: the binary (and ternary) activation quantizer that works on real networks.
 
 A plain sign binarizes every ReLU output (and every [0, 1] pixel) to +1, and the model becomes
 constant. XNOR-Net (Rastegari et al. 2016) puts a BatchNorm before each sign so that its input is
@@ -7,8 +7,15 @@ latter for any layer: x becomes c + s * sign(x - c) with a centre c per channel 
 (`numerics.centered_sign`): the two levels c - s and c + s approximate x itself, so a layer whose
 input follows a ReLU sees its input's mean and a sign of where each value lies around it.
 
-- Calibration (`quantize`, `prepare_qat` with data) sets c to each channel's mean and s to the mean
-  |x - c| (XNOR-Net's input scale) over the calibration data (`CenterCalibrator`).
+Ternary activations have the same problem in a milder form: around 0, a ReLU output never takes
+the level -1, so one of the three codes is wasted. With a ternary spec `CenteredSign` gives
+c + s * t, t in {-1, 0, +1} the nearest of the levels c - s, c, c + s (zero where
+|x - c| <= s / 2), with the same centre, calibration and training.
+
+- Calibration (`quantize`, `prepare_qat` with data) sets c to each channel's mean and, from the
+  mean |x - c| over the calibration data (`CenterCalibrator`), s: that mean itself for binary
+  (XNOR-Net's input scale), twice TWN's threshold 0.7 * mean |x - c| for ternary (so the
+  zero band |x - c| <= s / 2 is TWN's).
 - QAT learns both (c and s are parameters: straight-through gradients, LSQ's for s), starting
   from the calibration `prepare_qat` runs on its `calib_data` (required).
 - A layer whose input is the same value in every position of a channel (a constant input) has
@@ -110,7 +117,7 @@ class CenterCalibrator(Calibrator):
 
 
 class CenteredSign(TensorQuantizer):
-    """A binary activation quantizer with a centre per channel along `axis` (1 for a
+    """A binary or ternary activation quantizer with a centre per channel along `axis` (1 for a
     convolution's input, -1 for a Linear's) and one scale; see the module docstring.
 
     learnable=True (QAT): centre and scale are `nn.Parameter`s, set first by calibration.
@@ -119,8 +126,8 @@ class CenteredSign(TensorQuantizer):
     center: Tensor
 
     def __init__(self, spec: QuantSpec, *, axis: int = -1, learnable: bool = False) -> None:
-        if spec.scheme != "binary" or spec.granularity != PerTensor():
-            raise ValueError(f"CenteredSign needs a per-tensor binary spec, got {spec}")
+        if spec.scheme not in ("binary", "ternary") or spec.granularity != PerTensor():
+            raise ValueError(f"CenteredSign needs a per-tensor binary or ternary spec, got {spec}")
         super().__init__(spec, CenterCalibrator(axis))
         self.dynamic = False  # the scale and the centre are fixed once calibrated (or learned)
         # QAT: no centre until calibration sets one (prepare_qat with calib_data); a training
@@ -129,6 +136,7 @@ class CenteredSign(TensorQuantizer):
         self.axis = axis
         self.dims: int | None = None
         self.center_learnable = learnable
+        self.ternary = spec.scheme == "ternary"
         self.register_buffer("center", torch.empty(0))
 
     def set_axis(self, axis: int, dims: int | None = None) -> None:
@@ -147,16 +155,18 @@ class CenteredSign(TensorQuantizer):
             return x
         if not self.has_qparams:
             raise RuntimeError(
-                "a binary activation has no centre and scale yet: they start from calibration "
-                "(pass calib_data to lowbit.quantize or lowbit.prepare_qat)"
+                f"a {self.spec.scheme} activation has no centre and scale yet: they start from "
+                "calibration (pass calib_data to lowbit.quantize or lowbit.prepare_qat)"
             )
         axis = channel_axis(x, self.axis, self.dims)
-        return numerics.centered_sign(x, self.center, self.scale, axis)
+        return numerics.centered_sign(x, self.center, self.scale, axis, self.ternary)
 
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
-        """Calibration is over: the centre from the calibrator, the scale from `hi`."""
+        """Calibration is over: the centre from the calibrator, the scale from `hi` (the mean
+        |x - c|; ternary: twice TWN's threshold on it)."""
         assert isinstance(self.calibrator, CenterCalibrator)
-        self._set(self.calibrator.center(), hi)
+        scale = hi * 2 * numerics.TERNARY_THRESHOLD if self.ternary else hi
+        self._set(self.calibrator.center(), scale)
 
     def _set(self, center: Tensor, scale: Tensor) -> None:
         center = as_float32(center).to(self.center.device)
@@ -180,4 +190,4 @@ class CenteredSign(TensorQuantizer):
 
     def extra_repr(self) -> str:
         learn = ", learnable" if self.center_learnable else ""
-        return f"binary centred per channel (axis {self.axis}){learn}, mode={self.mode}"
+        return f"{self.spec.scheme} centred per channel (axis {self.axis}){learn}, mode={self.mode}"

@@ -13,8 +13,10 @@ Kernels (`module.kernel`):
   the file keeps 1 bit) or, where those do not run, the inputs added with the weight's sign
   straight from its bits (`kernels.binary.sign_mask_sums`).
 - "ternary": ternary weights on two bit-planes (sign, nonzero) x float or int8 inputs as "bwn";
-  x dynamic ternary inputs by popcounts on the planes (Linear and Conv2d: zero padding is code
-  0 and adds nothing).
+  x centred ternary inputs (per-tensor ternary activation specs: c + s * t, t = 0 where
+  |x - c| <= s / 2) by popcounts on the planes, y = s * alpha_n * dot + alpha_n * (w_n . c) +
+  bias as for "xnor" (Linear and Conv2d: zero padding is code 0 and adds nothing, the centre's
+  share at the border taken from a table of position classes).
 - "dequantize": anything else (other devices, grouped or strided-padding convolutions), with the
   same centred binarization in float.
 """
@@ -50,12 +52,11 @@ def bits_kernel(
     name: Kernel = "bwn" if weight.scheme == "binary" else "ternary"
     if input_spec is None:
         return name
-    if centred:
-        return "xnor" if weight.scheme == "binary" else None
-    if _int8_input(input_spec, input_mode):
-        return name
-    ternary_input = input_spec.scheme == "ternary" and input_spec.granularity == PerTensor()
-    return "ternary" if ternary_input and weight.scheme == "ternary" else None
+    if centred:  # binary x binary, ternary x ternary
+        if input_spec.scheme != weight.scheme:
+            return None
+        return "xnor" if weight.scheme == "binary" else "ternary"
+    return name if _int8_input(input_spec, input_mode) else None
 
 
 def _int8_input(spec: QuantSpec, mode: str | None) -> bool:
@@ -96,7 +97,13 @@ class _BitsBase(IntFallback):
             return super()._fake_quant(role, x)
         center, scale = getattr(self, f"{role}_center"), getattr(self, f"{role}_scale")
         axis = channel_axis(x, *self._axes[role])
-        return numerics.centered_sign(x, center, scale, axis)
+        spec = self.input_spec if role == "input" else self.output_spec
+        ternary = spec is not None and spec.scheme == "ternary"
+        return numerics.centered_sign(x, center, scale, axis, ternary)
+
+    def _threshold(self) -> float:
+        """A centred ternary input's zero band |x - c| <= scale / 2, as a float32 value."""
+        return float(self.input_scale.float() * 0.5)
 
     def _pack_sources(self) -> tuple[Tensor | None, ...]:
         return (*super()._pack_sources(), getattr(self.module, "bias", None))
@@ -153,8 +160,8 @@ class IntBinaryLinear(_BitsBase):
         packs = self.current_packs()
         if kernel == "xnor":
             y = self._xnor(rows, packs)
-        elif self.input_spec is not None and self.input_spec.scheme == "ternary":
-            y = self._ternary_inputs(rows, packs)
+        elif self._centred("input"):
+            y = self._ternary_centred(rows, packs)
         else:
             y = self._sign_sums(rows, packs)
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -166,6 +173,22 @@ class IntBinaryLinear(_BitsBase):
         bits = binary.sign_bits(rows, self.input_center)
         n, k = self.out_features, self.in_features
         return binary.popcount_affine(bits, weight, n, k, scale, offset)
+
+    def _ternary_centred(self, rows: Tensor, packs: Packed) -> Tensor:
+        """Centred ternary inputs x ternary weights: the planes of the input's codes, then
+        popcounts and the rescale in one pass, as `_xnor`."""
+        blocked = cached(packs, "planes", self._blocked_planes)
+        scale, offset = cached(packs, "xnor_affine", self._xnor_affine)
+        sign, nonzero = binary.ternary_bits(rows, self.input_center, self._threshold())
+        n, k = self.out_features, self.in_features
+        return binary.popcount_affine(
+            sign, blocked[0], n, k, scale, offset, nonzero=(nonzero, blocked[1])
+        )
+
+    def _blocked_planes(self) -> tuple[Tensor, Tensor]:
+        sign, nonzero = self._rows()
+        assert nonzero is not None
+        return binary.block_rows(sign), binary.block_rows(nonzero)
 
     def _xnor_affine(self) -> tuple[Tensor, Tensor]:
         """beta * alpha per output, and the centre's share plus the bias."""
@@ -194,29 +217,6 @@ class IntBinaryLinear(_BitsBase):
             sums = binary.sign_mask_sums(codes, sign, nonzero)
         return torch.addcmul(bias, sums.float(), alpha * scale)
 
-    def _ternary_inputs(self, rows: Tensor, packs: Packed) -> Tensor:
-        spec = self.input_spec
-        assert spec is not None
-        sign, nonzero = cached(packs, "rows", self._rows)
-        assert nonzero is not None
-        blocked = cached(
-            packs, "blocked2", lambda: (binary.block_rows(sign), binary.block_rows(nonzero))
-        )
-        alpha, bias = cached(packs, "alpha_bias", lambda: (self._alpha(), self._bias()))
-        if rows.shape[0] == 0:
-            return bias.expand(0, self.out_features)
-        scale, zero_point = numerics.tensor_qparams(rows, spec)
-        codes = numerics.quantize(rows, scale, zero_point, spec)
-        dots = binary.popcount_dots(
-            binary.pack_bits(codes > 0),
-            blocked[0],
-            self.out_features,
-            self.in_features,
-            binary.pack_bits(codes != 0),
-            blocked[1],
-        )
-        return torch.addcmul(bias, dots.float(), alpha * scale.float())
-
 
 class IntBinaryConv(_BitsBase):
     """A convolution with binary / ternary weights and binary / ternary inputs: an XNOR Conv2d
@@ -232,8 +232,8 @@ class IntBinaryConv(_BitsBase):
         self._kernels = (self._conv_kernel() or "dequantize", "dequantize")
 
     def _conv_kernel(self) -> Kernel | None:
-        """ "xnor" (centred binary inputs) or "ternary" (ternary inputs x ternary weights) for
-        a plain zero-padded Conv2d of one group, else None."""
+        """ "xnor" (centred binary inputs x binary weights) or "ternary" (centred ternary inputs
+        x ternary weights) for a plain zero-padded Conv2d of one group, else None."""
         m = self.module
         plain = (
             isinstance(m, nn.Conv2d)
@@ -244,10 +244,7 @@ class IntBinaryConv(_BitsBase):
         )
         centred = self._centred("input")
         kernel = bits_kernel(self.weight_spec, self.input_spec, self.input_mode, centred)
-        if not plain or kernel is None or (kernel == "xnor") != centred:
-            return None
-        spec = self.input_spec
-        return kernel if centred or (spec is not None and spec.scheme == "ternary") else None
+        return kernel if plain and centred else None
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         plain = isinstance(x, Tensor) and x.dim() in (3, 4) and x.numel() and not (args or kwargs)
@@ -278,20 +275,19 @@ class IntBinaryConv(_BitsBase):
         return y.reshape(x.shape[0], cls.numel() // wo, wo, n).permute(0, 3, 1, 2)
 
     def _ternary(self, x: Tensor) -> Tensor:
-        """Ternary inputs (per-tensor, from x itself) x ternary weights: popcounts on the two
-        planes of each, then the scales and the bias."""
-        spec = self.input_spec
-        assert spec is not None
+        """Centred ternary inputs x ternary weights: the kernel codes x into two padded
+        bit-planes and runs the popcounts with the rescale, as `_xnor`."""
         packs = self.current_packs()
         n = self.weight_shape[0]
         planes = cached(packs, "planes", self._weight_planes)
-        alpha, bias = cached(packs, "alpha_bias", lambda: (self._alpha(), self._bias()))
-        scale, zero_point = numerics.tensor_qparams(x, spec)
-        codes = numerics.quantize(x, scale, zero_point, spec)
-        dots = binary.ternary_conv_dots(codes, *planes, n, self._geometry())
-        y = torch.addcmul(bias, dots.float(), alpha * scale.float())
-        wo = self._out_width(x.shape[-1])
-        return y.reshape(x.shape[0], -1, wo, n).permute(0, 3, 1, 2)
+        h, w = x.shape[-2:]
+        scale, _, offset, cls = cached(packs, f"maps_{h}x{w}", lambda: self._maps(h, w))
+        y = binary.ternary_conv(
+            x, self.input_center, self._threshold(), planes, n, self._geometry(), scale,
+            (offset, cls),
+        )  # fmt: skip
+        wo = self._out_width(w)
+        return y.reshape(x.shape[0], cls.numel() // wo, wo, n).permute(0, 3, 1, 2)
 
     def _out_width(self, w: int) -> int:
         kernel, stride, padding, dilation = self._geometry()

@@ -62,9 +62,11 @@ def qat_quantizers(config: QuantConfig) -> QuantizerFactory:
 
 
 def _centred(spec: QuantSpec, role: str) -> bool:
-    """Binary activations binarize around a centre per channel (`CenteredSign`): a plain sign
-    turns every ReLU output into +1."""
-    return role != "weight" and spec.scheme == "binary" and spec.granularity == PerTensor()
+    """Per-tensor binary and ternary activations quantize around a centre per channel
+    (`CenteredSign`): a plain sign turns every ReLU output into +1, a plain ternary never uses
+    its -1."""
+    centred = spec.scheme in ("binary", "ternary") and spec.granularity == PerTensor()
+    return role != "weight" and centred
 
 
 def check_overrides(model: nn.Module, config: QuantConfig) -> None:

@@ -6,11 +6,13 @@ float and a warning names it. (A zero range would otherwise fall back to scale 1
 real inputs to whole numbers: the digits demo calibrated on zeros lost 7.5 points; float is exact
 for whatever the layer receives later.)
 
-`SignWatch` follows the binary (sign) activation quantizers through the calibration passes. One
-whose input never goes below 0 (it follows a ReLU, or takes [0, 1] pixels) binarizes every value
-to +1, so its layer's output no longer depends on its input: a warning names each. When the
-model's output is then the same for every sample of a batch whose inputs differ, the model is
-constant and `quantize` raises instead of returning it.
+`SignWatch` follows the plain (uncentred) binary and ternary activation quantizers through the
+calibration passes. A binary one whose input never goes below 0 (it follows a ReLU, or takes
+[0, 1] pixels) binarizes every value to +1, so its layer's output no longer depends on its input:
+a warning names each. When the model's output is then the same for every sample of a batch whose
+inputs differ, the model is constant and `quantize` raises instead of returning it. A ternary one
+with such an input never uses its -1 level (half its codes): a warning names it. (Per-tensor
+binary and ternary activations are centred, `CenteredSign`, and need neither check.)
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ class SignWatch:
         self.lowest: dict[str, float] = {}
         self.batches_with_distinct_inputs = 0
         self.output_varied = False
+        watched = binary_activation_quantizers(model)
+        self.ternary = {name for name, q in watched.items() if q.spec.scheme == "ternary"}
         self.handles = [
-            q.register_forward_pre_hook(self._recorder(name))
-            for name, q in binary_activation_quantizers(model).items()
+            q.register_forward_pre_hook(self._recorder(name)) for name, q in watched.items()
         ]
 
     def _recorder(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
@@ -115,6 +118,15 @@ class SignWatch:
         """Warn for each quantizer whose input had no sign; raise ValueError if the output was
         constant over samples that differ."""
         signless = [name for name, low in self.lowest.items() if low >= 0.0]
+        for name in [n for n in signless if n in self.ternary]:
+            _warn(
+                f"the {name} never went below 0 during calibration (lowest "
+                f"{self.lowest[name]:g}), so its ternary codes are 0 or +1 and the -1 level is "
+                "never used; a per-tensor ternary spec centres it per channel "
+                "(QuantSpec(bits=2, scheme='ternary'), CenteredSign), or put a centring "
+                "BatchNorm before it"
+            )
+        signless = [n for n in signless if n not in self.ternary]
         for name in signless:
             _warn(
                 f"the {name} never went below 0 during calibration (lowest "
@@ -130,8 +142,8 @@ class SignWatch:
 
 
 def binary_activation_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    """The plain binary (sign) input and output quantizers of a model's quantized layers, by
-    what they quantize ("input of layer 'features.3'")."""
+    """The plain binary (sign) and ternary input and output quantizers of a model's quantized
+    layers, by what they quantize ("input of layer 'features.3'")."""
     found = {}
     for name, m in model.named_modules():
         if not isinstance(m, QuantModule):
@@ -139,7 +151,8 @@ def binary_activation_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]
         for role in ("input", "output"):
             q = getattr(m, f"{role}_quantizer")
             # centred ones (`CenteredSign`) binarize around their channel means
-            if q is not None and q.spec.scheme == "binary" and not isinstance(q, CenteredSign):
+            signs = q is not None and q.spec.scheme in ("binary", "ternary")
+            if signs and not isinstance(q, CenteredSign):
                 found[f"{role} of layer {name!r}"] = q
     return found
 

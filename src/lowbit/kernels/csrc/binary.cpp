@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -24,31 +25,47 @@ namespace {
 using bits::Isa;
 using bits::kAvx512;
 using bits::resolve;
-using bits::sign_row;
 
+// The code bits of each row of x [M, K] around `center` (per feature, or empty for 0):
+// [M, ceil(K / 64)] int64 sign bits, and for ternary the nonzero bits (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> code_bits(const at::Tensor& x, const at::Tensor& center,
+                                             const bits::Codes& cd, int64_t isa,
+                                             const char* op) {
+  check_input(x, -1, op);
+  resolve(isa);
+  const int64_t m = x.size(0), k = x.size(1), words = (k + 63) / 64;
+  TORCH_CHECK(center.numel() == 0 || center.numel() == k, op, ": center has ", center.numel(),
+              " values, x ", k, " features");
+  auto xc = x.contiguous();
+  auto cc = center.contiguous().to(at::kFloat);
+  auto sign = at::empty({m, words}, x.options().dtype(at::kLong));
+  auto nz = at::empty({cd.ternary ? m : 0, words}, sign.options());
+  const float* xp = xc.const_data_ptr<float>();
+  const bits::Codes codes{center.numel() ? cc.const_data_ptr<float>() : nullptr, cd.t,
+                          cd.ternary};
+  auto* sp = reinterpret_cast<uint64_t*>(sign.mutable_data_ptr<int64_t>());
+  auto* np = reinterpret_cast<uint64_t*>(nz.mutable_data_ptr<int64_t>());
+  const bool avx512 = bits::pack_avx512(isa);
+  at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      bits::code_row(avx512, xp + r * k, codes, k, sp + r * words,
+                     cd.ternary ? np + r * words : nullptr);
+  });
+  return {sign, nz};
+}
 
 // Bits of (x - center >= 0) per row: [M, K] float -> [M, ceil(K / 64)] int64.
 at::Tensor sign_bits(const at::Tensor& x, const at::Tensor& center) {
-  check_input(x, -1, "sign_bits");
-  const int64_t m = x.size(0), k = x.size(1), words = (k + 63) / 64;
-  TORCH_CHECK(center.numel() == 0 || center.numel() == k, "sign_bits: center has ",
-              center.numel(), " values, x ", k, " features");
-  auto xc = x.contiguous();
-  auto cc = center.contiguous().to(at::kFloat);
-  auto out = at::empty({m, words}, x.options().dtype(at::kLong));
-  const float* xp = xc.const_data_ptr<float>();
-  const float* cp = center.numel() ? cc.const_data_ptr<float>() : nullptr;
-  auto* op = reinterpret_cast<uint64_t*>(out.mutable_data_ptr<int64_t>());
-  const bool avx512 = bits::has_avx512f();
-  at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) sign_row(avx512, xp + r * k, cp, k, op + r * words);
-  });
-  return out;
+  return std::get<0>(code_bits(x, center, bits::Codes{nullptr, 0.f, false}, 0, "sign_bits"));
 }
 
-// Bit im2col of a zero-padded convolution input. x [B, C, H, W] float (read channels-last):
-// channel bits (x - center >= 0) per pixel, padded pixels all ones (+1: the caller subtracts
-// what the padding adds), then for every output position the kh * kw taps' channel words in a
+// Ternary code bits per row: sign (x - center > t) and nonzero (|x - center| > t).
+std::tuple<at::Tensor, at::Tensor> ternary_bits(const at::Tensor& x, const at::Tensor& center,
+                                                double threshold, int64_t isa) {
+  TORCH_CHECK(threshold >= 0, "ternary_bits: threshold must be >= 0, got ", threshold);
+  const bits::Codes cd{nullptr, static_cast<float>(threshold), true};
+  return code_bits(x, center, cd, isa, "ternary_bits");
+}
 
 // The operands of a popcount GEMM on plain bit rows a [M, W] and a blocked weight w.
 struct LinearOperands {
@@ -96,8 +113,10 @@ at::Tensor popcount_dots(const at::Tensor& a, const at::Tensor& a_nonzero, const
 }
 
 // float32 [M, n] = (dot - corr[r % L, j]) * scale[j] + offset[r % L, j]: an XNOR layer's output
-// in one pass (corr: int32 [L, n] or empty; offset: float [L, n]; L divides M).
-at::Tensor popcount_affine(const at::Tensor& a, const at::Tensor& w, int64_t n, int64_t k,
+// in one pass (corr: int32 [L, n] or empty; offset: float [L, n]; L divides M), or with the
+// nonzero planes given (else empty), a ternary one.
+at::Tensor popcount_affine(const at::Tensor& a, const at::Tensor& a_nonzero, const at::Tensor& w,
+                           const at::Tensor& w_nonzero, int64_t n, int64_t k,
                            const at::Tensor& corr, const at::Tensor& scale,
                            const at::Tensor& offset, int64_t isa) {
   const int64_t l = offset.size(0);
@@ -106,8 +125,7 @@ at::Tensor popcount_affine(const at::Tensor& a, const at::Tensor& w, int64_t n, 
               "popcount_affine: offset must be [L, n] with L dividing the rows, scale [n], corr "
               "empty or [L, n]");
   const Isa chosen = resolve(isa);
-  const auto none = at::empty({0}, a.options());
-  LinearOperands ops(a, none, w, none, n, k);
+  LinearOperands ops(a, a_nonzero, w, w_nonzero, n, k);
   auto oc = offset.contiguous().to(at::kFloat);
   auto sc = scale.contiguous().to(at::kFloat);
   auto cc = corr.contiguous().to(at::kInt);
@@ -119,7 +137,8 @@ at::Tensor popcount_affine(const at::Tensor& a, const at::Tensor& w, int64_t n, 
                             nullptr,
                             corr.numel() ? cc.const_data_ptr<int32_t>() : nullptr,
                             sc.const_data_ptr<float>(),
-                            oc.const_data_ptr<float>()};
+                            oc.const_data_ptr<float>(),
+                            ops.o.an == nullptr};
   bits::popcount_gemm(chosen, ops.o, ops.m, n, epi);
   return out;
 }
@@ -278,13 +297,15 @@ at::Tensor sign_mask_sums(const at::Tensor& x, const at::Tensor& sign, const at:
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("sign_bits(Tensor x, Tensor center) -> Tensor", &lowbit::sign_bits);
+  m.def("ternary_bits(Tensor x, Tensor center, float threshold, int isa) -> (Tensor, Tensor)",
+        &lowbit::ternary_bits);
   m.def(
       "popcount_dots(Tensor a, Tensor a_nonzero, Tensor w, Tensor w_nonzero, int n, int k, "
       "int isa) -> Tensor",
       &lowbit::popcount_dots);
   m.def(
-      "popcount_affine(Tensor a, Tensor w, int n, int k, Tensor corr, Tensor scale, "
-      "Tensor offset, int isa) -> Tensor",
+      "popcount_affine(Tensor a, Tensor a_nonzero, Tensor w, Tensor w_nonzero, int n, int k, "
+      "Tensor corr, Tensor scale, Tensor offset, int isa) -> Tensor",
       &lowbit::popcount_affine);
   m.def("sign_mask_sums(Tensor x, Tensor sign, Tensor nonzero, int isa) -> Tensor",
         &lowbit::sign_mask_sums);

@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -277,8 +278,9 @@ struct DotsEpi {
 #endif
 };
 
-// float32 [M, n] = (k - 2 * sums - corr[u, j]) * scale[j] + offset[u, j], u the row's class:
-// cls[r] (cls has a class for every row), else r % period. An XNOR layer's output in one pass.
+// float32 [M, n] = (dot - corr[u, j]) * scale[j] + offset[u, j], u the row's class: cls[r]
+// (cls has a class for every row), else r % period; dot = k - 2 * sums (XNOR) or the sums
+// themselves (ternary). A binary or ternary layer's output in one pass.
 struct AffineEpi {
   float* out;
   int64_t n, k, period;
@@ -286,6 +288,7 @@ struct AffineEpi {
   const int32_t* corr;  // [U, n] or null
   const float* scale;   // [n]
   const float* offset;  // [U, n]
+  bool xnor;
 
   int64_t klass(int64_t r) const { return cls ? cls[r] : (period == 1 ? 0 : r % period); }
 
@@ -293,7 +296,7 @@ struct AffineEpi {
     const int64_t at = klass(r) * n + j0;
     float* dst = out + r * n + j0;
     for (int64_t j = 0; j < cols; ++j) {
-      const int64_t d = k - 2 * s[j] - (corr ? corr[at + j] : 0);
+      const int64_t d = (xnor ? k - 2 * s[j] : s[j]) - (corr ? corr[at + j] : 0);
       dst[j] = static_cast<float>(d) * scale[j0 + j] + offset[at + j];
     }
   }
@@ -304,9 +307,10 @@ struct AffineEpi {
     const float* scale;
     const float* offset;
     int64_t k;
+    bool xnor;
     __attribute__((target(LOWBIT_AVX512_BITS))) inline void vec(int64_t j0, __m512i s,
                                                                  __mmask8 keep) const {
-      __m512i d = _mm512_sub_epi64(_mm512_set1_epi64(k), _mm512_slli_epi64(s, 1));
+      __m512i d = xnor ? _mm512_sub_epi64(_mm512_set1_epi64(k), _mm512_slli_epi64(s, 1)) : s;
       if (corr)
         d = _mm512_sub_epi64(d, _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(keep, corr + j0)));
       const __m256 y = _mm256_add_ps(
@@ -320,44 +324,80 @@ struct AffineEpi {
   };
   Row row(int64_t r) const {
     const int64_t at = klass(r) * n;
-    return Row{out + r * n, corr ? corr + at : nullptr, scale, offset + at, k};
+    return Row{out + r * n, corr ? corr + at : nullptr, scale, offset + at, k, xnor};
   }
 #endif
 };
 
-// --- packing: bits of (x - c >= 0) -------------------------------------------------------
+// --- packing: the codes of (x - c) as bits ---------------------------------------------------
+//
+// Binary (Codes::ternary false): sign bit = (x - c >= 0). Ternary: sign bit = (x - c > t),
+// nonzero bit = (|x - c| > t), so the code is +1, -1 or 0 (|x - c| <= t). NaN gives -1 / 0.
+// The same float32 comparisons as the eager twin (numerics.centred_codes).
+struct Codes {
+  const float* c;  // per-feature centres, or null (0)
+  float t;         // ternary threshold
+  bool ternary;
+};
 
-inline void sign_row_scalar(const float* x, const float* c, int64_t k, uint64_t* dst) {
-  for (int64_t q = 0; q < (k + 63) / 64; ++q) dst[q] = 0;
+inline void code_row_scalar(const float* x, const Codes& cd, int64_t k, uint64_t* sign,
+                            uint64_t* nz) {
+  for (int64_t q = 0; q < (k + 63) / 64; ++q) {
+    sign[q] = 0;
+    if (cd.ternary) nz[q] = 0;
+  }
   for (int64_t i = 0; i < k; ++i) {
-    const float v = c ? x[i] - c[i] : x[i];
-    dst[i >> 6] |= static_cast<uint64_t>(v >= 0.f) << (i & 63);
+    const float v = cd.c ? x[i] - cd.c[i] : x[i];
+    const uint64_t bit = uint64_t{1} << (i & 63);
+    if (!cd.ternary) {
+      sign[i >> 6] |= v >= 0.f ? bit : 0;
+      continue;
+    }
+    sign[i >> 6] |= v > cd.t ? bit : 0;
+    nz[i >> 6] |= std::fabs(v) > cd.t ? bit : 0;
   }
 }
 
 #if LOWBIT_X86
-// 16 comparisons per instruction, their mask stored as 16 bits (little-endian words).
-__attribute__((target("avx512f"))) inline void sign_row_avx512(const float* x, const float* c,
-                                                        int64_t k, uint64_t* dst) {
-  auto* out = reinterpret_cast<uint16_t*>(dst);
+// 16 values of (x - c) compared at once: the sign mask, and for ternary the nonzero one.
+__attribute__((target("avx512f"))) inline __mmask16 code_masks(__m512 v, const Codes& cd,
+                                                               __mmask16 keep, __mmask16* nz) {
+  if (!cd.ternary) return _mm512_mask_cmp_ps_mask(keep, v, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 t = _mm512_set1_ps(cd.t);
+  *nz = _mm512_mask_cmp_ps_mask(keep, _mm512_abs_ps(v), t, _CMP_GT_OQ);
+  return _mm512_mask_cmp_ps_mask(keep, v, t, _CMP_GT_OQ);
+}
+
+// 16 comparisons per instruction, their masks stored as 16 bits (little-endian words).
+__attribute__((target("avx512f"))) inline void code_row_avx512(const float* x, const Codes& cd,
+                                                               int64_t k, uint64_t* sign,
+                                                               uint64_t* nz) {
+  auto* out = reinterpret_cast<uint16_t*>(sign);
+  auto* out_nz = reinterpret_cast<uint16_t*>(nz);
   const int64_t chunks = (k + 15) / 16, words = (k + 63) / 64;
-  for (int64_t q = 0; q < words * 4; ++q) out[q] = 0;
+  for (int64_t q = 0; q < words * 4; ++q) {
+    out[q] = 0;
+    if (cd.ternary) out_nz[q] = 0;
+  }
   for (int64_t i = 0; i < chunks; ++i) {
     const __mmask16 keep =
         i * 16 + 16 <= k ? __mmask16(0xFFFF) : __mmask16((1u << (k - i * 16)) - 1);
     __m512 v = _mm512_maskz_loadu_ps(keep, x + i * 16);
-    if (c) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(keep, c + i * 16));
-    out[i] = _mm512_mask_cmp_ps_mask(keep, v, _mm512_setzero_ps(), _CMP_GE_OQ);
+    if (cd.c) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(keep, cd.c + i * 16));
+    __mmask16 m = 0;
+    out[i] = code_masks(v, cd, keep, &m);
+    if (cd.ternary) out_nz[i] = m;
   }
 }
 #endif
 
-// Bits of (x - c >= 0) for k values (c may be null: 0), into words(k) words; NaN gives 0 (-1).
-inline void sign_row(bool avx512, const float* x, const float* c, int64_t k, uint64_t* dst) {
+// The code bits of k values into words(k) words of `sign` (and of `nz`, ternary).
+inline void code_row(bool avx512, const float* x, const Codes& cd, int64_t k, uint64_t* sign,
+                     uint64_t* nz) {
 #if LOWBIT_X86
-  if (avx512) return sign_row_avx512(x, c, k, dst);
+  if (avx512) return code_row_avx512(x, cd, k, sign, nz);
 #endif
-  sign_row_scalar(x, c, k, dst);
+  code_row_scalar(x, cd, k, sign, nz);
 }
 
 inline bool has_avx512f() {
@@ -367,6 +407,10 @@ inline bool has_avx512f() {
   return false;
 #endif
 }
+
+// Whether packing runs AVX-512 for an `isa` argument (0 best, 3 AVX-512; with 1 and 2, the AVX2
+// and plain C++ GEMMs, it packs in plain C++, so that the tests reach every path).
+inline bool pack_avx512(int64_t isa) { return (isa == kBest || isa == kAvx512) && has_avx512f(); }
 
 }  // namespace bits
 }  // namespace lowbit

@@ -19,9 +19,12 @@ from lowbit.config import QuantConfig
 from lowbit.kernels import native
 from lowbit.nn.binary_act import CenteredSign
 from lowbit.nn.int_binary import IntBinaryConv, IntBinaryLinear
-from lowbit.spec import QuantSpec
+from lowbit.spec import PerChannel, QuantSpec
 
 XNOR = QuantConfig(weight=presets.binary().weight, input=presets.binary(xnor=True).input)
+# ternary weights x per-tensor ternary inputs: centred as XNOR's (`CenteredSign`)
+TERNARY2 = QuantConfig(weight=presets.ternary().weight, input=QuantSpec(bits=2, scheme="ternary"))
+CENTRED = [(XNOR, "xnor"), (TERNARY2, "ternary")]
 
 
 @pytest.fixture(params=["eager", "native"])
@@ -45,17 +48,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _signs(x: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    return torch.where(x.double() - center.double() >= 0, 1.0, -1.0).double()
+def _signs(x: torch.Tensor, center: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """The codes of a centred input (float32 comparisons, as the simulation defines them)."""
+    ternary = layer.input_spec.scheme == "ternary"
+    scale = layer.input_scale.float()
+    return lowbit.numerics.centred_codes(x.float(), center.float(), scale, ternary).double()
 
 
-def test_xnor_linear_is_the_integer_formula(native_kernels):
+@pytest.mark.parametrize("config,kernel", CENTRED)
+def test_xnor_linear_is_the_integer_formula(native_kernels, config, kernel):
     torch.manual_seed(0)
     sim = lowbit.quantize(
-        nn.Sequential(nn.Linear(100, 19)), XNOR, [torch.randn(8, 100) + 1], progress=False
+        nn.Sequential(nn.Linear(100, 19)), config, [torch.randn(8, 100) + 1], progress=False
     )
     layer = _quiet_convert(sim)[0]
-    assert isinstance(layer, IntBinaryLinear) and layer.kernel == "xnor"
+    assert isinstance(layer, IntBinaryLinear) and layer.kernel == kernel
     w = layer.weight_codes().double()
     alpha, beta, c = (
         layer.weight_scale.double(),
@@ -65,7 +72,7 @@ def test_xnor_linear_is_the_integer_formula(native_kernels):
     bias = layer.module.bias.double()
     for shape in ((7, 100), (1, 100), (0, 100), (2, 3, 100)):
         x = torch.randn(*shape) + 1
-        dots = _signs(x, c) @ w.t()  # the integers the popcounts compute
+        dots = _signs(x, c, layer) @ w.t()  # the integers the popcounts compute
         want = dots * beta * alpha + (w * alpha.unsqueeze(1)) @ c + bias
         with torch.no_grad():
             got, simulated = layer(x), sim(x)
@@ -83,12 +90,13 @@ def _conv_net() -> nn.Module:
     ).eval()
 
 
-def test_xnor_conv_is_the_integer_formula_with_zero_padding(native_kernels):
+@pytest.mark.parametrize("config,kernel", CENTRED)
+def test_xnor_conv_is_the_integer_formula_with_zero_padding(native_kernels, config, kernel):
     calib = [torch.randn(4, 3, 9, 11) for _ in range(2)]
-    sim = lowbit.quantize(_conv_net(), XNOR, calib, progress=False)
+    sim = lowbit.quantize(_conv_net(), config, calib, progress=False)
     converted = _quiet_convert(sim)
     conv = converted[2]
-    assert isinstance(conv, IntBinaryConv) and conv.kernel == "xnor"
+    assert isinstance(conv, IntBinaryConv) and conv.kernel == kernel
     m = conv.module
     for shape in ((5, 3, 9, 11), (1, 3, 13, 7), (0, 3, 9, 11), (3, 9, 11)):
         x = torch.randn(*shape)
@@ -100,7 +108,7 @@ def test_xnor_conv_is_the_integer_formula_with_zero_padding(native_kernels):
             continue
         batch = h if h.dim() == 4 else h.unsqueeze(0)
         c = conv.input_center.reshape(1, -1, 1, 1)
-        levels = c.double() + conv.input_scale.double() * _signs(batch, c)
+        levels = c.double() + conv.input_scale.double() * _signs(batch, c, conv)
         want = F.conv2d(
             levels,
             conv.dequantized_weight().double(),
@@ -119,10 +127,7 @@ def test_xnor_conv_is_the_integer_formula_with_zero_padding(native_kernels):
         (presets.binary(), "bwn"),
         (presets.ternary(), "ternary"),
         (presets.ternary("int8"), "ternary"),
-        (
-            QuantConfig(weight=presets.ternary().weight, input=QuantSpec(bits=2, scheme="ternary")),
-            "ternary",
-        ),
+        (TERNARY2, "ternary"),
     ],
 )
 def test_bwn_and_ternary_linears_match_the_simulation(native_kernels, config, kernel):
@@ -143,9 +148,8 @@ def test_ternary_conv_with_ternary_inputs_runs_on_bits(native_kernels):
     """Ternary weights x ternary inputs in a Conv2d: popcounts on the planes, as the simulation
     (odd channels, stride, dilation, padding; an unbatched input, an empty batch)."""
     torch.manual_seed(3)
-    config = QuantConfig(weight=presets.ternary().weight, input=QuantSpec(bits=2, scheme="ternary"))
     conv = nn.Conv2d(7, 11, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
-    sim = lowbit.quantize(nn.Sequential(conv), config, [torch.randn(2, 7, 9, 8)], progress=False)
+    sim = lowbit.quantize(nn.Sequential(conv), TERNARY2, [torch.randn(2, 7, 9, 8)], progress=False)
     layer = _quiet_convert(sim)[0]
     assert isinstance(layer, IntBinaryConv) and layer.kernel == "ternary"
     assert layer(torch.randn(0, 7, 9, 8)).shape == (0, 11, 5, 8)
@@ -184,18 +188,61 @@ def test_centred_sign_levels_and_straight_through_gradients():
     assert scale.grad is not None and math.isfinite(float(scale.grad))
 
 
-def test_a_constant_input_is_left_float_with_a_warning():
+def test_centred_ternary_levels_and_straight_through_gradients():
+    x = torch.tensor([[-2.0, 0.5, 1.4], [0.2, 3.0, 1.0]], requires_grad=True)
+    center = torch.tensor([0.0, 1.0, 1.0], requires_grad=True)
+    scale = torch.tensor(1.0, requires_grad=True)
+    y = lowbit.numerics.centered_sign(x, center, scale, axis=1, ternary=True)
+    # the nearest of c - s, c, c + s; |x - c| = s / 2 (0.5 at c = 1) stays at c
+    assert y.tolist() == [[-1.0, 1.0, 1.0], [0.0, 2.0, 1.0]]
+    y.sum().backward()
+    assert x.grad.tolist() == [[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]  # inside |x - c| <= s
+    assert center.grad.tolist() == [1.0, 1.0, 0.0]  # the outside ones, per channel
+    # LSQ: code - u inside, the code outside: -1 + 0.5 - 0.4 - 0.2 + 1 + 0, over sqrt(6)
+    assert float(scale.grad) == pytest.approx(-0.1 / math.sqrt(6), rel=1e-5)
+
+
+def test_ternary_activations_of_a_relu_network_are_centred_and_use_all_three_levels():
+    """A ReLU output never goes below 0, so a plain ternary input is 0 or +1 there; centred
+    per channel (calibration: the channel means, s = 1.4 mean |x - c|) it takes all three."""
+    calib = [torch.randn(64, 12) for _ in range(2)]
+    sim = lowbit.quantize(_mlp(3), TERNARY2, calib, progress=False)
+    q = sim[2].input_quantizer
+    assert isinstance(q, CenteredSign) and q.ternary and "ternary centred" in repr(q)
+    with torch.no_grad():
+        h = sim[1](sim[0](calib[0]))
+        assert float(h.min()) >= 0.0
+        codes = lowbit.numerics.centred_codes(h, q.center, q.scale, ternary=True)
+        assert set(codes.unique().tolist()) == {-1.0, 0.0, 1.0}
+        mean_deviation = q.calibrator.deviation / q.calibrator.elements
+        assert float(q.scale) == pytest.approx(1.4 * mean_deviation, rel=1e-6)
+        assert torch.equal(q(h), q.center + q.scale * codes)
+
+
+def test_a_plain_ternary_input_without_a_sign_is_named():
+    """A ternary activation that is not centred (per channel: dynamic) on a ReLU output: a
+    warning says its -1 level is never used."""
+    spec = QuantSpec(bits=2, scheme="ternary", granularity=PerChannel(-1))
+    config = QuantConfig(weight=presets.ternary().weight, input=spec)
+    with pytest.warns(lowbit.LowbitWarning, match="the -1 level is never used"):
+        sim = lowbit.quantize(_mlp(3), config, [torch.randn(8, 12)], progress=False)
+    assert not isinstance(sim[2].input_quantizer, CenteredSign)
+
+
+@pytest.mark.parametrize("config", [XNOR, TERNARY2])
+def test_a_constant_input_is_left_float_with_a_warning(config):
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
     with torch.no_grad():
         model[0].weight.mul_(1e-3)
         model[0].bias.fill_(-1.0)  # every ReLU output 0: nothing to binarize
     with pytest.warns(lowbit.LowbitWarning, match="held one value throughout calibration"):
-        qmodel = lowbit.quantize(model, XNOR, [torch.randn(4, 6)], progress=False)
+        qmodel = lowbit.quantize(model, config, [torch.randn(4, 6)], progress=False)
     assert qmodel[2].input_quantizer.mode == "off"
 
 
-def test_qat_without_calibration_data_names_the_way_out():
-    qat = lowbit.prepare_qat(nn.Sequential(nn.Linear(4, 3)), XNOR)
+@pytest.mark.parametrize("config", [XNOR, TERNARY2])
+def test_qat_without_calibration_data_names_the_way_out(config):
+    qat = lowbit.prepare_qat(nn.Sequential(nn.Linear(4, 3)), config)
     assert isinstance(qat[0].input_quantizer, CenteredSign)
     with pytest.raises(RuntimeError, match="pass calib_data"):
         qat(torch.randn(2, 4))
@@ -278,10 +325,11 @@ def test_xnor_net_trained_by_qat_runs_on_bits_with_the_simulations_accuracy(digi
     assert float((sim == bits).float().mean()) >= 0.99
 
 
-def test_onnx_export_of_an_xnor_model_runs_in_onnx_runtime(tmp_path):
+@pytest.mark.parametrize("config", [XNOR, TERNARY2])
+def test_onnx_export_of_an_xnor_model_runs_in_onnx_runtime(tmp_path, config):
     ort = pytest.importorskip("onnxruntime")
     calib = [torch.randn(4, 3, 9, 11) for _ in range(2)]
-    sim = lowbit.quantize(_conv_net(), XNOR, calib, progress=False)
+    sim = lowbit.quantize(_conv_net(), config, calib, progress=False)
     path = tmp_path / "xnor.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -7,14 +7,15 @@
 
 1. Kernels: Linear 1 x 4096 x 4096 and 64 x 4096 x 4096, and a 3x3 Conv2d 64 -> 64 on 56 x 56
    at batch 8, converted by lowbit: XNOR (binary weights x centred binary inputs, popcounts),
-   BWN (binary weights x float inputs), ternary (float, int8 and ternary inputs), against FP32 and
-   against lowbit's int8 kernels (the dynamic int8 Linear, the static int8 oneDNN conv), at 1 and
-   2 threads. Goals (the issue): XNOR at 1 token >= 10x FP32, at 64 tokens >= 4x lowbit's int8.
+   BWN (binary weights x float inputs), ternary (float, int8 and centred ternary inputs; the
+   conv with centred ternary inputs), against FP32 and against lowbit's int8 kernels (the dynamic
+   int8 Linear, the static int8 oneDNN conv), at 1 and 2 threads. Goals (the issue): XNOR at 1
+   token >= 10x FP32, at 64 tokens >= 4x lowbit's int8.
 2. Digits end to end: an XNOR-Net (binary weights and inputs, the first and last layers 8-bit)
-   and a ternary network (ternary weights, int8 inputs, 8-bit ends), trained by lowbit's QAT
-   from an FP32 twin on scikit-learn's digits, converted, run on the bit kernels: test accuracy
-   of FP32, simulation and converted model, agreement of converted and simulation, file sizes,
-   speed against the FP32 twin.
+   and two ternary networks (ternary weights with int8 inputs, and with centred ternary inputs,
+   8-bit ends), trained by lowbit's QAT from an FP32 twin on scikit-learn's digits, converted,
+   run on the bit kernels: test accuracy of FP32, simulation and converted model, agreement of
+   converted and simulation, file sizes, speed against the FP32 twin.
 
 Candidates are interleaved (benchmarks/kernels.py `interleaved`), medians over rounds. Prints
 markdown tables and writes benchmarks/results/binary.json.
@@ -40,7 +41,6 @@ import lowbit
 from lowbit import presets
 from lowbit.cli import demo
 from lowbit.config import QuantConfig
-from lowbit.spec import QuantSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import interleaved
@@ -54,8 +54,8 @@ XNOR = QuantConfig(weight=BINARY.weight, input=BINARY.input)  # every layer bina
 BWN = presets.binary()
 TERNARY = presets.ternary()
 TERNARY_INT8 = presets.ternary("int8")
-# ternary weights x dynamic per-tensor ternary inputs: popcounts on two planes each
-TERNARY_X_TERNARY = QuantConfig(weight=TERNARY.weight, input=QuantSpec(bits=2, scheme="ternary"))
+# ternary weights x centred per-tensor ternary inputs: popcounts on two planes each
+TERNARY_X_TERNARY = QuantConfig(weight=TERNARY.weight, input=presets.ternary("ternary").input)
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*no integer kernel.*")
@@ -119,6 +119,8 @@ def _row(bench: str, shape: list[int], ms: dict[str, float], models: dict[str, n
         "kernels": {name: kernels_used(q) for name, q in models.items()},
         "speedup_vs_fp32": {k: ms["fp32"] / v for k, v in ms.items() if k != "fp32"},
         "xnor_vs_int8": ms.get("int8_dynamic", ms.get("int8_onednn", 0.0)) / ms["xnor"],
+        "ternary_x_ternary_vs_int8": ms.get("int8_dynamic", ms.get("int8_onednn", 0.0))
+        / ms["ternary_x_ternary"],
     }
 
 
@@ -184,7 +186,12 @@ def bench_digits(rounds: int, epochs: int) -> list[dict[str, Any]]:
     train(fp32, data, epochs, 3e-3)
     calib = demo.calibration_batches(data)
     rows = []
-    for name, config in (("xnor", BINARY), ("ternary_int8", presets.ternary("int8", ends="int8"))):
+    networks = (
+        ("xnor", BINARY),
+        ("ternary_int8", presets.ternary("int8", ends="int8")),
+        ("ternary_x_ternary", presets.ternary("ternary", ends="int8")),
+    )
+    for name, config in networks:
         row = _digits_row(name, config, fp32, data, calib, rounds, epochs)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "summary"}), flush=True)
@@ -252,6 +259,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             case = "x".join(map(str, r["shape"]))
             ratio = ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup_vs_fp32"].items())
             ratio += f" fp32; xnor {r['xnor_vs_int8']:.2f}x int8"
+            ratio += f", ternary_x_ternary {r['ternary_x_ternary_vs_int8']:.2f}x int8"
         lines.append(f"| {r['bench']} | {case} | {r['threads']} | {ms} | {ratio} |")
     return "\n".join(lines)
 

@@ -111,16 +111,21 @@ def binary(xnor: bool = False, ends: Ends | None = None) -> QuantConfig:
     return QuantConfig(weight=weight, input=act, ends=_ends(ends))
 
 
-def ternary(activations: Literal["float", "int8"] = "float", ends: Ends = "same") -> QuantConfig:
-    """Ternary weights {-a, 0, +a} per channel (TWN); float inputs, or static per-tensor int8
-    ones. Converted, both run on two bit-planes (`module.kernel` "ternary").
+def ternary(
+    activations: Literal["float", "int8", "ternary"] = "float", ends: Ends = "same"
+) -> QuantConfig:
+    """Ternary weights {-a, 0, +a} per channel (TWN); float inputs, static per-tensor int8
+    ones, or ternary ones centred per channel as `binary(xnor=True)`'s (c + s * {-1, 0, +1},
+    set by calibration and learned in QAT). Converted, all run on two bit-planes
+    (`module.kernel` "ternary"; ternary x ternary by popcounts).
 
     ends: the first and last layers (models of three or more): "int8", "float" or "same".
     """
-    if activations not in ("float", "int8"):
-        raise ValueError(f"activations must be 'float' or 'int8', got {activations!r}")
+    choices = {"float": None, "int8": _INT8_ACT, "ternary": QuantSpec(bits=2, scheme="ternary")}
+    if activations not in choices:
+        raise ValueError(f"activations must be 'float', 'int8' or 'ternary', got {activations!r}")
     weight = QuantSpec(bits=2, scheme="ternary", granularity=PerChannel(0))
-    act = _INT8_ACT if activations == "int8" else None
+    act = choices[activations]
     return QuantConfig(weight=weight, input=act, ends=_ends(ends))
 
 

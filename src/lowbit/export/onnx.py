@@ -262,7 +262,7 @@ def _collect_sites(
         sites[site.key] = site
     for name, m in quantized.items():
         for role, q in m.quantizers().items():
-            # a centred binary activation exports as its own float ops (Sub, GreaterOrEqual,
+            # a centred binary / ternary activation exports as its own float ops (Sub, Greater,
             # Where): no QuantizeLinear form, every runtime runs them
             if not _active(q) or isinstance(q, CenteredSign):
                 continue

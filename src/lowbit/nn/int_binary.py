@@ -220,8 +220,8 @@ class IntBinaryLinear(_BitsBase):
 
 class IntBinaryConv(_BitsBase):
     """A convolution with binary / ternary weights and binary / ternary inputs: an XNOR Conv2d
-    (zero padding, one group, centred binary inputs) or a ternary x ternary one runs on bits,
-    any other dequantizes (with the same centred inputs)."""
+    (zero padding, one group, centred binary inputs) or a centred ternary x ternary one runs on
+    bits, any other dequantizes (with the same centred inputs)."""
 
     kind = "IntBinaryConv"
 
@@ -335,8 +335,8 @@ def build(
     qm: nn.Module, module: nn.Module, record: dict[str, Any], tensors: dict[str, Tensor]
 ) -> IntFallback | None:
     """The bit module of a simulated layer (`int_build`'s hook), or None where the layer keeps
-    the other integer modules. Records the centres of centred binary activations, which only
-    these modules apply."""
+    the other integer modules. Records the centres of centred binary / ternary activations,
+    which only these modules apply."""
     centred = False
     for role in ("input", "output"):
         q = getattr(qm, f"{role}_quantizer", None)

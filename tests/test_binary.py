@@ -23,7 +23,7 @@ from lowbit.spec import PerChannel, QuantSpec
 
 XNOR = QuantConfig(weight=presets.binary().weight, input=presets.binary(xnor=True).input)
 # ternary weights x per-tensor ternary inputs: centred as XNOR's (`CenteredSign`)
-TERNARY2 = QuantConfig(weight=presets.ternary().weight, input=QuantSpec(bits=2, scheme="ternary"))
+TERNARY2 = presets.ternary("ternary")
 CENTRED = [(XNOR, "xnor"), (TERNARY2, "ternary")]
 
 
@@ -272,6 +272,8 @@ def test_first_and_last_layers_follow_xnor_net_practice():
     assert all("binary" in r.detail for r in two.lowbit_summary.layers)  # no ends in two layers
     with pytest.raises(ValueError, match="ends must be one of"):
         presets.ternary(ends="fp16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="activations must be 'float', 'int8' or 'ternary'"):
+        presets.ternary("binary")  # type: ignore[arg-type]
 
 
 def test_files_hold_one_bit_per_weight_and_load_back(tmp_path):
